@@ -1,0 +1,1 @@
+"""Pure filtering functions: no Beam, no network, no file I/O."""

@@ -1,0 +1,1 @@
+"""Beam wiring, sources and sinks, and the `mmcorpus` command line."""

@@ -1,0 +1,61 @@
+"""The `mmcorpus` command line. Each subcommand lives in its own module `pipelines/cmd_<name>.py`, which
+defines `HELP` (one line), `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+
+from pipelines.errors import RunCheckError, UserError
+from trainer.weights import WeightsMissing
+
+SUBCOMMANDS = ("interleaved", "pairs", "capfilt", "train", "card", "inspect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmcorpus",
+        description="Turn raw web crawls into training-ready multimodal corpora and check them with a small "
+        "Flamingo run. Each subcommand writes OUT/data/*.parquet, OUT/rejects/*.parquet, OUT/stats.json "
+        "and OUT/_SUCCESS.",
+        epilog="Run 'mmcorpus COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("MMCORPUS_LOG_LEVEL", "WARNING"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        if importlib.util.find_spec(f"pipelines.cmd_{name}") is None:
+            continue
+        module = importlib.import_module(f"pipelines.cmd_{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._module.run(args) or 0)
+    except (UserError, WeightsMissing) as exc:
+        print(f"mmcorpus {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RunCheckError as exc:
+        print(f"mmcorpus {args.command}: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"mmcorpus {args.command}: interrupted; finished shards are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

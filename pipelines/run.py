@@ -1,0 +1,233 @@
+"""Run a pipeline into an output folder: prepare, run, verify counts, write stats.json and _SUCCESS.
+
+Output folder states:
+- absent or empty: a fresh run;
+- has `_SUCCESS`: refused unless `--overwrite` (which clears it first);
+- has `_run.json` but no `_SUCCESS` (a killed run): resumed when the run fingerprint (command + config +
+  inputs) is the same, refused otherwise; finished shards are kept and skipped by the sink.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+
+import schemas
+from pipelines.errors import RunCheckError, UserError
+from pipelines.runner import pipeline_options
+from pipelines.sink import TMP_DIR, Kind, WriteAll, count_rows, shard_files, shard_name
+
+RUN_FILE = "_run.json"
+SUCCESS = "_SUCCESS"
+STATS = "stats.json"
+OWNED = ("data", "rejects", "_stats", TMP_DIR, RUN_FILE, SUCCESS, STATS)
+
+
+@dataclass
+class RunSpec:
+    """What a pipeline command hands to `execute`."""
+
+    command: str
+    out_dir: str
+    config: dict
+    inputs: list[str]
+    kinds: dict[str, Kind]
+    # Stages in order for the main unit (documents, pairs): read = written + rejected is checked over them.
+    stages: list[str]
+    data_kind: str = "data"
+    overwrite: bool = False
+    extra_stats: dict = field(default_factory=dict)
+
+
+def input_fingerprint(paths: list[str]) -> list[dict]:
+    out = []
+    for p in paths:
+        if os.path.exists(p):
+            st = os.stat(p)
+            out.append({"path": os.path.abspath(p), "bytes": st.st_size, "mtime": int(st.st_mtime)})
+        else:
+            out.append({"path": p})
+    return out
+
+
+def fingerprint(spec: RunSpec) -> str:
+    payload = json.dumps({"command": spec.command, "config": spec.config, "inputs": input_fingerprint(spec.inputs)},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare_output(spec: RunSpec, fp: str) -> str:
+    """Check and claim the output folder. Returns 'fresh' or 'resumed'."""
+    out = spec.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"output {out!r} exists and is not a folder")
+    if spec.overwrite and os.path.isdir(out):
+        for name in OWNED:
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    state = "fresh"
+    if os.path.exists(os.path.join(out, SUCCESS)):
+        raise UserError(f"output {out!r} already holds a finished run; pass --overwrite to replace it")
+    run_file = os.path.join(out, RUN_FILE)
+    if os.path.exists(run_file):
+        with open(run_file) as f:
+            previous = json.load(f).get("fingerprint")
+        if previous != fp:
+            raise UserError(f"output {out!r} holds an unfinished run with another command, config or input "
+                            f"(fingerprint {previous} vs {fp}); pass --overwrite to replace it")
+        state = "resumed"
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f"output {out!r} is not writable: {exc.strerror or exc}") from None
+    shutil.rmtree(os.path.join(out, TMP_DIR), ignore_errors=True)  # half-written shards of a killed run
+    if state == "fresh":
+        _write_json(run_file, {"fingerprint": fp, "command": spec.command, "started": _now()})
+    return state
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_counts(out_dir: str, kind: Kind) -> dict[tuple[str, str, str], int]:
+    counts: dict[tuple[str, str, str], int] = {}
+    for f in shard_files(out_dir, kind):
+        for row in schemas.read_table(f, "stat").to_pylist():
+            k = (row["stage"], row["metric"], row["reason"] or "")
+            counts[k] = counts.get(k, 0) + row["count"]
+    return counts
+
+
+def summarise(counts: dict[tuple[str, str, str], int], stage_order: list[str]) -> list[dict]:
+    """Per stage: in, out, rejected, rejected by reason, other counters. Stages in pipeline order first."""
+    stages: dict[str, dict] = {}
+    for (stage, metric, reason), n in counts.items():
+        s = stages.setdefault(stage, {"stage": stage, "in": 0, "out": 0, "rejected": 0, "reasons": {}, "counters": {}})
+        if metric in ("in", "out"):
+            s[metric] += n
+        elif metric == "rejected":
+            s["rejected"] += n
+            s["reasons"][reason] = s["reasons"].get(reason, 0) + n
+        else:
+            s["counters"][metric] = s["counters"].get(metric, 0) + n
+    order = {name: i for i, name in enumerate(stage_order)}
+    return sorted(stages.values(), key=lambda s: (order.get(s["stage"], len(order)), s["stage"]))
+
+
+def check_counts(spec: RunSpec, stages: list[dict], written: dict[str, int]) -> dict:
+    """Verify every stage balances and the main chain adds up; raise RunCheckError if a runner lost rows."""
+    problems = []
+    by_name = {s["stage"]: s for s in stages}
+    for s in stages:
+        if s["in"] != s["out"] + s["rejected"]:
+            problems.append(f"stage {s['stage']}: in {s['in']} != out {s['out']} + rejected {s['rejected']}")
+    chain = [by_name.get(name, {"stage": name, "in": 0, "out": 0, "rejected": 0}) for name in spec.stages]
+    for prev, cur in zip(chain, chain[1:]):
+        if prev["out"] != cur["in"]:
+            problems.append(f"stage {cur['stage']} read {cur['in']} but stage {prev['stage']} passed {prev['out']}")
+    read = chain[0]["in"] if chain else 0
+    rejected_main = sum(s["rejected"] for s in chain)
+    final_out = chain[-1]["out"] if chain else 0
+    if written.get(spec.data_kind, 0) != final_out:
+        problems.append(f"{written.get(spec.data_kind, 0)} rows in {spec.kinds[spec.data_kind].folder}/ "
+                        f"but the last stage passed {final_out}")
+    all_rejected = sum(s["rejected"] for s in stages)
+    if "rejects" in written and written["rejects"] != all_rejected:
+        problems.append(f"{written['rejects']} reject rows written but stages counted {all_rejected}")
+    if read != final_out + rejected_main:
+        problems.append(f"read {read} != written {final_out} + rejected {rejected_main}")
+    if problems:
+        raise RunCheckError("run check failed (a runner may have lost rows): " + "; ".join(problems))
+    return {"read": read, "written": final_out, "rejected": rejected_main, "reject_rows": all_rejected}
+
+
+def fill_empty_shards(out_dir: str, kind: Kind, fp: str) -> None:
+    """Shards that got no rows are written empty so a folder always has all N parts."""
+    for i in range(kind.shards):
+        path = os.path.join(out_dir, kind.folder, shard_name(i, kind.shards))
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(out_dir, f".{kind.folder}-{i}.tmp")
+            pq.write_table(schemas.to_table([], kind.schema, fp), tmp, compression="zstd")
+            os.replace(tmp, path)
+
+
+def execute(spec: RunSpec, args, build) -> dict:
+    """Run `build(pipeline) -> PCollection of sink tuples` into spec.out_dir and return the stats dict."""
+    kinds = dict(spec.kinds)
+    kinds.setdefault("rejects", Kind("reject", "rejects", kinds[spec.data_kind].shards))
+    kinds.setdefault("stats", Kind("stat", "_stats", 1))
+    spec.kinds = kinds
+    fp = fingerprint(spec)
+    state = prepare_output(spec, fp)
+    started = time.time()
+    start_iso = _now()
+    with pipeline_options(args) as (options, runner_info):
+        with beam.Pipeline(options=options) as p:
+            build(p) | "WriteAll" >> WriteAll(spec.out_dir, kinds, fp)
+    for kind in kinds.values():
+        fill_empty_shards(spec.out_dir, kind, fp)
+    written = {name: count_rows(spec.out_dir, kind) for name, kind in kinds.items() if name != "stats"}
+    stages = summarise(read_counts(spec.out_dir, kinds["stats"]), spec.stages)
+    totals = check_counts(spec, stages, written)
+    stats = {
+        "schema_version": schemas.SCHEMA_VERSION,
+        "command": spec.command,
+        "argv": sys.argv,
+        "config": spec.config,
+        "inputs": input_fingerprint(spec.inputs),
+        "fingerprint": fp,
+        "runner": runner_info,
+        "resumed": state == "resumed",
+        "started": start_iso,
+        "finished": _now(),
+        "wall_seconds": round(time.time() - started, 3),
+        "versions": versions(),
+        "totals": totals,
+        "files": {name: written[name] for name in written},
+        "stages": stages,
+        **spec.extra_stats,
+    }
+    shutil.rmtree(os.path.join(spec.out_dir, TMP_DIR), ignore_errors=True)
+    _write_json(os.path.join(spec.out_dir, STATS), stats)
+    with open(os.path.join(spec.out_dir, SUCCESS), "w") as f:
+        f.write(stats["finished"] + "\n")
+    return stats
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("mmcorpus", "apache-beam", "pyarrow", "trafilatura", "fastwarc", "img2dataset", "open_clip_torch",
+                 "torch", "transformers", "imagehash", "datasketch", "py3langid"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

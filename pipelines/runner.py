@@ -1,0 +1,62 @@
+"""Runner selection shared by every pipeline command.
+
+`--runner direct` (default): Beam's embedded runner, multi-process. `--runner dask`: Beam's DaskRunner on a
+`distributed.LocalCluster` started here, or on the cluster at `--dask-address`. Any other value is passed to
+Beam as the runner name (Flink, Spark, Dataflow, ...), with extra `--beam-option KEY=VALUE` pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+
+
+def add_runner_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runner")
+    g.add_argument("--runner", default="direct",
+                   help="direct (embedded, default), dask, or any Beam runner name (FlinkRunner, DataflowRunner, ...)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="worker processes for direct/dask (default: number of CPU cores)")
+    g.add_argument("--dask-address", default=None,
+                   help="scheduler address of a running Dask cluster (default: start a local one)")
+    g.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Beam pipeline option, repeatable (e.g. --beam-option project=my-gcp-project)")
+
+
+def _extra(args) -> list[str]:
+    out = []
+    for item in args.beam_option:
+        if "=" not in item:
+            raise ValueError(f"--beam-option {item!r}: expected KEY=VALUE")
+        out.append("--" + item.lstrip("-"))
+    return out
+
+
+@contextlib.contextmanager
+def pipeline_options(args):
+    """Yield (PipelineOptions, runner description) for the chosen runner; closes a local Dask cluster after."""
+    workers = args.workers or os.cpu_count() or 1
+    runner = args.runner
+    if runner == "direct":
+        mode = "in_memory" if workers == 1 else "multi_processing"
+        flags = ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
+        yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
+        return
+    if runner in ("dask", DASK_RUNNER, "DaskRunner"):
+        if args.dask_address:
+            flags = [f"--runner={DASK_RUNNER}", f"--dask_client_address={args.dask_address}"]
+            yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "address": args.dask_address}
+            return
+        from distributed import LocalCluster
+
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=40) as cluster:
+            flags = [f"--runner={DASK_RUNNER}", f"--dask_client_address={cluster.scheduler_address}"]
+            yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "local_cluster_workers": workers}
+        return
+    yield PipelineOptions([f"--runner={runner}"] + _extra(args)), {"runner": runner}

@@ -1,0 +1,109 @@
+"""The one Parquet sink every pipeline ends in.
+
+All outputs of a run (kept rows, rejects, stat counters, ...) travel as `(kind, key, row)` tuples in one
+PCollection, because the DaskRunner computes only the last leaf of a graph. Rows go to a deterministic shard
+(`hash(key) % shards`), each shard is sorted by key and written once to `_tmp/`, then renamed atomically to
+`OUT/<dir>/part-SSSSS-of-NNNNN.parquet`. The same input gives the same files under every runner, and a rerun
+into a killed run's folder skips the shards that are already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+
+import schemas
+
+TMP_DIR = "_tmp"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Where rows of one kind go: schema name, folder under OUT, shard count."""
+
+    schema: str
+    folder: str
+    shards: int = 1
+
+
+def shard_name(index: int, shards: int) -> str:
+    return f"part-{index:05d}-of-{shards:05d}.parquet"
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def _sort_key(item: tuple[str, dict]) -> tuple[str, str]:
+    key, row = item
+    return key, json.dumps(row, sort_keys=True, default=repr)
+
+
+class _AssignShard(beam.DoFn):
+    def __init__(self, kinds: dict[str, Kind]):
+        self.kinds = kinds
+
+    def process(self, element):
+        kind, key, row = element
+        spec = self.kinds.get(kind)
+        if spec is None:
+            raise ValueError(f"sink got rows of unknown kind {kind!r}; known: {sorted(self.kinds)}")
+        yield (kind, stable_hash(key) % spec.shards), (key, row)
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, out_dir: str, kinds: dict[str, Kind], fingerprint: str, row_group_rows: int):
+        self.out_dir = out_dir
+        self.kinds = kinds
+        self.fingerprint = fingerprint
+        self.row_group_rows = row_group_rows
+
+    def process(self, element):
+        (kind, index), items = element
+        spec = self.kinds[kind]
+        final = os.path.join(self.out_dir, spec.folder, shard_name(index, spec.shards))
+        if os.path.exists(final):  # finished by an earlier attempt of this same run (same fingerprint)
+            return
+        rows = [row for _, row in sorted(items, key=_sort_key)]
+        table = schemas.to_table(rows, spec.schema, self.fingerprint)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = os.path.join(self.out_dir, TMP_DIR, f"{kind}-{index:05d}-{uuid.uuid4().hex}.parquet")
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=self.row_group_rows)
+        os.replace(tmp, final)
+
+
+class WriteAll(beam.PTransform):
+    """Write `(kind, key, row)` tuples to sharded Parquet files; the single leaf of a pipeline."""
+
+    def __init__(self, out_dir: str, kinds: dict[str, Kind], fingerprint: str, row_group_rows: int = 512):
+        super().__init__()
+        self.out_dir = os.path.abspath(out_dir)
+        self.kinds = kinds
+        self.fingerprint = fingerprint
+        self.row_group_rows = row_group_rows
+
+    def expand(self, pcoll):
+        return (
+            pcoll
+            | "AssignShard" >> beam.ParDo(_AssignShard(self.kinds))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(_WriteShard(self.out_dir, self.kinds, self.fingerprint, self.row_group_rows))
+        )
+
+
+def shard_files(out_dir: str, kind: Kind) -> list[str]:
+    folder = os.path.join(out_dir, kind.folder)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("part-") and f.endswith(".parquet"))
+
+
+def count_rows(out_dir: str, kind: Kind) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(out_dir, kind))

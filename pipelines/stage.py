@@ -1,0 +1,149 @@
+"""Named pipeline stages that keep or reject, and the counters that prove nothing was lost.
+
+A stage function takes one element and returns the element (possibly changed), a `Reject`, or a list of
+those (to fan out). `Stage` applies it as a Beam DoFn: kept elements go on, each `Reject` becomes a reject
+row tagged with the stage name, and every element is counted, so stats.json can check
+in = out + rejected for every stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import apache_beam as beam
+
+from filters.reasons import Reject
+
+KEPT = "kept"
+REJECTS = "rejects"
+COUNTS = "counts"
+
+
+def reject_row(stage: str, reject: Reject, source: str) -> dict:
+    return {"stage": stage, "reason": reject.reason, "source": source, "detail": reject.detail[:2000]}
+
+
+def reject_output(stage: str, reject: Reject, source: str) -> tuple[str, str, dict]:
+    """A reject row as the sink's `(kind, key, row)` tuple."""
+    row = reject_row(stage, reject, source)
+    return "rejects", f"{source}\x00{stage}\x00{reject.reason}", row
+
+
+def _tagged(tag: str, value) -> tuple[str, Any]:
+    return tag, value
+
+
+class _StageFn(beam.DoFn):
+    """Yields `(tag, value)` with tag 'kept', 'rejects' or 'counts'.
+
+    One output stream with explicit tags instead of `with_outputs`: Beam 2.77's DaskRunner feeds every tagged
+    output of a multi-output ParDo to every consumer, so tagged outputs are split by `_Pick` instead.
+    """
+
+    def __init__(self, name: str, fn: Callable[[Any], Any], source_of: Callable[[Any], str], setup: Callable | None):
+        self.name = name
+        self.fn = fn
+        self.source_of = source_of
+        self._setup = setup
+        self._call = fn
+
+    def setup(self):
+        if self._setup is not None:  # e.g. load a model once per worker
+            self._call = self._setup()
+
+    def process(self, element):
+        yield COUNTS, ((self.name, "in", ""), 1)
+        result = self._call(element)
+        results = result if isinstance(result, list) else [result]
+        for item in results:
+            if isinstance(item, Reject):
+                yield REJECTS, reject_output(self.name, item, self.source_of(element))
+                yield COUNTS, ((self.name, "rejected", item.reason), 1)
+            else:
+                yield COUNTS, ((self.name, "out", ""), 1)
+                yield KEPT, item
+
+
+class _Pick(beam.DoFn):
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def process(self, element):
+        tag, value = element
+        if tag == self.tag:
+            yield value
+
+
+def split_tags(pcoll, tags: tuple[str, ...] = (KEPT, REJECTS, COUNTS), label: str = "") -> dict:
+    """Split a stream of `(tag, value)` into one PCollection per tag (runner-portable `with_outputs`)."""
+    return {tag: pcoll | f"{label}Pick_{tag}" >> beam.ParDo(_Pick(tag)) for tag in tags}
+
+
+class Stage(beam.PTransform):
+    """Apply `fn` as stage `name`. Returns a dict with 'kept', 'rejects' (sink tuples) and 'counts'.
+
+    `setup`, when given, is called once per worker and returns the function to call instead of `fn`
+    (for stages that load a model).
+    """
+
+    def __init__(self, name: str, fn: Callable[[Any], Any], source_of: Callable[[Any], str], setup: Callable | None = None):
+        super().__init__(name)
+        self.stage_name = name
+        self.fn = fn
+        self.source_of = source_of
+        self.setup_fn = setup
+
+    def expand(self, pcoll):
+        tagged = pcoll | "Apply" >> beam.ParDo(_StageFn(self.stage_name, self.fn, self.source_of, self.setup_fn))
+        return split_tags(tagged)
+
+
+class Collector:
+    """Gathers every PCollection bound for the sink, so a pipeline ends in exactly one leaf."""
+
+    def __init__(self) -> None:
+        self.outputs: list = []  # PCollections of (kind, key, row)
+        self.counts: list = []  # PCollections of ((stage, metric, reason), n)
+
+    def stage(self, pcoll, name: str, fn, source_of, setup=None):
+        """Run a Stage and collect its rejects and counts; return the kept elements."""
+        result = pcoll | name >> Stage(name, fn, source_of, setup)
+        self.outputs.append(result[REJECTS])
+        self.counts.append(result[COUNTS])
+        return result[KEPT]
+
+    def add(self, pcoll) -> None:
+        """Add sink tuples `(kind, key, row)`."""
+        self.outputs.append(pcoll)
+
+    def add_counts(self, pcoll) -> None:
+        """Add counter events `((stage, metric, reason), n)`."""
+        self.counts.append(pcoll)
+
+    def count(self, pcoll, stage: str, metric: str) -> None:
+        """Count the elements of `pcoll` as `metric` of `stage`."""
+        label = f"Count_{stage}_{metric}"
+        self.counts.append(pcoll | label >> beam.Map(lambda _, s=stage, m=metric: ((s, m, ""), 1)))
+
+    def finish(self, pipeline_label: str = "Outputs"):
+        """One PCollection of sink tuples: everything collected plus the summed counters as 'stats' rows."""
+        root = self.outputs[0].pipeline if self.outputs else self.counts[0].pipeline
+        counts = (
+            tuple(self.counts) | f"{pipeline_label}_FlattenCounts" >> beam.Flatten(pipeline=root)
+            | f"{pipeline_label}_SumCounts" >> beam.CombinePerKey(sum)
+            | f"{pipeline_label}_StatRows" >> beam.Map(_stat_output)
+        )
+        return (*self.outputs, counts) | f"{pipeline_label}_FlattenAll" >> beam.Flatten(pipeline=root)
+
+
+def _stat_output(item) -> tuple[str, str, dict]:
+    (stage, metric, reason), n = item
+    row = {"stage": stage, "metric": metric, "reason": reason or None, "count": int(n)}
+    return "stats", f"{stage}\x00{metric}\x00{reason}", row
+
+
+def as_output(kind: str, key_of: Callable[[Any], str], row_of: Callable[[Any], dict] = lambda x: x):
+    """A Map that turns elements into sink tuples of `kind`."""
+    return beam.Map(lambda e: (kind, key_of(e), row_of(e)))
+

@@ -1,0 +1,225 @@
+"""Versioned pyarrow schemas of everything mmcorpus writes, and their validation.
+
+Every writer and reader goes through `SCHEMAS` and `validate`. Types are plain Arrow types (strings, ints,
+lists, structs, binary) so pyarrow, DuckDB and Hugging Face `datasets` read the files without custom code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1.0"
+META_SCHEMA = b"mmcorpus.schema"
+META_VERSION = b"mmcorpus.schema_version"
+META_FINGERPRINT = b"mmcorpus.run_fingerprint"
+
+# One fetched image, aligned with the `images` position it belongs to (null at text positions).
+IMAGE_INFO = pa.struct(
+    [
+        ("url", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("phash", pa.string()),  # 64-bit perceptual hash as 16 hex digits
+        ("bytes", pa.binary()),
+        ("path", pa.string()),
+        ("alt", pa.string()),
+    ]
+)
+
+# OBELICS convention: `texts` and `images` have equal length, exactly one of the two is non-null per position.
+INTERLEAVED = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("url", pa.string()),
+        ("warc_record_id", pa.string()),
+        ("crawl_date", pa.string()),  # ISO 8601, as the WARC or HTTP header gave it
+        ("language", pa.string()),
+        ("language_score", pa.float32()),
+        ("texts", pa.list_(pa.string())),
+        ("images", pa.list_(pa.string())),
+        ("image_info", pa.list_(IMAGE_INFO)),
+        ("source", pa.string()),
+        ("metadata", pa.string()),  # JSON object
+    ]
+)
+
+PAIR = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("url", pa.string()),
+        ("image_bytes", pa.binary()),
+        ("image_path", pa.string()),
+        ("caption", pa.string()),
+        ("caption_source", pa.string()),  # web | synthetic
+        ("clip_score", pa.float32()),
+        ("itm_score", pa.float32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("phash", pa.string()),
+        ("source_dataset", pa.string()),
+        ("clip_embedding", pa.binary()),  # optional: float16 little-endian image embedding
+        ("metadata", pa.string()),  # JSON object
+    ]
+)
+
+REJECT = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("source", pa.string()),  # file + offset / record id, or URL
+        ("detail", pa.string()),
+    ]
+)
+
+# Raw counter rows a pipeline emits; `stats.json` aggregates them.
+STAT = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("metric", pa.string()),  # in | out | rejected | any named counter
+        ("reason", pa.string()),  # set for metric == rejected
+        ("count", pa.int64()),
+    ]
+)
+
+# A plain list of URLs, for a separate, resumable image download step.
+URL_LIST = pa.schema([("url", pa.string())])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "interleaved": INTERLEAVED,
+    "pair": PAIR,
+    "reject": REJECT,
+    "stat": STAT,
+    "url": URL_LIST,
+}
+
+CAPTION_SOURCES = ("web", "synthetic")
+
+# Required (never null) columns per schema; everything else may be null.
+NON_NULL: dict[str, tuple[str, ...]] = {
+    "interleaved": ("doc_id", "texts", "images", "source"),
+    "pair": ("image_id", "caption", "caption_source", "source_dataset"),
+    "reject": ("stage", "reason", "source"),
+    "stat": ("stage", "metric", "count"),
+    "url": ("url",),
+}
+
+
+class SchemaError(ValueError):
+    """A table does not match its schema; the message names the column and, where known, the row."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    column: str
+    row: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"column {self.column!r}" + ("" if self.row is None else f", row {self.row}")
+        return f"{where}: {self.message}"
+
+
+def schema(name: str) -> pa.Schema:
+    try:
+        return SCHEMAS[name]
+    except KeyError:
+        raise SchemaError(f"unknown schema {name!r}; known: {', '.join(SCHEMAS)}") from None
+
+
+def with_metadata(name: str, fingerprint: str = "") -> pa.Schema:
+    """The schema carrying its name, version and the run fingerprint as file metadata."""
+    meta = {META_SCHEMA: name.encode(), META_VERSION: SCHEMA_VERSION.encode()}
+    if fingerprint:
+        meta[META_FINGERPRINT] = fingerprint.encode()
+    return schema(name).with_metadata(meta)
+
+
+def first_problem(table: pa.Table, name: str) -> Problem | None:
+    expected = schema(name)
+    for field in expected:
+        if field.name not in table.column_names:
+            return Problem(field.name, None, "missing")
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            return Problem(field.name, None, f"type {got} is not {field.type}")
+    extra = [c for c in table.column_names if c not in expected.names]
+    if extra:
+        return Problem(extra[0], None, f"not in schema {name!r}")
+    for column in NON_NULL[name]:
+        if table.column(column).null_count:
+            row = table.column(column).is_null().to_pylist().index(True)
+            return Problem(column, row, "is null")
+    if name == "interleaved":
+        return _interleaved_problem(table)
+    if name == "pair":
+        sources = table.column("caption_source").to_pylist()
+        for row, value in enumerate(sources):
+            if value not in CAPTION_SOURCES:
+                return Problem("caption_source", row, f"{value!r} is not one of {CAPTION_SOURCES}")
+    return None
+
+
+def _interleaved_problem(table: pa.Table) -> Problem | None:
+    texts = table.column("texts").to_pylist()
+    images = table.column("images").to_pylist()
+    infos = table.column("image_info").to_pylist()
+    for row, (t, i, info) in enumerate(zip(texts, images, infos)):
+        if len(t) != len(i):
+            return Problem("images", row, f"{len(i)} images for {len(t)} texts: lists must have equal length")
+        for pos, (a, b) in enumerate(zip(t, i)):
+            if (a is None) == (b is None):
+                what = "both" if a is not None else "neither"
+                return Problem("texts", row, f"position {pos} has {what} a text and an image; exactly one is required")
+        if info is not None:
+            if len(info) != len(i):
+                return Problem("image_info", row, f"{len(info)} entries for {len(i)} positions")
+            for pos, (img, inf) in enumerate(zip(i, info)):
+                if (img is None) != (inf is None):
+                    return Problem("image_info", row, f"position {pos}: entry must be set exactly where images is")
+    return None
+
+
+def validate(table: pa.Table, name: str) -> pa.Table:
+    """Return `table` if it matches schema `name`, else raise SchemaError naming the first bad column/row."""
+    problem = first_problem(table, name)
+    if problem is not None:
+        raise SchemaError(f"{name} schema v{SCHEMA_VERSION}: {problem}")
+    return table
+
+
+def to_table(rows: list[dict], name: str, fingerprint: str = "") -> pa.Table:
+    """Build and validate a table from row dicts (missing keys become null)."""
+    try:
+        table = pa.Table.from_pylist(rows, schema=with_metadata(name, fingerprint))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+        raise SchemaError(f"{name} schema v{SCHEMA_VERSION}: rows do not convert: {exc}") from exc
+    return validate(table, name)
+
+
+def read_schema_name(path: str) -> tuple[str, str]:
+    """(schema name, version) recorded in a Parquet file written by mmcorpus."""
+    meta = pq.read_schema(path).metadata or {}
+    if META_SCHEMA not in meta:
+        raise SchemaError(f"{path}: not an mmcorpus file (no {META_SCHEMA.decode()} metadata)")
+    return meta[META_SCHEMA].decode(), meta.get(META_VERSION, b"?").decode()
+
+
+def read_table(path: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one file, checking it was written with schema `name` and a compatible version."""
+    found, version = read_schema_name(path)
+    if found != name:
+        raise SchemaError(f"{path}: holds {found!r} rows, expected {name!r}")
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise SchemaError(f"{path}: schema version {version} is not compatible with {SCHEMA_VERSION}")
+    table = pq.read_table(path, columns=columns)
+    return table if columns else validate(table, name)
+
+
+def metadata_json(value: dict | None) -> str:
+    return json.dumps(value or {}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
