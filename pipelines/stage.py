@@ -1,7 +1,7 @@
 """Named pipeline stages that keep or reject, and the counters that prove nothing was lost.
 
 A stage function takes one element and returns the element (possibly changed), a `Reject`, or a list of
-those (to fan out). `Stage` applies it as a Beam DoFn: kept elements go on, each `Reject` becomes a reject
+those (to fan out), optionally with `ItemReject`/`Count` events for sub-items (images of a document). `Stage` applies it as a Beam DoFn: kept elements go on, each `Reject` becomes a reject
 row tagged with the stage name, and every element is counted, so stats.json can check
 in = out + rejected for every stage.
 """
@@ -9,6 +9,7 @@ in = out + rejected for every stage.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -30,8 +31,24 @@ def reject_output(stage: str, reject: Reject, source: str) -> tuple[str, str, di
     return "rejects", f"{source}\x00{stage}\x00{reject.reason}", row
 
 
-def _tagged(tag: str, value) -> tuple[str, Any]:
-    return tag, value
+@dataclass(frozen=True)
+class ItemReject:
+    """A sub-item (an image of a document, a caption of an image) rejected by `stage` while its parent goes on.
+    Counted as `rejected` of that stage; the sub-stage's `in`/`out` are counted with `Count`."""
+
+    stage: str
+    reject: Reject
+    source: str
+
+
+@dataclass(frozen=True)
+class Count:
+    """A counter event a stage function returns beside its result: `n` more of `metric` in `stage`."""
+
+    stage: str
+    metric: str
+    n: int = 1
+    reason: str = ""
 
 
 class _StageFn(beam.DoFn):
@@ -57,7 +74,12 @@ class _StageFn(beam.DoFn):
         result = self._call(element)
         results = result if isinstance(result, list) else [result]
         for item in results:
-            if isinstance(item, Reject):
+            if isinstance(item, Count):
+                yield COUNTS, ((item.stage, item.metric, item.reason), item.n)
+            elif isinstance(item, ItemReject):
+                yield REJECTS, reject_output(item.stage, item.reject, item.source)
+                yield COUNTS, ((item.stage, "rejected", item.reject.reason), 1)
+            elif isinstance(item, Reject):
                 yield REJECTS, reject_output(self.name, item, self.source_of(element))
                 yield COUNTS, ((self.name, "rejected", item.reason), 1)
             else:
