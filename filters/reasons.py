@@ -41,6 +41,7 @@ REASONS: dict[str, str] = {
     "character_repetition": "character n-gram repetition ratio too high",
     "word_repetition": "word n-gram repetition ratio too high",
     "boilerplate_only": "page holds only boilerplate",
+    "alphabetic_words": "too few words contain a letter (Gopher)",
     # images
     "image_url_pattern": "image URL looks like a logo, icon, sprite, tracking pixel, svg or data URI",
     "image_declared_size": "declared image size is out of bounds",
