@@ -1,0 +1,113 @@
+"""Loader throughput vs what a training step consumes, and data wait as a share of step time.
+
+Builds a pairs dataset (5 captions per coco-mini photo, full-size JPEGs) and the tiny model the tests use,
+then measures: loader samples/s on its own (0 and N workers), training-step consumption in samples/s with
+a fixed batch, and a real `trainer.train.run` with tokens/s, MFU and data wait % (target < 5% on CPU).
+
+    python bench/bench_loader.py [--coco ../shared/data/coco-mini] [--steps 40] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.test_trainer_data import (coco_records, pair_rows, tiny_clip_json, tiny_lm, word_tokenizer,  # noqa: E402
+                                     write_parquet)
+from trainer import data as D  # noqa: E402
+from trainer import train as T  # noqa: E402
+from trainer.model import build  # noqa: E402
+from trainer.weights import load_tokenizer  # noqa: E402
+
+
+def loader_rate(spec, tok, transform, workers, batches):
+    loader = D.DatasetLoader(spec, tok, transform, shuffle_buffer=256, num_workers=workers)
+    next(loader)  # start-up (worker fork) not counted
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * spec.batch_size / (time.perf_counter() - t)
+
+
+def reencode(data: bytes, size: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = size / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--coco", default=str(ROOT.parent / "shared" / "data" / "coco-mini"))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--source-size", type=int, default=0,
+                    help="re-encode photos to this shorter side first (img2dataset-style stored images); 0: as is")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.workers))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    recs = coco_records(pathlib.Path(args.coco))
+    if args.source_size:
+        recs = [{**r, "bytes": reencode(r["bytes"], args.source_size)} for r in recs]
+    tok_dir = word_tokenizer(recs, tmp / "tok")
+    lm = tiny_lm(tmp / "lm", len(load_tokenizer(tok_dir)), init_range=0.2)
+    clip = tiny_clip_json(tmp)
+    data = write_parquet(tmp / "pairs" / "data" / "part-0.parquet", pair_rows(recs, 5), "pair", row_group_size=128)
+    tok = load_tokenizer(tok_dir)
+    model_cfg = {"vision": clip, "lm": lm, "tokenizer": tok_dir, "allow_random_weights": True, "num_latents": 16,
+                 "resampler_depth": 1, "dim_head": 16}
+    model, src = build(model_cfg, tok, allow_random=True)
+    transform = D.image_transform(src["image_size"])
+    spec = D.DatasetSpec("pairs", str(data.parent.parent), "pair", batch_size=args.batch_size, holdout=0.1)
+
+    results = {"source_size": args.source_size or "original (coco-mini, 640 px)", "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    results["loader_samples_per_s"] = {f"workers={w}": loader_rate(spec, tok, transform, w, 10)
+                                       for w in sorted({0, args.workers})}
+    batch = next(D.DatasetLoader(spec, tok, transform, num_workers=0))
+    opt = T.make_optimizer(model, 1e-3, 0.01)
+    model.train()
+    for i in range(12):
+        if i == 2:
+            t = time.perf_counter()
+        out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_mask"], labels=batch["labels"])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    step = (time.perf_counter() - t) / 10
+    results["train_step_s"] = step
+    results["train_consumes_samples_per_s"] = args.batch_size / step
+
+    for w in sorted({0, args.workers}):
+        cfg = {"model": model_cfg, "data": {"num_workers": w, "shuffle_buffer": 256, "datasets": [
+            {"name": "pairs", "path": spec.path, "kind": "pair", "batch_size": args.batch_size, "holdout": 0.1}]},
+            "train": {"steps": args.steps, "log_every": 10, "eval_every": 10 ** 9, "checkpoint_every": 10 ** 9},
+            "eval": {"max_samples": 32, "bootstrap": 100, "shuffles": 1}}
+        rep = T.run(cfg, str(tmp / f"run{w}"))
+        results[f"train_run_workers={w}"] = {k: rep["throughput"][k] for k in (
+            "tokens_per_s", "mfu", "data_wait_fraction", "step_time_s", "peak_flops", "peak_source", "device")}
+    print(json.dumps(results, indent=1))
+    os.makedirs(ROOT / "bench" / "results", exist_ok=True)
+    name = f"bench_loader_src{args.source_size}.json" if args.source_size else "bench_loader.json"
+    with open(ROOT / "bench" / "results" / name, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
