@@ -1,0 +1,145 @@
+"""Pages/s per core of the interleaved pipeline logic against bare trafilatura, on the bundled pages.
+
+In one process on one core, alternating rounds over the 144 trafilatura-eval pages:
+- bare: `trafilatura.extract(html, url=..., include_images=True, include_tables=True, output_format="xml")`
+  (the same call the pipeline makes, nothing else);
+- full: charset decode + lazy-image normalisation + extraction + XML-to-lists + language + paragraph cleaning +
+  quality + image URL rules + image count + dedup work per document (normalised text hash, 5-gram MinHash
+  signature, LSH band keys), i.e. everything `mmcorpus interleaved --no-images` does per page except Beam.
+The ratio full/bare is the figure of merit (target >= 0.8). Then the real CLI runs once under DirectRunner
+(--workers 1) and under Dask (--workers 2) on the same pages; their wall time and peak RSS per worker are
+reported (Beam start-up included). Writes bench/results/interleaved.json.
+
+    python bench/bench_interleaved.py [--rounds 3] [--skip-cli]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from filters import minhash  # noqa: E402
+from filters.documents import DocumentConfig  # noqa: E402
+from filters.reasons import Reject  # noqa: E402
+from pipelines import cmd_interleaved as ci  # noqa: E402
+from pipelines.dedup import DedupConfig, doc_text  # noqa: E402
+from pipelines.sources import decode_page, read_html_file  # noqa: E402
+
+SHARED = pathlib.Path(os.environ.get("MMCORPUS_SHARED", ROOT.parent / "shared")) / "data"
+
+
+def load_pages():
+    base = SHARED / "trafilatura-eval"
+    meta = json.loads((base / "evaldata.json").read_text())
+    pages = []
+    for name, v in sorted(meta.items()):
+        rec = read_html_file(str(base / "pages" / f"{name}.gz"), 5_000_000)
+        rec["url"] = v["url"]
+        pages.append(rec)
+    return pages
+
+
+def bare(pages) -> int:
+    import trafilatura
+
+    n = 0
+    for rec in pages:
+        html = rec["payload"].decode("utf-8", "replace")
+        n += trafilatura.extract(html, url=rec["url"], include_images=True, include_tables=True,
+                                 output_format="xml") is not None
+    return n
+
+
+def full(pages, steps, dedup: DedupConfig, bands_rows) -> int:
+    kept = 0
+    for rec in pages:
+        x = decode_page(rec)
+        if isinstance(x, Reject):
+            continue
+        x = ci.extract_record(x)
+        for step in steps:
+            if isinstance(x, Reject):
+                break
+            x = step(x)
+            if isinstance(x, list):
+                x = x[0]
+        if isinstance(x, Reject):
+            continue
+        normalized = minhash.normalize_text(doc_text(x))
+        minhash.text_hash(normalized)
+        sig = minhash.text_signature(doc_text(x), dedup.ngram, dedup.num_perm, dedup.seed)
+        minhash.band_keys(sig, *bands_rows)
+        kept += 1
+    return kept
+
+
+def cli_run(args_extra: list[str], pages_dir: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-c",
+               "import resource,sys,runpy;sys.argv=['mmcorpus']+sys.argv[1:];"
+               "from pipelines.cli import main;rc=main();"
+               "print('RSS_SELF',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);"
+               "print('RSS_CHILDREN',resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(rc)",
+               "interleaved", pages_dir, "-o", f"{tmp}/out", "--no-images", *args_extra]
+        t = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        wall = time.time() - t
+        if p.returncode != 0:
+            raise SystemExit(f"CLI failed: {p.stderr[-2000:]}")
+        rss = {line.split()[0]: int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("RSS_")}
+        stats = json.loads(pathlib.Path(f"{tmp}/out/stats.json").read_text())
+    return {"args": args_extra, "wall_s": round(wall, 2), "pages": stats["totals"]["read"],
+            "written": stats["totals"]["written"], "pages_per_s": round(stats["totals"]["read"] / wall, 2),
+            "peak_rss_mib_main": round(rss.get("RSS_SELF", 0) / 1024, 1),
+            "peak_rss_mib_largest_worker": round(rss.get("RSS_CHILDREN", 0) / 1024, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-cli", action="store_true")
+    a = ap.parse_args()
+    pages = load_pages()
+    cfg, dedup = DocumentConfig(), DedupConfig()
+    steps = [ci.DocStep(n, cfg) for n in (ci.STAGE_LANGUAGE, ci.STAGE_PARAGRAPHS, ci.STAGE_QUALITY,
+                                          ci.STAGE_IMAGE_RULES, ci.STAGE_IMAGE_COUNT)]
+    bands_rows = dedup.lsh()
+    full(pages[:5], steps, dedup, bands_rows), bare(pages[:5])  # warm up imports and models
+    t_bare = t_full = 0.0
+    kept = extracted = 0
+    for _ in range(a.rounds):
+        t = time.process_time(); extracted = bare(pages); t_bare += time.process_time() - t
+        t = time.process_time(); kept = full(pages, steps, dedup, bands_rows); t_full += time.process_time() - t
+    n = len(pages) * a.rounds
+    result = {
+        "pages": len(pages), "rounds": a.rounds,
+        "bare_trafilatura_pages_per_cpu_s": round(n / t_bare, 2),
+        "full_pipeline_logic_pages_per_cpu_s": round(n / t_full, 2),
+        "ratio_full_vs_bare": round(t_bare / t_full, 3),
+        "bare_extracted": extracted, "full_kept": kept,
+        "peak_rss_mib_bench_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "note": "CPU seconds (process_time) on one core; the machine was shared with other jobs while measuring",
+    }
+    print(json.dumps(result, indent=2))
+    if not a.skip_cli:
+        pages_dir = str(SHARED / "trafilatura-eval" / "pages")
+        result["cli"] = [cli_run(["--workers", "1"], pages_dir), cli_run(["--runner", "dask", "--workers", "2"], pages_dir)]
+        print(json.dumps(result["cli"], indent=2))
+    out = ROOT / "bench" / "results" / "interleaved.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

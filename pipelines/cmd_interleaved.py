@@ -1,0 +1,277 @@
+"""`mmcorpus interleaved`: web pages (WARC, HTML folders, URL lists) -> cleaned M3W/OBELICS-style documents."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import apache_beam as beam
+
+from pipelines.errors import UserError
+from pipelines.runner import add_runner_args
+
+HELP = "build interleaved image-text web documents (M3W/OBELICS style) from WARCs, HTML folders or URL lists"
+DESCRIPTION = (
+    "Read each SOURCE (a WARC file .warc/.warc.gz, a folder or glob of them, a folder of .html/.html.gz pages, "
+    "or a .txt URL list fetched politely: robots.txt, per-host delay, retries), extract the main content with "
+    "trafilatura keeping each image where it sat (lazy-load/srcset/<picture>/<base> resolved), and filter. "
+    "Document stages, each counted in stats.json with its rejects (read = written + rejected): read (WARC "
+    "record type, truncated/invalid records) -> decode (HTTP status 200, HTML content type, binary bytes, "
+    "--max-page-bytes, charset) -> extract -> language -> paragraphs (OBELICS node rules, removes paragraphs) "
+    "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
+    "document; per-image rejects under image_rules_images) -> fetch_images (img2dataset; decoded size rules; "
+    "skipped with --no-images, then images stay URL references) -> image_count -> dedup_exact -> dedup_near "
+    "(MinHash LSH) and dedup_images (images in more than K documents). Thresholds come from --config "
+    "FILE (YAML): sections language, paragraphs, quality, images (filters/documents.py), dedup "
+    "(pipelines/dedup.py DedupConfig), fetch (pipelines/images.py FetchConfig: image download) and pages "
+    "(pipelines/fetch.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots). Output: OUT/data/*.parquet "
+    "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
+    "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
+    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image)."
+)
+
+STAGE_READ = "read"
+STAGE_DECODE = "decode"
+STAGE_EXTRACT = "extract"
+STAGE_LANGUAGE = "language"
+STAGE_PARAGRAPHS = "paragraphs"
+STAGE_QUALITY = "quality"
+STAGE_IMAGE_RULES = "image_rules"
+STAGE_IMAGE_RULES_ITEMS = "image_rules_images"
+STAGE_IMAGE_COUNT = "image_count"
+INFO_KEYS = ("url", "sha256", "width", "height", "phash", "bytes", "path", "alt")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="WARC file, folder, glob, or .txt URL list")
+    parser.add_argument("--output", "-o", required=True, help="output folder (data/, rejects/, stats.json, _SUCCESS)")
+    parser.add_argument("--config", default=None, help="YAML file with threshold sections (see above)")
+    parser.add_argument("--no-images", action="store_true",
+                        help="do not download images: documents keep image URLs and alt text only")
+    parser.add_argument("--allow-private-network", action="store_true",
+                        help="allow page and image URLs on private/loopback addresses (tests, intranets)")
+    parser.add_argument("--max-page-bytes", type=int, default=5_000_000, help="pages larger than this are rejected")
+    parser.add_argument("--emit-m3w-text", action="store_true", help="also write OUT/m3w/part-*.txt (see above)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
+    add_runner_args(parser)
+
+
+# ---- stage functions (module level: workers import them by name) ----------------------------------------
+
+def source_of(item) -> str:
+    return item.get("source") or "?"
+
+
+def read_record(rec):
+    from filters.reasons import Reject
+
+    if "_reject" in rec:
+        return Reject(*rec["_reject"])
+    return rec
+
+
+def decode_record(rec):
+    from pipelines.sources import decode_page
+
+    return decode_page(rec)
+
+
+def doc_id_of(url: str | None, source: str) -> str:
+    return hashlib.blake2b(f"{url or ''}\x00{source}".encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def extract_record(rec):
+    from filters.extract import extract
+
+    result = extract(rec["html"], rec.get("url"))
+    if not isinstance(result, tuple):
+        return result
+    texts, images, infos, meta = result
+    url = rec.get("url") or meta.pop("canonical_url", None) or "file://" + os.path.abspath(rec["source"])
+    meta.pop("canonical_url", None)
+    return {"doc_id": doc_id_of(url, rec["source"]), "url": url, "warc_record_id": rec.get("warc_record_id"),
+            "crawl_date": rec.get("crawl_date"), "source": rec["source"], "language": None, "language_score": None,
+            "texts": texts, "images": images, "image_info": infos, "metadata": meta}
+
+
+class DocStep:
+    """One document filter of filters/documents.py bound to its config (picklable)."""
+
+    def __init__(self, name: str, cfg):
+        self.name = name
+        self.cfg = cfg
+
+    def __call__(self, doc):
+        from filters import documents as d
+        from filters.reasons import Reject
+        from pipelines.stage import Count, ItemReject
+
+        if self.name == STAGE_LANGUAGE:
+            return d.identify_language(doc, self.cfg)
+        if self.name == STAGE_PARAGRAPHS:
+            doc, removed = d.clean_paragraphs(doc, self.cfg)
+            return [doc, Count(STAGE_PARAGRAPHS, "paragraphs_removed", removed)] if removed else doc
+        if self.name == STAGE_QUALITY:
+            return d.check_quality(doc, self.cfg)
+        if self.name == STAGE_IMAGE_RULES:
+            n = sum(1 for i in doc["images"] if i is not None)
+            doc, dropped = d.filter_image_urls(doc, self.cfg)
+            events = [Count(STAGE_IMAGE_RULES_ITEMS, "in", n), Count(STAGE_IMAGE_RULES_ITEMS, "out", n - len(dropped))]
+            events += [ItemReject(STAGE_IMAGE_RULES_ITEMS, Reject(r.reason, f"{url}: {r.detail}"), doc["source"])
+                       for url, r in dropped]
+            return [doc, *events]
+        if self.name == STAGE_IMAGE_COUNT:
+            return d.check_image_count(doc, self.cfg)
+        raise ValueError(f"unknown document step {self.name}")
+
+
+def to_row(doc) -> tuple[str, str, dict]:
+    import schemas
+
+    meta = {k: v for k, v in (doc.get("metadata") or {}).items() if not k.startswith("_")}
+    infos = [None if i is None else {k: i.get(k) for k in INFO_KEYS} for i in doc["image_info"]]
+    row = {"doc_id": doc["doc_id"], "url": doc.get("url"), "warc_record_id": doc.get("warc_record_id"),
+           "crawl_date": doc.get("crawl_date"), "language": doc.get("language"),
+           "language_score": doc.get("language_score"), "texts": doc["texts"], "images": doc["images"],
+           "image_info": infos, "source": doc["source"], "metadata": schemas.metadata_json(meta)}
+    return "data", doc["doc_id"], row
+
+
+# ---- config and wiring ------------------------------------------------------------------------------------
+
+def load_config(path: str | None):
+    """YAML -> (DocumentConfig, DedupConfig, FetchConfig, PageFetchConfig); UserError naming the file on any problem."""
+    import dataclasses
+
+    from filters.documents import DocumentConfig
+    from pipelines.dedup import DedupConfig
+    from pipelines.fetch import PageFetchConfig
+    from pipelines.images import FetchConfig
+
+    raw: dict = {}
+    if path:
+        import yaml
+
+        if not os.path.isfile(path):
+            raise UserError(f"config file {path!r} does not exist")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path!r} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path!r} must hold a mapping of sections")
+    raw = dict(raw)
+    dedup_raw, fetch_raw = raw.pop("dedup", None) or {}, raw.pop("fetch", None) or {}
+    pages_raw = raw.pop("pages", None) or {}
+    try:
+        doc_cfg = DocumentConfig.from_dict(raw)
+        known = {f.name for f in dataclasses.fields(DedupConfig)}
+        bad = set(dedup_raw) - known
+        if bad:
+            raise ValueError(f"unknown dedup keys {sorted(bad)} (known: {sorted(known)})")
+        dedup_cfg = DedupConfig(**dedup_raw)
+        known = {f.name for f in dataclasses.fields(FetchConfig)} - {"rules"}
+        bad = set(fetch_raw) - known
+        if bad:
+            raise ValueError(f"unknown fetch keys {sorted(bad)} (known: {sorted(known)})")
+        if "disallowed_header_directives" in fetch_raw:
+            fetch_raw["disallowed_header_directives"] = tuple(fetch_raw["disallowed_header_directives"])
+        fetch_cfg = FetchConfig(**fetch_raw, rules=doc_cfg)
+        known = {f.name for f in dataclasses.fields(PageFetchConfig)}
+        bad = set(pages_raw) - known
+        if bad:
+            raise ValueError(f"unknown pages keys {sorted(bad)} (known: {sorted(known)})")
+        page_cfg = PageFetchConfig(**pages_raw)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"config {path!r}: {exc}") from None
+    return doc_cfg, dedup_cfg, fetch_cfg, page_cfg
+
+
+def document_stages(dedup_cfg) -> list[str]:
+    from pipelines.dedup import document_stages as dedup_stages
+
+    return [STAGE_READ, STAGE_DECODE, STAGE_EXTRACT, STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY,
+            STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg)]
+
+
+def build(p, items, opts):
+    from pipelines.dedup import dedup_documents
+    from pipelines.images import fetch_images
+    from pipelines.sources import read_items
+    from pipelines.stage import Collector
+
+    doc_cfg, dedup_cfg, fetch_cfg = opts["doc"], opts["dedup"], opts["fetch"]
+    c = Collector()
+    records = (p | "Files" >> beam.Create(items) | "Reshuffle" >> beam.Reshuffle()
+               | "ReadFiles" >> beam.FlatMap(read_items, opts["max_bytes"], opts["allow_private"], opts["pages"]))
+    x = c.stage(records, STAGE_READ, read_record, source_of)
+    x = c.stage(x, STAGE_DECODE, decode_record, source_of)
+    x = c.stage(x, STAGE_EXTRACT, extract_record, source_of)
+    for name in (STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES):
+        x = c.stage(x, name, DocStep(name, doc_cfg), source_of)
+    if not opts["no_images"]:
+        x = fetch_images(c, x, fetch_cfg, allow_private=opts["allow_private"])
+    x = c.stage(x, STAGE_IMAGE_COUNT, DocStep(STAGE_IMAGE_COUNT, doc_cfg), source_of)
+    x = dedup_documents(c, x, dedup_cfg)
+    c.add(x | "Rows" >> beam.Map(to_row))
+    return c.finish()
+
+
+def write_m3w(out_dir: str, kind) -> int:
+    """OUT/m3w/part-*.txt next to each data shard: one JSON string (the M3W text) per line, doc_id order."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from filters.m3w import render_m3w
+    from pipelines.sink import shard_files
+
+    folder = os.path.join(out_dir, "m3w")
+    os.makedirs(folder, exist_ok=True)
+    n = 0
+    for f in shard_files(out_dir, kind):
+        table = pq.read_table(f, columns=["doc_id", "texts", "images"])
+        target = os.path.join(folder, os.path.basename(f).replace(".parquet", ".txt"))
+        with open(target + ".tmp", "w") as out:
+            for d, t, i in zip(*(table.column(k).to_pylist() for k in ("doc_id", "texts", "images"))):
+                out.write(json.dumps({"doc_id": d, "text": render_m3w(t, i)}, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(target + ".tmp", target)
+    return n
+
+
+def run(args) -> int:
+    from pipelines.run import RunSpec, execute
+    from pipelines.sink import Kind
+    from pipelines.sources import expand_sources
+
+    if args.num_shards < 1:
+        raise UserError("--num-shards must be at least 1")
+    if args.max_page_bytes < 1:
+        raise UserError("--max-page-bytes must be at least 1")
+    items = expand_sources(args.sources)
+    doc_cfg, dedup_cfg, fetch_cfg, page_cfg = load_config(args.config)
+    import dataclasses
+
+    config = {"documents": doc_cfg.to_dict(),
+              "dedup": dataclasses.asdict(dedup_cfg),
+              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k != "rules"},
+              "pages": dataclasses.asdict(page_cfg),
+              "no_images": args.no_images, "allow_private_network": args.allow_private_network,
+              "max_page_bytes": args.max_page_bytes}
+    opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
+            "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes}
+    spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
+                   kinds={"data": Kind("interleaved", "data", args.num_shards)}, stages=document_stages(dedup_cfg),
+                   overwrite=args.overwrite)
+    print(f"interleaved: {len(items)} input file(s) -> {args.output}", flush=True)
+    stats = execute(spec, args, lambda p: build(p, items, opts))
+    if args.emit_m3w_text:
+        n = write_m3w(args.output, spec.kinds["data"])
+        print(f"interleaved: wrote {n} M3W text lines to {os.path.join(args.output, 'm3w')}")
+    t = stats["totals"]
+    print(f"interleaved: read {t['read']} records, wrote {t['written']} documents, rejected {t['rejected']} "
+          f"(details in {os.path.join(args.output, 'stats.json')})")
+    return 0

@@ -1,0 +1,162 @@
+"""Polite page fetching for URL-list sources: robots.txt, a per-host delay, timeouts, retries with backoff,
+manual redirects (each hop checked against the URL rules; loops and long chains fail), a size limit, and
+private/loopback/link-local addresses refused unless allowed. One URL list is fetched in order by one worker,
+so the per-host delay holds within a list.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.robotparser
+from dataclasses import dataclass
+from urllib.parse import urljoin
+
+from filters.urls import host_of, redirect_problem, url_refusal
+
+USER_AGENT = "mmcorpus/0.1 (+https://github.com/mmcorpus; research crawler)"
+
+
+@dataclass(frozen=True)
+class PageFetchConfig:
+    timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.5  # seconds, doubled per retry
+    host_delay: float = 1.0  # minimum seconds between requests to one host
+    max_redirects: int = 5
+    obey_robots: bool = True
+
+
+def resolve(host: str) -> list[str]:
+    try:
+        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    except (socket.gaierror, UnicodeError):
+        return []
+
+
+class Fetcher:
+    def __init__(self, cfg: PageFetchConfig, max_bytes: int, allow_private: bool):
+        import requests
+
+        self.cfg, self.max_bytes, self.allow_private = cfg, max_bytes, allow_private
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        self.last: dict[str, float] = {}
+        self.robots: dict[str, urllib.robotparser.RobotFileParser | None] = {}
+
+    def _wait(self, host: str) -> None:
+        gap = time.monotonic() - self.last.get(host, -1e9)
+        if gap < self.cfg.host_delay:
+            time.sleep(self.cfg.host_delay - gap)
+        self.last[host] = time.monotonic()
+
+    def _get(self, url: str):
+        """One GET with retries; returns (response, body bytes or None when over the limit)."""
+        import requests
+
+        delay = self.cfg.backoff
+        for attempt in range(self.cfg.retries + 1):
+            self._wait(host_of(url))
+            try:
+                r = self.session.get(url, timeout=self.cfg.timeout, allow_redirects=False, stream=True)
+                if r.status_code in (429, 500, 502, 503, 504) and attempt < self.cfg.retries:
+                    r.close()
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                body = bytearray()
+                for chunk in r.iter_content(65536):
+                    body += chunk
+                    if len(body) > self.max_bytes:
+                        r.close()
+                        return r, None
+                return r, bytes(body)
+            except requests.RequestException:
+                if attempt >= self.cfg.retries:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise RuntimeError("unreachable")
+
+    def allowed_by_robots(self, url: str) -> bool:
+        if not self.cfg.obey_robots:
+            return True
+        root = urljoin(url, "/")
+        if root not in self.robots:
+            parser = None
+            try:
+                r, body = self._get(urljoin(root, "robots.txt"))
+                if r.status_code == 200 and body is not None:
+                    parser = urllib.robotparser.RobotFileParser()
+                    parser.parse(body.decode("utf-8", "replace").splitlines())
+            except Exception:  # unreachable robots.txt: treated as no rules
+                parser = None
+            self.robots[root] = parser
+        parser = self.robots[root]
+        return parser is None or parser.can_fetch(USER_AGENT, url)
+
+    def fetch(self, url: str, source: str) -> dict:
+        """A page record for pipelines.sources.decode_page, or a bad marker."""
+        from pipelines.sources import bad
+
+        chain = [url]
+        current = url
+        while True:
+            why = url_refusal(current, [] if self.allow_private else resolve(host_of(current)), self.allow_private)
+            if why:
+                return bad(source, "url_not_allowed", f"{current}: {why}")
+            if not self.allowed_by_robots(current):
+                return bad(source, "url_not_allowed", f"{current}: disallowed by robots.txt")
+            try:
+                r, body = self._get(current)
+            except Exception as exc:
+                return bad(source, "fetch_failed", f"{current}: {type(exc).__name__}: {exc}"[:500])
+            if r.is_redirect or r.status_code in (301, 302, 303, 307, 308):
+                nxt = urljoin(current, r.headers.get("Location", ""))
+                chain.append(nxt)
+                problem = redirect_problem(chain, self.cfg.max_redirects)
+                if problem:
+                    return bad(source, "fetch_failed", problem)
+                current = nxt
+                continue
+            if body is None:
+                return bad(source, "too_large", f"{current}: over {self.max_bytes} bytes")
+            return {"source": source, "url": current, "warc_record_id": None,
+                    "crawl_date": iso_date(r.headers.get("Date")), "status": r.status_code,
+                    "content_type": r.headers.get("Content-Type", ""), "charset": _charset(r.headers),
+                    "payload": body}
+
+
+def iso_date(http_date: str | None) -> str | None:
+    import datetime as dt
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return parsedate_to_datetime(http_date).isoformat() if http_date else None
+    except (TypeError, ValueError):
+        return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _charset(headers) -> str | None:
+    for part in (headers.get("Content-Type") or "").split(";")[1:]:
+        k, _, v = part.strip().partition("=")
+        if k.lower() == "charset" and v:
+            return v.strip("\"' ")
+    return None
+
+
+def read_url_list(path: str, max_bytes: int, allow_private: bool = False, cfg: PageFetchConfig | None = None):
+    """Yield one page record or bad marker per URL line (blank lines and # comments skipped)."""
+    from pipelines.sources import bad
+
+    fetcher = Fetcher(cfg or PageFetchConfig(), max_bytes, allow_private)
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        yield bad(path, "read_failed", str(exc))
+        return
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            url = line.strip()
+            if url and not url.startswith("#"):
+                yield fetcher.fetch(url, f"{path}:{lineno}")

@@ -1,0 +1,163 @@
+"""filters.imageinfo on real photos: every format of imagededup-ukbench, its corrupt copies, coco-mini, and
+bad images built from real photos (truncated, CMYK, 16-bit, animated, decompression bomb)."""
+
+import hashlib
+import io
+import json
+import struct
+import zlib
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image
+
+from filters.imageinfo import ImageInfo, inspect_image, phash_distance, to_rgb
+from filters.reasons import Reject
+
+
+@pytest.fixture(scope="module")
+def ukbench(shared_data):
+    return shared_data / "imagededup-ukbench"
+
+
+def image_files(root):
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix not in (".json", ".md", ".txt"))
+
+
+def test_ukbench_all_formats(ukbench):
+    groups = json.loads((ukbench / "near_duplicates.json").read_text())["groups"]
+    corrupt = {p for files in groups.values() for p in files if "corrupt" in p}
+    seen = 0
+    for path in image_files(ukbench):
+        rel = path.relative_to(ukbench).as_posix()
+        data = path.read_bytes()
+        info = inspect_image(data)
+        if rel in corrupt:
+            assert isinstance(info, Reject) and info.reason == "image_decode_failed", rel
+            continue
+        assert isinstance(info, ImageInfo), (rel, info)
+        seen += 1
+        ref = Image.open(path)
+        assert info.format == ref.format and info.mode == ref.mode
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+        assert len(info.phash) == 16 and int(info.phash, 16) >= 0
+        rgb = to_rgb(data)
+        assert rgb.mode == "RGB" and rgb.size == (info.width, info.height)
+        assert info.phash == str(imagehash.phash(rgb))
+    assert seen >= 30
+
+
+def test_ukbench_copies_have_close_hashes(ukbench):
+    groups = json.loads((ukbench / "near_duplicates.json").read_text())["groups"]
+    hashes = {}
+    for gid, files in groups.items():
+        for rel in files:
+            info = inspect_image((ukbench / rel).read_bytes())
+            if isinstance(info, ImageInfo):
+                hashes[rel] = (gid, info.phash)
+    # resized, grey and re-encoded copies sit within 10 bits of their original; flips/rotations do not (pHash
+    # is not flip-invariant), so only the photometric/scale copies are asserted here
+    for rel, (gid, h) in hashes.items():
+        if any(t in rel for t in ("hflip", "rotation")):
+            continue
+        base = hashes[f"base_images/{gid}.jpg"][1]
+        assert phash_distance(h, base) <= 10, rel
+    bases = [h for rel, (g, h) in hashes.items() if rel.startswith("base_images/")]
+    assert min(phash_distance(a, b) for i, a in enumerate(bases) for b in bases[i + 1:]) > 10
+
+
+def test_coco_photos(coco):
+    paths = sorted((coco / "images").glob("*.jpg"))
+    assert len(paths) >= 100
+    hashes = []
+    for path in paths:
+        data = path.read_bytes()
+        info = inspect_image(data)
+        assert isinstance(info, ImageInfo), path
+        ref = Image.open(path)
+        assert (info.width, info.height) == ref.size and info.n_frames == 1
+        assert info.phash == str(imagehash.phash(ref))  # plain RGB JPEG: same as imagehash on the file
+        hashes.append(info.phash)
+    assert len(set(hashes)) == len(hashes)
+
+
+def photo(coco):
+    return sorted((coco / "images").glob("*.jpg"))[0].read_bytes()
+
+
+def encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_zero_truncated_garbage(coco):
+    data = photo(coco)
+    assert inspect_image(b"").reason == "image_decode_failed"
+    assert inspect_image(b"not an image at all").reason == "image_decode_failed"
+    for cut in (10, len(data) // 3, len(data) - 200):
+        r = inspect_image(data[:cut])
+        assert isinstance(r, Reject) and r.reason == "image_decode_failed", cut
+    png = encode(Image.open(io.BytesIO(data)), "PNG")
+    assert inspect_image(png[: len(png) // 2]).reason == "image_decode_failed"
+
+
+def test_cmyk_16bit_animated_alpha_exif(coco):
+    data = photo(coco)
+    rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    base = inspect_image(data)
+
+    cmyk = inspect_image(encode(rgb.convert("CMYK"), "JPEG", quality=95))
+    assert isinstance(cmyk, ImageInfo) and cmyk.mode == "CMYK"
+    assert to_rgb(encode(rgb.convert("CMYK"), "JPEG")).mode == "RGB"
+    assert phash_distance(cmyk.phash, base.phash) <= 10
+
+    grey16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    png16 = encode(Image.fromarray(grey16), "PNG")  # uint16 -> mode I;16
+    info16 = inspect_image(png16)
+    assert isinstance(info16, ImageInfo) and info16.mode.startswith("I")
+    back = np.asarray(to_rgb(png16))
+    assert back.shape == (rgb.height, rgb.width, 3)
+    assert np.abs(back[..., 0].astype(int) - np.asarray(rgb.convert("L"), dtype=int)).max() <= 1
+    assert phash_distance(info16.phash, base.phash) <= 10
+
+    frames = [rgb, rgb.transpose(Image.Transpose.FLIP_TOP_BOTTOM), rgb.rotate(90)]
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    anim = inspect_image(gif)
+    assert isinstance(anim, ImageInfo) and anim.n_frames == 3 and anim.format == "GIF"
+    assert phash_distance(anim.phash, base.phash) <= 10  # first frame
+
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    assert to_rgb(encode(rgba, "PNG")).mode == "RGB"
+    assert isinstance(inspect_image(encode(rgba, "PNG")), ImageInfo)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated = inspect_image(encode(rgb, "JPEG", exif=exif.tobytes()))
+    assert (rotated.width, rotated.height) == (rgb.height, rgb.width)
+    assert to_rgb(encode(rgb, "JPEG", exif=exif.tobytes())).size == (rgb.height, rgb.width)
+
+
+def png_header_only(width, height):
+    """A PNG that declares width x height pixels but carries a tiny compressed body: a decompression bomb."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_from_header(coco):
+    bomb = png_header_only(30_000, 30_000)
+    r = inspect_image(bomb)
+    assert isinstance(r, Reject) and r.reason == "image_too_large"
+    assert len(bomb) < 200
+    small = inspect_image(photo(coco), max_pixels=1000)
+    assert isinstance(small, Reject) and small.reason == "image_too_large"
+
+
+def test_phash_distance():
+    assert phash_distance("0" * 16, "f" * 16) == 64
+    assert phash_distance("8000000000000001", "0000000000000000") == 2
+    assert phash_distance("abcdef0123456789", "abcdef0123456789") == 0

@@ -1,0 +1,232 @@
+"""Image fetching with img2dataset from a local HTTP server (127.0.0.1) serving real photos and broken files:
+image_info matches PIL/hashlib/imagehash on the served file, failures are rejects with reasons, text stays."""
+
+import argparse
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import apache_beam as beam
+import imagehash
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows, url_refusal
+from pipelines.run import RunSpec, execute
+from pipelines.runner import add_runner_args
+from pipelines.sink import Kind
+from pipelines.stage import Collector
+from tests.test_dedup import doc_row, make_doc
+
+SLOW_SECONDS = 4
+TIMEOUT = 2
+RUNNER = "dask"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def __init__(self, *args, files, **kwargs):
+        self.files = files
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):
+        path = self.path
+        if path.startswith("/slow/"):
+            time.sleep(SLOW_SECONDS)
+            path = path.removeprefix("/slow")
+        target = self.files.get(path)
+        if target is None:
+            self.send_error(404)
+            return
+        data = target.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site(shared_data, tmp_path_factory):
+    """URL path -> real file, served on 127.0.0.1; thumbnails are real photos scaled to fit 100 px."""
+    coco = shared_data / "coco-mini" / "images"
+    ukb = shared_data / "imagededup-ukbench"
+    files = {f"/coco/{p.name}": p for p in sorted(coco.glob("*.jpg"))}
+    files.update({f"/ukb/{p.relative_to(ukb)}": p for p in sorted(ukb.rglob("*")) if p.is_file()})
+    thumbs = tmp_path_factory.mktemp("thumbs")
+    for p in sorted(coco.glob("*.jpg"))[:2]:
+        img = Image.open(p)
+        img.thumbnail((100, 100))
+        img.save(thumbs / p.name, quality=85)
+        files[f"/thumb/{p.name}"] = thumbs / p.name
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, files=files))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield base, files
+    server.shutdown()
+    server.server_close()
+
+
+def captions(coco_dir, n):
+    return [json.loads(line)["captions"] for line in (coco_dir / "captions.jsonl").read_text().splitlines()[:n]]
+
+
+def documents(base, coco_dir):
+    """Real photos that pass, and every kind of failure, spread over three documents."""
+    photos = [f"{base}/coco/{n}" for n in ("000000000790.jpg", "000000018575.jpg", "000000019221.jpg")]
+    ok = {
+        "d-coco": photos,
+        "d-ukb": [f"{base}/ukb/base_images/ukbench00120.jpg", f"{base}/ukb/formats_images/ukbench09380.webp",
+                  f"{base}/ukb/formats_images/ukbench09380.png", f"{base}/ukb/ukbench00120_gray.jpg",
+                  photos[0]],  # the .png holds JPEG bytes; photos[0] is also in d-coco (fetched once)
+        "d-fail": [],
+    }
+    bad = {
+        "d-ukb": {f"{base}/ukb/mixed_images/ukbench09268_corrupt.jpg": {"image_decode_failed"},
+                  f"{base}/ukb/formats_images/giphy.gif": {"image_format", "image_decode_failed"},
+                  f"{base}/ukb/formats_images/Iggy.1024.ppm": {"image_format"}},
+        "d-fail": {f"{base}/missing.jpg": {"image_fetch_failed"},
+                   f"{base}/slow/coco/000000000790.jpg": {"image_fetch_failed"},
+                   f"{base}/thumb/000000000790.jpg": {"image_too_small"},
+                   f"{base}/coco/000000161044.jpg": {"image_aspect_ratio"},
+                   "ftp://127.0.0.1/coco/000000000790.jpg": {"url_not_allowed"}},
+    }
+    texts = captions(coco_dir, 3)
+    docs = []
+    for (doc_id, good), text in zip(ok.items(), texts):
+        failing = list(bad.get(doc_id, {}))
+        images = [u for i in range(max(len(good), len(failing))) for u in (good[i:i + 1] + failing[i:i + 1])]
+        docs.append(make_doc(doc_id, text, images))
+    return docs, ok, bad
+
+
+def run_args(runner, workers):
+    parser = argparse.ArgumentParser()
+    add_runner_args(parser)
+    return parser.parse_args(["--runner", runner, "--workers", str(workers)])
+
+
+def build_for(docs, cfg, allow_private, url_list=False, fetch=True):
+    def build(p):
+        c = Collector()
+        src = p | "Read" >> beam.Create(docs)
+        c.count(src, "read", "in")
+        c.count(src, "read", "out")
+        if url_list:
+            image_url_rows(c, src, allow_private)
+        kept = fetch_images(c, src, cfg, allow_private) if fetch else src
+        c.add(kept | "ToSink" >> beam.Map(lambda d: ("data", d["doc_id"], doc_row(d))))
+        return c.finish()
+    return build
+
+
+def run_fetch(out, docs, cfg, allow_private=True, runner="direct", workers=1, url_list=False, fetch=True):
+    kinds = {"data": Kind("interleaved", "data", 1)}
+    if url_list:
+        kinds[IMAGE_URL_KIND] = Kind("url", "image_urls", 1)
+    spec = RunSpec(command="test-images", out_dir=str(out), config={}, inputs=[], kinds=kinds, stages=["read"])
+    stats = execute(spec, run_args(runner, workers), build_for(docs, cfg, allow_private, url_list, fetch))
+    kept = {r["doc_id"]: r for r in pq.read_table(out / "data").to_pylist()}
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    return stats, kept, rejects
+
+
+def served_file(url, base, files):
+    return files[url.removeprefix(base)]
+
+
+def check_result(stats, kept, rejects, docs, ok, bad, base, files):
+    for doc in docs:
+        row = kept[doc["doc_id"]]
+        assert [t for t in row["texts"] if t] == [t for t in doc["texts"] if t]  # text intact
+        assert [u for u in row["images"] if u] == ok[doc["doc_id"]]  # failed positions gone, order kept
+        for url, info in zip(row["images"], row["image_info"]):
+            if url is None:
+                assert info is None
+                continue
+            path = served_file(url, base, files)
+            data = path.read_bytes()
+            img = Image.open(path)
+            assert info["url"] == url and info["bytes"] == data
+            assert (info["width"], info["height"]) == img.size
+            assert info["sha256"] == hashlib.sha256(data).hexdigest()
+            assert info["phash"] == str(imagehash.phash(img))
+    image_rejects = [r for r in rejects if r["stage"] == STAGE_FETCH]
+    got = {(r["source"], r["detail"].split(": ", 1)[0]): r["reason"] for r in image_rejects}
+    expected = {(f"test:{doc_id}", url): reasons for doc_id, urls in bad.items() for url, reasons in urls.items()}
+    assert set(got) == set(expected)
+    for key, reason in got.items():
+        assert reason in expected[key], (key, reason)
+    stage = {s["stage"]: s for s in stats["stages"]}[STAGE_FETCH]
+    positions = sum(u is not None for d in docs for u in d["images"])
+    assert stage["in"] == positions == stage["out"] + stage["rejected"]
+    assert stage["out"] == sum(len(v) for v in ok.values())
+    assert stats["totals"]["read"] == stats["totals"]["written"] == len(docs)
+
+
+def test_url_policy():
+    for url in ("http://127.0.0.1/a.jpg", "http://10.1.2.3/a.jpg", "http://192.168.0.10:8080/a.jpg",
+                "http://[::1]/a.jpg", "http://localhost/a.jpg", "http://169.254.169.254/latest",
+                "http://[::ffff:10.0.0.1]/a.jpg", "http://0.0.0.0/a.jpg"):
+        assert url_refusal(url) is not None, url
+        assert url_refusal(url, allow_private=True) is None, url
+    assert url_refusal("http://93.184.216.34/a.jpg") is None
+    assert "resolves to" in url_refusal("http://intranet.example/a.jpg", resolve=lambda host: ["10.0.0.5"])
+    assert url_refusal("http://photos.example/a.jpg", resolve=lambda host: ["93.184.216.34"]) is None
+    for url in ("ftp://example.com/a.jpg", "data:image/png;base64,AAAA", "http:///a.jpg", "http://a b/c.jpg",
+                "http://example.com:99999/a.jpg"):
+        assert url_refusal(url, allow_private=True) is not None, url
+
+
+def test_fetch_images_under_dask(tmp_path, site, coco):
+    base, files = site
+    docs, ok, bad = documents(base, coco)
+    cfg = FetchConfig(timeout=TIMEOUT, groups=2)
+    started = time.time()
+    stats, kept, rejects = run_fetch(tmp_path / "dask", docs, cfg, runner=RUNNER, workers=2)
+    print(f"fetch pipeline under dask: {time.time() - started:.1f} s")
+    check_result(stats, kept, rejects, docs, ok, bad, base, files)
+    counters = {s["stage"]: s for s in stats["stages"]}[STAGE_FETCH]["counters"]
+    unique = {u for d in docs for u in d["images"] if u and not u.startswith("ftp:")}
+    assert counters["urls_fetched"] + counters["urls_failed"] == len(unique)  # a URL twice is fetched once
+
+
+def test_private_urls_refused_without_fetching(tmp_path, site, coco):
+    base, _ = site
+    docs, _, _ = documents(base, coco)
+    stats, kept, rejects = run_fetch(tmp_path, docs, FetchConfig(timeout=TIMEOUT), allow_private=False)
+    assert all(u is None for row in kept.values() for u in row["images"])
+    assert {r["reason"] for r in rejects} == {"url_not_allowed"}
+    assert len(rejects) == sum(u is not None for d in docs for u in d["images"])
+    assert all(kept[d["doc_id"]]["texts"] == [t for t in d["texts"] if t] for d in docs)
+    assert "urls_fetched" not in {s["stage"]: s for s in stats["stages"]}[STAGE_FETCH]["counters"]
+
+
+def test_url_list_then_img2dataset_then_join(tmp_path, site, coco):
+    """The separate, resumable step: the pipeline writes the URL list, img2dataset's own CLI fetches it, and
+    `fetched_dir` joins the result back with the same checks as the in-pipeline fetch."""
+    base, files = site
+    docs, ok, bad = documents(base, coco)
+    run_fetch(tmp_path / "list", docs, FetchConfig(), url_list=True, fetch=False)
+    url_files = sorted((tmp_path / "list" / "image_urls").glob("*.parquet"))
+    urls = pq.read_table(url_files).column("url").to_pylist()
+    assert sorted(urls) == sorted({u for d in docs for u in d["images"] if u and not u.startswith("ftp:")})
+    cmd = [os.path.join(os.path.dirname(sys.executable), "img2dataset"),
+           "--url_list", str(url_files[0]), "--input_format", "parquet", "--url_col", "url",
+           "--output_format", "parquet", "--output_folder", str(tmp_path / "images"), "--resize_mode", "no",
+           "--disable_all_reencoding", "True", "--compute_hash", "sha256", "--timeout", str(TIMEOUT),
+           "--processes_count", "1", "--thread_count", "16"]
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    stats, kept, rejects = run_fetch(tmp_path / "joined", docs,
+                                     FetchConfig(fetched_dir=str(tmp_path / "images")))
+    check_result(stats, kept, rejects, docs, ok, bad, base, files)

@@ -1,0 +1,202 @@
+"""`mmcorpus interleaved` end to end: bundled WARCs + HTML pages under both runners, a URL list served from
+127.0.0.1 (redirect loop, 404, binary, huge, latin-1, real photos fetched), private addresses, kill + resume."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import http.server
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+import schemas
+from pipelines.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WARCS = ("warcio-samples", "resiliparse-warcs", "cc-whirlwind/whirlwind.warc.gz", "dolma-cc-warc")
+
+
+def run_cli(*argv) -> int:
+    return main(["interleaved", *map(str, argv)])
+
+
+def stats_of(out) -> dict:
+    return json.loads((pathlib.Path(out) / "stats.json").read_text())
+
+
+def data_rows(out) -> list[dict]:
+    rows = []
+    for f in sorted((pathlib.Path(out) / "data").glob("*.parquet")):
+        rows += schemas.read_table(str(f), "interleaved").to_pylist()
+    return rows
+
+
+def check_balanced(out) -> dict:
+    s = stats_of(out)
+    t = s["totals"]
+    assert t["read"] == t["written"] + t["rejected"]
+    rejects = pq.read_table(pathlib.Path(out) / "rejects").num_rows
+    assert rejects == t["reject_rows"]
+    return s
+
+
+def test_bundled_warcs_and_pages_both_runners(shared_data, tmp_path):
+    inputs = [shared_data / w for w in WARCS] + [shared_data / "trafilatura-eval" / "pages"]
+    direct, dask = tmp_path / "direct", tmp_path / "dask"
+    assert run_cli(*inputs, "-o", direct, "--no-images", "--workers", "1", "--emit-m3w-text") == 0
+    assert run_cli(*inputs, "-o", dask, "--no-images", "--runner", "dask", "--workers", "2") == 0
+    s = check_balanced(direct)
+    stages = {st["stage"]: st for st in s["stages"]}
+    assert stages["read"]["in"] >= 300 and stages["read"]["reasons"]["warc_not_response"] >= 100
+    assert stages["read"]["reasons"]["warc_file_truncated"] >= 2 and stages["read"]["reasons"]["warc_invalid_record"] >= 4
+    rows = data_rows(direct)
+    assert len(rows) == s["totals"]["written"] >= 40
+    for f in sorted((direct / "data").glob("*.parquet")):
+        assert pq.read_table(f).equals(pq.read_table(dask / "data" / f.name)), f.name
+    assert stats_of(dask)["totals"] == s["totals"]
+    warc_docs = [r for r in rows if r["warc_record_id"]]
+    assert warc_docs and all(r["crawl_date"] and r["url"].startswith("http") for r in warc_docs)
+    for r in rows:
+        assert all(i is None or i.startswith(("http://", "https://")) for i in r["images"])
+        assert sum(i is not None for i in r["images"]) >= 1  # default min_per_doc = 1
+        assert "declared_sizes" in json.loads(r["metadata"])
+    m3w = [json.loads(line) for f in sorted((direct / "m3w").glob("*.txt")) for line in f.read_text().splitlines()]
+    assert len(m3w) == len(rows) and all("<image>" in d["text"] and "<|endofchunk|>" in d["text"] for d in m3w)
+
+
+# ---- URL lists from a local server ------------------------------------------------------------------------
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def __init__(self, *a, routes=None, **kw):
+        self.routes = routes
+        super().__init__(*a, **kw)
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        route = self.routes.get(self.path)
+        if route is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        status, headers, body = route
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def article(title: str, paragraphs: list[str], images: list[str], charset="utf-8") -> bytes:
+    body = []
+    for i, p in enumerate(paragraphs):
+        body.append(f"<p>{p}</p>")
+        if i < len(images):
+            body.append(f'<figure><img src="{images[i]}" alt="photo {i}"></figure>')
+    return (f"<html><head><meta charset={charset}><title>{title}</title></head><body><article><h1>{title}</h1>"
+            + "".join(body) + "</article></body></html>").encode(charset)
+
+
+@pytest.fixture(scope="module")
+def server(coco):
+    captions = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()][:12]
+    routes = {}
+    for c in captions:
+        routes[f"/img/{c['file_name']}"] = (200, {"Content-Type": "image/jpeg"}, (coco / "images" / c["file_name"]).read_bytes())
+    for n in range(4):
+        group = captions[n * 3:(n + 1) * 3]
+        paras = [" ".join(x["captions"]) for x in group]  # real captions as prose
+        routes[f"/page{n}.html"] = (200, {"Content-Type": "text/html; charset=utf-8"},
+                                    article(f"Photo story {n}", paras, [f"/img/{x['file_name']}" for x in group]))
+    latin = ["Le café est une boisson très appréciée en France, où les élèves et leurs parents la boivent le matin "
+             "avant l'école, et chacun a son avis sur la meilleure façon de la préparer."] * 1 + \
+            ["À Noël, les familles préparent une bûche et se réunissent autour de la table pour partager un repas "
+             "long et joyeux avec des amis et des voisins venus de toute la région."]
+    routes["/latin.html"] = (200, {"Content-Type": "text/html; charset=iso-8859-1"},
+                             article("Café", latin, [f"/img/{captions[0]['file_name']}"], charset="iso-8859-1"))
+    routes["/loop-a"] = (302, {"Location": "/loop-b"}, b"")
+    routes["/loop-b"] = (302, {"Location": "/loop-a"}, b"")
+    routes["/binary.html"] = (200, {"Content-Type": "text/html"}, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64)
+    routes["/huge.html"] = (200, {"Content-Type": "text/html"}, b"<html><body>" + b"<p>word </p>" * 200_000 + b"</body></html>")
+    routes["/robots.txt"] = (200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /private/\n")
+    routes["/private/secret.html"] = routes["/page0.html"]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, routes=routes))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def write_list(path, base, paths):
+    path.write_text("\n".join(base + p for p in paths) + "\n")
+    return path
+
+
+def test_url_list_with_image_fetching(server, tmp_path):
+    urls = write_list(tmp_path / "urls.txt", server, ["/page0.html", "/page1.html", "/page2.html", "/page3.html",
+                                                      "/latin.html", "/loop-a", "/missing.html", "/binary.html",
+                                                      "/huge.html", "/private/secret.html"])
+    config = tmp_path / "c.yaml"
+    config.write_text("pages: {host_delay: 0.0, retries: 0, timeout: 5}\nfetch: {groups: 1}\nquality: {max_duplicate_ngram_chars: {}}\n")
+    out = tmp_path / "out"
+    assert run_cli(urls, "-o", out, "--allow-private-network", "--config", config, "--max-page-bytes", 1_000_000,
+                   "--workers", "1") == 0
+    s = check_balanced(out)
+    reasons = {st["stage"]: st["reasons"] for st in s["stages"]}
+    assert reasons["read"] == {"fetch_failed": 1, "too_large": 1, "url_not_allowed": 1}
+    assert reasons["decode"] == {"http_error_status": 1, "binary_payload": 1}
+    rows = {r["url"].rsplit("/", 1)[-1]: r for r in data_rows(out)}
+    assert "latin.html" in rows and "café est une boisson très appréciée" in " ".join(t for t in rows["latin.html"]["texts"] if t)
+    assert rows["latin.html"]["crawl_date"].startswith("20")  # ISO 8601 from the HTTP Date header
+    page = rows["page0.html"]
+    infos = [i for i in page["image_info"] if i is not None]
+    assert len(infos) == 3 and all(i["sha256"] and i["width"] >= 150 and i["height"] >= 150 and i["phash"] for i in infos)
+    assert [i["alt"] for i in infos] == ["photo 0", "photo 1", "photo 2"]
+    kinds = "".join("i" if i else "t" for i in page["images"])
+    assert kinds.startswith("ti") and kinds.count("i") == 3  # text first, then images in page order
+    assert [i["url"].rsplit("/", 1)[-1] for i in infos] == [u.rsplit("/", 1)[-1] for u in page["images"] if u]
+
+
+def test_private_address_refused_without_flag(server, tmp_path):
+    urls = write_list(tmp_path / "urls.txt", server, ["/page0.html"])
+    out = tmp_path / "out"
+    assert run_cli(urls, "-o", out, "--no-images", "--workers", "1") == 0
+    s = check_balanced(out)
+    assert s["totals"]["written"] == 0
+    assert {st["stage"]: st["reasons"] for st in s["stages"]}["read"] == {"url_not_allowed": 1}
+    assert run_cli(tmp_path / "does-not-exist", "-o", tmp_path / "o2") == 2
+    (tmp_path / "bad.yaml").write_text("quality: {no_such_rule: 1}\n")
+    assert run_cli(urls, "-o", tmp_path / "o3", "--config", tmp_path / "bad.yaml") == 2
+
+
+def test_killed_run_resumes_with_every_document_once(shared_data, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.cli", "interleaved", str(shared_data / "trafilatura-eval" / "pages"),
+           str(shared_data / "dolma-cc-warc"), "-o", str(out), "--no-images", "--workers", "1", "--num-shards", "16"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "data").glob("*.parquet")) or list((out / "rejects").glob("*.parquet")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    killed = not (out / "_SUCCESS").exists()
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True).returncode == (0 if killed else 2)
+    s = check_balanced(out)
+    assert s["resumed"] is killed
+    rows = data_rows(out)
+    ids = [r["doc_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == s["totals"]["written"] >= 40
