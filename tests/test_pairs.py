@@ -1,0 +1,358 @@
+"""`mmcorpus pairs` on real data with a tiny random open_clip model built here: scores equal a direct
+open_clip call, threshold/top-fraction keep exactly the expected pairs, dedup finds the imagededup-ukbench
+copies and no false pairs among distinct coco-mini photos, bad images and captions become rejects, every
+source kind is read (interleaved, COCO, table with paths, URLs through img2dataset), one run under Dask."""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import schemas
+from filters.captions import check_caption, clean_caption
+from filters.imageinfo import to_rgb
+from filters.phash_index import PHashIndex, make_plan, near_pairs, plan, to_uint64
+from filters.reasons import Reject
+from pipelines.cli import main
+from pipelines.clip_score import ClipConfig, load_model
+from pipelines.pair_dedup import semantic_duplicates
+from tests.test_images import site  # noqa: F401  (fixture: real files served on 127.0.0.1)
+
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "mmcorpus-tiny-clip.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ukbench(shared_data):
+    return shared_data / "imagededup-ukbench"
+
+
+def direct_scores(tiny_clip, rows, batch=64):
+    """clip_score by a plain open_clip call on PIL images (no pipeline, no nvJPEG path)."""
+    loaded = load_model(ClipConfig(model=tiny_clip, allow_random=True))
+    model, pre, tok = loaded.model, loaded.extras["preprocess"], loaded.extras["tokenizer"]
+    out = {}
+    with torch.no_grad():
+        for start in range(0, len(rows), batch):
+            part = rows[start:start + batch]
+            img = model.encode_image(torch.stack([pre(to_rgb(r["image_bytes"])) for r in part]))
+            txt = model.encode_text(tok([r["caption"] for r in part]))
+            for r, s in zip(part, torch.nn.functional.cosine_similarity(img, txt).tolist()):
+                out[r["image_id"]] = s
+    return out
+
+
+def run_cli(out, sources, *extra, clip=None, runner=("--workers", "1")):
+    argv = ["pairs", *map(str, sources), "--output", str(out), "--allow-random-weights", "--num-shards", "2",
+            *runner, *extra]
+    if clip:
+        argv += ["--clip-model", clip]
+    assert main(argv) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    data = pq.read_table(out / "data")
+    schemas.validate(pq.read_table(out / "data").replace_schema_metadata(None), "pair")
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    return stats, data.to_pylist(), rejects
+
+
+def ukbench_table(ukbench, tmp):
+    """Every image file of imagededup-ukbench that near_duplicates.json lists, or that belongs to no group."""
+    groups = json.loads((ukbench / "near_duplicates.json").read_text())["groups"]
+    listed = {p: g for g, files in groups.items() for p in files}
+    rows = []
+    for p in sorted(ukbench.rglob("*")):
+        rel = p.relative_to(ukbench).as_posix()
+        if p.is_file() and p.suffix.lower() not in (".json", ".md", ".txt") and rel != "alpha_channel_image.png":
+            rows.append({"path": str(p), "caption": f"a photo of object {p.stem.replace('_', ' ')} on display"})
+    path = tmp / "ukb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, listed
+
+
+def variant(rel):
+    return "hflip" if "hflip" in rel else "rotation" if "rotation" in rel else "plain"
+
+
+# ---- pure parts -----------------------------------------------------------------------------------------
+
+def test_captions_on_coco_and_boilerplate(coco):
+    recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()]
+    caps = [c for r in recs for c in r["captions"]]
+    kept = [check_caption(c) for c in caps]
+    assert all(isinstance(k, str) for k in kept)  # human COCO captions all pass
+    assert clean_caption("  A&amp;amp;B <b>dog</b>\u200b  on\n\tgrass ") == "A&B dog on grass"
+    for text, reason in [(None, "caption_empty"), (3, "caption_empty"), ("   ", "caption_empty"),
+                         ("<br>", "caption_empty"), ("image", "caption_boilerplate"),
+                         ("Click here", "caption_boilerplate"), ("IMG_2034.JPG", "caption_boilerplate"),
+                         ("DSC 0042", "caption_boilerplate"), ("untitled", "caption_boilerplate"),
+                         ("http://x.com/a.png", "caption_boilerplate"), ("12 34 56", "caption_boilerplate"),
+                         ("red car", "caption_too_short"), ("a b c", "caption_too_short"),
+                         ("word " * 300, "caption_too_long")]:
+        r = check_caption(text)
+        assert isinstance(r, Reject) and r.reason == reason, (text, r)
+
+
+def test_phash_index_exact_against_brute_force(coco, ukbench):
+    from filters.imageinfo import ImageInfo, inspect_image
+
+    hexes = []
+    for p in sorted((coco / "images").glob("*.jpg")) + sorted(ukbench.rglob("*.jpg")):
+        info = inspect_image(p.read_bytes())
+        if isinstance(info, ImageInfo):
+            hexes.append(info.phash)
+    rng = np.random.default_rng(0)
+    base = to_uint64(hexes)
+    flips = np.array([sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 13), replace=False)) for _ in base],
+                     dtype=np.uint64)
+    hashes = np.concatenate([base, base ^ flips])  # real hashes plus copies 0-12 bits away
+    d = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    for k in (0, 5, 10):
+        brute = {(i, j) for i, j in zip(*np.triu_indices(len(hashes), 1)) if d[i, j] <= k}
+        for p in (None, make_plan(k, k + 1), make_plan(k, k + 2), make_plan(k, k + 3)):
+            got = near_pairs(hashes, k, p)
+            assert {(int(a), int(b)) for a, b, _ in got} == brute, (k, p and p.m)
+            assert all(int(dist) == d[a, b] for a, b, dist in got)
+        index = PHashIndex(hexes, k)
+        q = f"{int(base[3] ^ flips[3]):016x}"
+        assert {i for i, _ in index.query(q)} == {str(i) for i in range(len(hexes)) if d[i, len(base) + 3] <= k}
+    assert plan(10, 1_000_000).m > plan(10, 1_000).m  # longer keys for more hashes
+
+
+def test_semantic_duplicates_finds_planted_copies():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(200, 32)).astype(np.float32)
+    copies = base[:20] + rng.normal(scale=0.02, size=(20, 32)).astype(np.float32)
+    emb = np.concatenate([base, copies])
+    ranks = [(0, f"{i:04d}") for i in range(len(emb))]
+    found = semantic_duplicates(emb, ranks, eps=0.02, n_clusters=8)
+    assert sorted((loser, winner) for loser, winner, _ in found) == [(200 + i, i) for i in range(20)]
+
+
+# ---- the command --------------------------------------------------------------------------------------
+
+def test_pairs_coco_and_ukbench(tmp_path, coco, ukbench, tiny_clip):
+    table, listed = ukbench_table(ukbench, tmp_path)
+    stats, kept, rejects = run_cli(tmp_path / "out", [coco, f"ukb={table}"], clip=tiny_clip)
+    assert stats["clip_weights"] == "random" and stats["config"]["clip_weights"] == "random"
+    # every kept pair carries a score equal to a direct open_clip call
+    direct = direct_scores(tiny_clip, kept)
+    for row in kept:
+        assert abs(row["clip_score"] - direct[row["image_id"]]) < 1e-4, row["image_id"]
+    # distinct coco photos: no duplicate found, every caption of every photo kept
+    n_captions = sum(len(json.loads(line)["captions"]) for line in (coco / "captions.jsonl").read_text().splitlines())
+    assert sum(r["source_dataset"] == "coco-mini" for r in kept) == n_captions
+    # ukbench: corrupt files rejected, one survivor per (photo, flip/rotation variant), unlisted images all kept
+    root = str(ukbench) + "/"
+    bad = {r["detail"].split(":", 1)[0].removeprefix(root) for r in rejects if r["reason"] == "image_decode_failed"}
+    assert bad == {p for p in listed if "corrupt" in p}
+    survivors = [json.loads(r["metadata"])["image_ref"].split(":", 1)[1].removeprefix(root) for r in kept
+                 if r["source_dataset"] == "ukb"]
+    seen = [(listed.get(s, s), variant(s)) for s in survivors]
+    assert len(seen) == len(set(seen))
+    expected = {(g, variant(p)) for p, g in listed.items() if "corrupt" not in p}
+    unlisted = {p.relative_to(ukbench).as_posix() for p in ukbench.rglob("*") if p.is_file()
+                and p.suffix.lower() not in (".json", ".md", ".txt")} - set(listed) - {"alpha_channel_image.png"}
+    assert set(seen) == expected | {(p, "plain") for p in unlisted}
+    dup = [r for r in rejects if r["reason"].startswith("duplicate_")]
+    assert {r["reason"] for r in dup} == {"duplicate_exact", "duplicate_phash"}
+    # counts: every stage balances, read = written + rejected, histogram covers every scored pair
+    t = stats["totals"]
+    assert t["read"] == t["written"] + t["rejected"] == len(kept) + len(rejects)
+    hist = stats["clip_score_histogram"]
+    assert sum(hist["scored"]) == len(kept) + len(dup) and sum(hist["kept"]) == len(kept)
+
+
+def interleaved_source(tmp, coco):
+    """An `mmcorpus interleaved`-style output folder with real photos, alt texts and neighbouring text."""
+    recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()[:4]]
+    docs = []
+    for i, rec in enumerate(recs):
+        data = (coco / "images" / rec["file_name"]).read_bytes()
+        alt = rec["captions"][0] if i != 1 else "IMG_0001.jpg"  # a file-name alt text: rejected
+        info = {"url": f"http://photos.example/{rec['file_name']}", "sha256": None, "width": None, "height": None,
+                "phash": None, "bytes": data if i != 3 else b"", "path": None, "alt": alt}  # doc 3: empty bytes
+        docs.append({"doc_id": f"doc{i}", "url": f"http://site.example/{i}", "warc_record_id": None,
+                     "crawl_date": None, "language": "en", "language_score": 0.9,
+                     "texts": [rec["captions"][1] + " and more words", None],
+                     "images": [None, info["url"]], "image_info": [None, info], "source": "test", "metadata": "{}"})
+    folder = tmp / "interleaved"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(schemas.to_table(docs, "interleaved"), folder / "data" / "part-00000-of-00001.parquet")
+    return folder, recs
+
+
+def test_sources_threshold_decontamination_urls(tmp_path, coco, tiny_clip, site):  # noqa: F811
+    base, _ = site
+    recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()]
+    # a table of real photos by path (30 images, first caption), with bad rows mixed in
+    rows = [{"path": f"images/{r['file_name']}", "caption": r["captions"][0]} for r in recs[10:40]]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((coco / "images" / recs[40]["file_name"]).read_bytes()[:5000])
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    rows += [{"path": str(truncated), "caption": "a truncated photo of a street"},
+             {"path": str(tmp_path / "zero.jpg"), "caption": "an empty file with a caption"},
+             {"path": "images/missing.jpg", "caption": "a photo that is not there"},
+             {"caption": "a caption without any image"}]
+    table = tmp_path / "photos.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.symlink(coco / "images", tmp_path / "images")
+    # threshold from the direct scores of the good table pairs
+    probe = [{"image_id": i, "image_bytes": (coco / "images" / r["file_name"]).read_bytes(), "caption": r["captions"][0]}
+             for i, r in enumerate(recs[13:40])]
+    probe_scores = direct_scores(tiny_clip, probe)
+    scores = sorted(probe_scores.values())
+    threshold = (scores[len(scores) // 2] + scores[len(scores) // 2 - 1]) / 2
+    # a photo that passes the threshold, also fetched by URL with the same caption: an exact duplicate across
+    # datasets (equal scores; the smaller image_id, the table's, survives and is marked)
+    shared = recs[13 + next(i for i, v in probe_scores.items() if v > threshold + 1e-3)]
+    # URLs fetched through img2dataset from a local server: three good, one 404, one corrupt file
+    with open(tmp_path / "web.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["url", "caption"])
+        for r in (recs[41], recs[42], shared):
+            w.writerow([f"{base}/coco/{r['file_name']}", r["captions"][0]])
+        w.writerow([f"{base}/coco/not-there.jpg", "a photo that the server does not have"])
+        w.writerow([f"{base}/ukb/mixed_images/ukbench09268_corrupt.jpg", "a broken photo of a building"])
+    urls = tmp_path / "web.csv"
+    inter, inter_recs = interleaved_source(tmp_path, coco)
+    # evaluation set: half-size re-encoded copies of three table photos
+    evald = tmp_path / "eval"
+    evald.mkdir()
+    for r in recs[10:13]:
+        img = Image.open(coco / "images" / r["file_name"])
+        img.resize((img.width // 2, img.height // 2)).save(evald / r["file_name"], quality=60)
+    stats, kept, rejects = run_cli(tmp_path / "out", [f"photos={table}", f"web={urls}", f"site={inter}"],
+                                   "--min-clip-score", f"{threshold:.6f}", "--decontaminate", str(evald),
+                                   "--include-context-text", "--allow-private-urls", "--fetch-timeout", "3",
+                                   "--dedup", "exact,phash,semantic", "--semantic-eps", "0.0001",
+                                   "--store-embeddings", clip=tiny_clip)
+    reasons = {}
+    for r in rejects:
+        reasons.setdefault(r["reason"], []).append(r)
+    assert len(reasons["contaminated"]) == 3
+    assert {r["source"] for r in reasons["missing_image"]} == {"photos.jsonl:33"}
+    assert len(reasons["read_failed"]) == 1 and "missing.jpg" in reasons["read_failed"][0]["detail"]
+    # truncated, zero-byte, corrupt download, and the empty interleaved image (its alt and context pair)
+    assert len(reasons["image_decode_failed"]) == 5
+    assert len(reasons["image_fetch_failed"]) == 1 and "not-there" in reasons["image_fetch_failed"][0]["detail"]
+    assert [r["source"] for r in reasons["caption_boilerplate"]] == ["part-00000-of-00001.parquet:doc1:1"]
+    direct = direct_scores(tiny_clip, kept)
+    low = reasons.get("clip_score_low", [])
+    for row in kept:
+        assert row["clip_score"] >= threshold and abs(row["clip_score"] - direct[row["image_id"]]) < 1e-4
+        emb = np.frombuffer(row["clip_embedding"], dtype="<f2")
+        assert emb.shape == (32,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-2
+    # the 27 probe photos split at the median of their direct scores: exactly the upper half is kept
+    table_kept = {r["image_id"] for r in kept if r["source_dataset"] == "photos"}
+    assert len(table_kept) == sum(s >= threshold for s in scores)
+    by_stage = {s["stage"]: s for s in stats["stages"]}
+    assert by_stage["clip_filter"]["rejected"] == len(low)
+    assert {r["source_dataset"] for r in kept} <= {"photos", "web", "site"}
+    kinds = {json.loads(r["metadata"]).get("caption_kind") for r in kept if r["source_dataset"] == "site"}
+    assert kinds <= {"alt", "context"}
+    marked = [r for r in kept if json.loads(r["metadata"]).get("also_in_datasets")]
+    assert [(r["source_dataset"], json.loads(r["metadata"])["also_in_datasets"]) for r in marked] == [("photos", ["web"])]
+    assert marked[0]["image_path"].endswith(shared["file_name"])
+    assert [r["source"] for r in reasons["duplicate_exact"]] == ["web.csv:2"]
+    assert by_stage["read"]["in"] == len(rows) + 5 + 4 * 2  # 8 interleaved pairs: alt + context per image
+    t = stats["totals"]
+    assert t["read"] == t["written"] + t["rejected"]
+
+
+def test_missing_weights_is_a_clear_error(tmp_path, coco, capsys):
+    rc = main(["pairs", str(coco), "--output", str(tmp_path / "out"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--clip-pretrained" in err and "--allow-random-weights" in err
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_top_fraction_under_dask(tmp_path, coco, tiny_clip):
+    recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()]
+    rows = [{"image_id": f"coco-mini:{r['file_name']}#{i}", "caption": c,
+             "image_bytes": (coco / "images" / r["file_name"]).read_bytes()}
+            for r in recs for i, c in enumerate(r["captions"])]
+    direct = direct_scores(tiny_clip, rows)
+    order = sorted(direct, key=lambda k: (-direct[k], k))
+    # a cut near 30% where the score gap is wider than the float noise between batched and direct scoring
+    n_keep = next(n for n in range(math.ceil(0.3 * len(rows)), len(rows))
+                  if direct[order[n - 1]] - direct[order[n]] > 2e-4)
+    fraction = n_keep / len(rows)
+    stats, kept, rejects = run_cli(tmp_path / "out", [coco], "--keep-top-fraction", repr(fraction), "--dedup", "none",
+                                   clip=tiny_clip, runner=("--runner", "dask", "--workers", "2"))
+    assert stats["runner"]["runner"] == "dask"
+    assert sorted(r["image_id"] for r in kept) == sorted(order[:n_keep])
+    assert all(abs(r["clip_score"] - direct[r["image_id"]]) < 1e-4 for r in kept)
+    assert {r["reason"] for r in rejects} == {"clip_rank_low"} and len(rejects) == len(rows) - n_keep
+
+
+def test_img2dataset_folder_source(tmp_path, coco, tiny_clip, site):  # noqa: F811
+    """A real img2dataset output folder (its own CLI, parquet format) is a source; its failed downloads are
+    rejects, not silent drops."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    base, _ = site
+    recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()[50:53]]
+    urls = [f"{base}/coco/{r['file_name']}" for r in recs] + [f"{base}/coco/not-there.jpg"]
+    pq.write_table(pa.table({"url": urls, "caption": [r["captions"][0] for r in recs] + ["a photo of a missing cat"]}),
+                   tmp_path / "urls.parquet")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "img2dataset"), "--url_list", str(tmp_path / "urls.parquet"),
+           "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption", "--output_format", "parquet",
+           "--output_folder", str(tmp_path / "i2d"), "--resize_mode", "no", "--disable_all_reencoding", "True",
+           "--processes_count", "1", "--thread_count", "4"]
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    stats, kept, rejects = run_cli(tmp_path / "out", [tmp_path / "i2d"], "--dedup", "none", clip=tiny_clip)
+    assert sorted(r["caption"] for r in kept) == sorted(r["captions"][0] for r in recs)
+    assert all(r["image_bytes"] == (coco / "images" / rec["file_name"]).read_bytes()
+               for r in kept for rec in recs if r["url"].endswith(rec["file_name"]))
+    assert [(r["reason"], "not-there.jpg" in r["detail"]) for r in rejects] == [("image_fetch_failed", True)]
+    assert stats["totals"]["read"] == 4
+
+
+# ---- GPU-path logic, exercised on CPU (no GPU here) ------------------------------------------------------
+
+def test_gpu_preprocess_and_oom_retry_on_cpu(coco, ukbench, tiny_clip):
+    """The nvJPEG path's decode/resize/crop/normalise (run with device='cpu') gives the same tensors as
+    open_clip's PIL preprocess, and a CUDA out-of-memory halves the batch and gives the same scores."""
+    from pipelines.clip_score import ClipScorer
+
+    scorer = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=32))
+    files = sorted((coco / "images").glob("*.jpg"))[:24] + sorted(ukbench.rglob("*.png"))[:2]
+    images = [p.read_bytes() for p in files]
+    for path, data in zip(files, images):
+        a, b = scorer._cpu_tensor(data), scorer._gpu_tensor(data)  # PNG: the PIL fallback inside the GPU path
+        assert a.shape == b.shape == (3, 64, 64), path
+        assert float((a - b).abs().mean()) < 0.01, path  # libjpeg vs PIL decode and resize rounding only
+    bad = scorer._gpu_tensor(images[0][:4000])
+    assert isinstance(bad, Reject) and bad.reason == "image_decode_failed"
+
+    captions = [f"a photo number {i} of something" for i in range(len(images))]
+    expected = scorer.score(images, captions)
+    real_embed, sizes = scorer.embed, []
+
+    def embed_with_memory_limit(pixels, caps):  # fault injection: the device holds at most 5 images
+        sizes.append(len(caps))
+        if len(caps) > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_embed(pixels, caps)
+
+    scorer.embed = embed_with_memory_limit
+    got = scorer.score(images, captions)
+    assert sizes[:4] == [26, 13, 6, 3] and scorer.batch_size == 3 and max(sizes[4:]) == 3
+    assert all(abs(g[0] - e[0]) < 1e-5 for g, e in zip(got, expected))
