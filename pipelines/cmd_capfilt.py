@@ -1,0 +1,123 @@
+"""`mmcorpus capfilt`: BLIP CapFilt over a pairs dataset (synthetic captions + ITM filter)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from pipelines.errors import UserError
+from pipelines.runner import add_runner_args
+
+HELP = "BLIP CapFilt: add synthetic captions to a pairs dataset and drop web/synthetic captions the ITM head rejects"
+DESCRIPTION = (
+    "Read a pairs dataset (INPUT/data/*.parquet as 'mmcorpus pairs' writes, or Parquet files of schema 'pair'; "
+    "image bytes in image_bytes or a file in image_path). For every distinct image the BLIP captioner "
+    "(transformers BlipForConditionalGeneration) samples --num-captions synthetic captions by nucleus sampling "
+    "(top-p, repetition penalty 1.1), prompted with --prompt, which is stripped from the output; sampling is "
+    "seeded per image, so a caption does not depend on batch composition or runner. The BLIP ITM head "
+    "(BlipForImageTextRetrieval) scores the web caption(s) and every synthetic one: softmax probability of "
+    "'match'; captions below --itm-threshold are dropped (reject reason itm_low). OUT/data holds one row per "
+    "kept (image, caption) with caption_source web|synthetic and itm_score, so training can pick either or both; "
+    "images left with no caption are rejects (no_caption_kept), undecodable images image_decode_failed. "
+    "stats.json has kept/dropped per source and ITM score histograms. Models: a local folder saved with "
+    "save_pretrained (model + BlipProcessor) or a cached hub id; no hub here, so --allow-random-weights builds "
+    "random weights from the folder's config for a smoke run (stats.json 'models' then says 'random'). "
+    "GPU: fp16/bf16 automatically, batches halve on out-of-memory."
+)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("input", help="pairs dataset folder (reads INPUT/data/*.parquet, else INPUT/*.parquet) or one .parquet file")
+    parser.add_argument("--output", "-o", required=True, help="output folder (data/, rejects/, stats.json, _SUCCESS)")
+    parser.add_argument("--captioner", required=True, help="BLIP captioning model: local folder or cached hub id "
+                        "(e.g. Salesforce/blip-image-captioning-base)")
+    parser.add_argument("--itm", required=True, help="BLIP ITM model: local folder or cached hub id (e.g. Salesforce/blip-itm-base-coco)")
+    parser.add_argument("--num-captions", type=int, default=1,
+                        help="synthetic captions sampled per image (BLIP: 1; 0: filter web captions only)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="CTRL-style repetition penalty while sampling")
+    parser.add_argument("--prompt", default="a picture of ", help="decoder prompt; stripped from the captions")
+    parser.add_argument("--itm-threshold", type=float, default=0.5, help="keep a caption when its ITM match probability is >= this")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="most tokens sampled per caption")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model batch (ITM pairs: 4x); halves on CUDA OOM")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (captions are reproducible per image and seed)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="build models with random weights from their configs when no weights are found (test runs only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
+    parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
+    add_runner_args(parser)
+
+
+def input_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"input {path!r} does not exist")
+    for pattern in ("data/*.parquet", "*.parquet"):
+        files = sorted(glob.glob(os.path.join(path, pattern)))
+        if files:
+            return files
+    raise UserError(f"input {path!r} holds no Parquet files (looked for data/*.parquet and *.parquet)")
+
+
+def check_inputs(files: list[str]) -> None:
+    import schemas
+
+    for f in files:
+        try:
+            schemas.read_table(f, "pair", columns=["image_id"])
+        except (schemas.SchemaError, OSError) as exc:
+            raise UserError(f"input {f!r} is not a pairs dataset: {exc}") from None
+
+
+def model_sources(cfg) -> dict:
+    """Load both models once here: a clear error before the pipeline starts, and their source for stats."""
+    from pipelines.capfilt_models import Captioner, Matcher
+
+    out = {}
+    if cfg.num_captions > 0:
+        out["captioner"] = Captioner.load(cfg.captioner, cfg.allow_random_weights, "cpu", "fp32").source
+    out["itm"] = Matcher.load(cfg.itm, cfg.allow_random_weights, "cpu", "fp32").source
+    return out
+
+
+def run(args) -> int:
+    from pipelines import capfilt
+    from pipelines.run import STATS, RunSpec, _write_json, execute
+    from pipelines.sink import Kind
+
+    if args.num_captions < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise UserError("--num-captions must be >= 0, --top-p in (0, 1], --max-new-tokens and --batch-size >= 1")
+    if not 0 <= args.itm_threshold <= 1:
+        raise UserError("--itm-threshold is a probability in [0, 1]")
+    files = input_files(args.input)
+    check_inputs(files)
+    cfg = capfilt.CapFiltConfig(
+        captioner=args.captioner, itm=args.itm, num_captions=args.num_captions, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, prompt=args.prompt, itm_threshold=args.itm_threshold,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+        allow_random_weights=args.allow_random_weights, device=args.device, precision=args.precision)
+    sources = model_sources(cfg)
+    if "random" in sources.values():
+        print("capfilt: WARNING: running with RANDOM weights (--allow-random-weights); captions and scores are "
+              "meaningless", flush=True)
+    spec = RunSpec(command="capfilt", out_dir=args.output, config=capfilt.config_dict(cfg), inputs=files,
+                   kinds={"data": Kind("pair", "data", args.num_shards)},
+                   stages=[capfilt.STAGE_CANDIDATES, capfilt.STAGE_ITM], overwrite=args.overwrite,
+                   extra_stats={"models": sources, "itm_threshold": args.itm_threshold})
+    print(f"capfilt: {len(files)} input file(s) -> {args.output}", flush=True)
+    stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg))
+    stats["itm_histograms"] = capfilt.histograms(stats["stages"])
+    _write_json(os.path.join(args.output, STATS), stats)
+    by = {s["stage"]: s for s in stats["stages"]}
+    im, itm = by.get(capfilt.STAGE_IMAGES, {}), by.get(capfilt.STAGE_ITM, {})
+    ctr = itm.get("counters", {})
+    print(f"capfilt: {im.get('in', 0)} images, {im.get('out', 0)} kept with a caption, {im.get('rejected', 0)} rejected; "
+          f"captions kept web {ctr.get('web_kept', 0)}/{ctr.get('web_kept', 0) + ctr.get('web_dropped', 0)}, "
+          f"synthetic {ctr.get('synthetic_kept', 0)}/{ctr.get('synthetic_kept', 0) + ctr.get('synthetic_dropped', 0)}; "
+          f"{stats['totals']['written']} rows written in {stats['wall_seconds']:.1f}s"
+          + (" [RANDOM WEIGHTS]" if "random" in sources.values() else ""), flush=True)
+    return 0
