@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 
 from pipelines.errors import RunCheckError, UserError
 from trainer.weights import WeightsMissing
@@ -38,13 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ARGV: list[str] | None = None  # the command line of the running command, as stats.json records it
+
+
 def main(argv: list[str] | None = None) -> int:
+    global ARGV
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    ARGV = ["mmcorpus", *(sys.argv[1:] if argv is None else map(str, argv))]
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":  # Beam and Dask log every bundle and worker at INFO: keep them to warnings
+        for name in ("apache_beam", "distributed"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+    started = time.time()
     try:
-        return int(args._module.run(args) or 0)
+        code = int(args._module.run(args) or 0)
+        output = getattr(args, "output", None)
+        if code == 0 and isinstance(output, str):
+            from pipelines import progress
+
+            progress.print_summary(output, started)
+        return code
     except (UserError, WeightsMissing) as exc:
         print(f"mmcorpus {args.command}: error: {exc}", file=sys.stderr)
         return 2

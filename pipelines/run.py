@@ -9,10 +9,12 @@ Output folder states:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -22,6 +24,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 
 import schemas
+from pipelines import progress
 from pipelines.errors import RunCheckError, UserError
 from pipelines.runner import pipeline_options
 from pipelines.sink import TMP_DIR, Kind, WriteAll, count_rows, shard_files, shard_name
@@ -29,7 +32,7 @@ from pipelines.sink import TMP_DIR, Kind, WriteAll, count_rows, shard_files, sha
 RUN_FILE = "_run.json"
 SUCCESS = "_SUCCESS"
 STATS = "stats.json"
-OWNED = ("data", "rejects", "_stats", TMP_DIR, RUN_FILE, SUCCESS, STATS)
+OWNED = ("data", "rejects", "_stats", TMP_DIR, progress.PROGRESS_DIR, RUN_FILE, SUCCESS, STATS)
 
 
 @dataclass
@@ -48,12 +51,35 @@ class RunSpec:
     extra_stats: dict = field(default_factory=dict)
 
 
+HASH_LIMIT = 64 * 1024 * 1024  # inputs up to this size get a sha256 in the manifest; larger: size + mtime
+_hash_cache: dict[tuple, str] = {}
+
+
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    key = (os.path.abspath(path), size, mtime_ns)
+    if key not in _hash_cache:
+        with open(path, "rb") as f:
+            _hash_cache[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _hash_cache[key]
+
+
 def input_fingerprint(paths: list[str]) -> list[dict]:
+    """Per input: absolute path, size, mtime, and sha256 for files up to HASH_LIMIT bytes (a folder: file count
+    and total size). Enough to tell whether a rerun reads the same inputs."""
     out = []
     for p in paths:
-        if os.path.exists(p):
+        if os.path.isfile(p):
             st = os.stat(p)
-            out.append({"path": os.path.abspath(p), "bytes": st.st_size, "mtime": int(st.st_mtime)})
+            entry = {"path": os.path.abspath(p), "bytes": st.st_size, "mtime": int(st.st_mtime)}
+            if st.st_size <= HASH_LIMIT:
+                try:
+                    entry["sha256"] = _sha256(p, st.st_size, st.st_mtime_ns)
+                except OSError:
+                    pass
+            out.append(entry)
+        elif os.path.isdir(p):
+            sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs]
+            out.append({"path": os.path.abspath(p), "files": len(sizes), "bytes": sum(sizes)})
         else:
             out.append({"path": p})
     return out
@@ -187,8 +213,11 @@ def execute(spec: RunSpec, args, build) -> dict:
     state = prepare_output(spec, fp)
     started = time.time()
     start_iso = _now()
-    with pipeline_options(args) as (options, runner_info):
-        with beam.Pipeline(options=options) as p:
+    how = progress.mode()
+    folder = os.path.join(os.path.abspath(spec.out_dir), progress.PROGRESS_DIR) if how else None
+    monitor = (progress.Monitor(folder, spec.command, spec.stages, how) if how else contextlib.nullcontext())
+    with pipeline_options(args) as (options, runner_info), monitor:
+        with beam.Pipeline(options=options) as p, progress.building(folder):
             build(p) | "WriteAll" >> WriteAll(spec.out_dir, kinds, fp)
     for kind in kinds.values():
         fill_empty_shards(spec.out_dir, kind, fp)
@@ -198,7 +227,10 @@ def execute(spec: RunSpec, args, build) -> dict:
     stats = {
         "schema_version": schemas.SCHEMA_VERSION,
         "command": spec.command,
-        "argv": sys.argv,
+        "argv": command_line(),
+        "cwd": os.getcwd(),
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
         "config": spec.config,
         "inputs": input_fingerprint(spec.inputs),
         "fingerprint": fp,
@@ -218,6 +250,12 @@ def execute(spec: RunSpec, args, build) -> dict:
     with open(os.path.join(spec.out_dir, SUCCESS), "w") as f:
         f.write(stats["finished"] + "\n")
     return stats
+
+
+def command_line() -> list[str]:
+    """The command as typed (`mmcorpus ...`) when run through the CLI, else the process's argv."""
+    cli = sys.modules.get("pipelines.cli")
+    return list(getattr(cli, "ARGV", None) or sys.argv)
 
 
 def versions() -> dict:

@@ -15,6 +15,7 @@ from typing import Any
 import apache_beam as beam
 
 from filters.reasons import Reject
+from pipelines import progress
 
 KEPT = "kept"
 REJECTS = "rejects"
@@ -151,8 +152,11 @@ class Collector:
     def finish(self, pipeline_label: str = "Outputs"):
         """One PCollection of sink tuples: everything collected plus the summed counters as 'stats' rows."""
         root = self.outputs[0].pipeline if self.outputs else self.counts[0].pipeline
+        counts = tuple(self.counts) | f"{pipeline_label}_FlattenCounts" >> beam.Flatten(pipeline=root)
+        if progress.active_dir():  # live progress: workers add the counter events to OUT/_progress/ files
+            counts = counts | f"{pipeline_label}_Progress" >> beam.ParDo(progress.TapCounts(progress.active_dir()))
         counts = (
-            tuple(self.counts) | f"{pipeline_label}_FlattenCounts" >> beam.Flatten(pipeline=root)
+            counts
             | f"{pipeline_label}_SumCounts" >> beam.CombinePerKey(sum)
             | f"{pipeline_label}_StatRows" >> beam.Map(_stat_output)
         )
