@@ -1,0 +1,38 @@
+"""The command line: help for every subcommand, clear errors for unknown options and missing inputs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pipelines import cli
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_available_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    available = [name for name in cli.SUBCOMMANDS if cli.importlib.util.find_spec(f"pipelines.cmd_{name}")]
+    assert available, "no subcommand modules found"
+    for name in available:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", [n for n in cli.SUBCOMMANDS if cli.importlib.util.find_spec(f"pipelines.cmd_{n}")])
+def test_each_subcommand_explains_itself(name):
+    result = run_cli(name, "--help")
+    assert result.returncode == 0
+    assert f"usage: mmcorpus {name}" in result.stdout
+    assert len(result.stdout.splitlines()) > 5
+
+
+def test_unknown_option_is_a_clear_error():
+    result = run_cli("--no-such-option")
+    assert result.returncode == 2 and "required: COMMAND" in result.stderr
+    result = run_cli("train", "--config", "c.yaml", "--output", "o", "--no-such-option")
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-option" in result.stderr
+    result = run_cli("frobnicate")
+    assert result.returncode == 2 and "invalid choice: 'frobnicate'" in result.stderr
