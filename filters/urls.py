@@ -9,41 +9,49 @@ ALLOWED_SCHEMES = ("http", "https")
 
 
 def address_refusal(address: str) -> str | None:
-    """Why an IP address is refused (private, loopback, link-local, reserved, multicast), or None."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return f"{address} is not an IP address"
+    """Why an IP address is refused (anything not globally routable: private, loopback, link-local, shared,
+    reserved; or multicast), or None. Raises ValueError when `address` is not an IP address."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
     mapped = getattr(ip, "ipv4_mapped", None)
     if mapped is not None:
         ip = mapped
-    for name in ("loopback", "private", "link_local", "reserved", "multicast", "unspecified"):
-        if getattr(ip, f"is_{name}"):
-            return f"{address} is a {name.replace('_', '-')} address"
+    if not ip.is_global or ip.is_multicast:
+        return f"address {ip} is private, loopback, link-local or reserved"
     return None
 
 
-def scheme_refusal(url: str) -> str | None:
+def url_refusal(url: str, allow_private: bool = False, resolve=None) -> str | None:
+    """Why a URL is not fetched (None: fetch it): empty or with whitespace/control characters, malformed, not
+    http(s), no host, or (unless `allow_private`) a host that is or resolves to a non-global address.
+    `resolve(host) -> [addresses]` is the caller's name lookup (filters do no network I/O); without it only
+    literal addresses and localhost names are checked."""
+    if not url or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return "empty URL or whitespace/control characters in URL"
     try:
         parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018  (raises on a bad port)
     except ValueError as exc:
-        return f"unparseable URL: {exc}"
+        return f"malformed URL: {exc}"
     if parts.scheme.lower() not in ALLOWED_SCHEMES:
         return f"scheme {parts.scheme or '(none)'!r} is not http(s)"
-    if not parts.hostname:
+    if not host:
         return "URL has no host"
-    return None
-
-
-def url_refusal(url: str, addresses: list[str], allow_private: bool = False) -> str | None:
-    """Refusal for a URL whose host resolved to `addresses` (empty: unresolvable), or None to fetch it."""
-    why = scheme_refusal(url)
-    if why or allow_private:
-        return why
-    for a in addresses:
-        why = address_refusal(a)
+    if allow_private:
+        return None
+    if host == "localhost" or host.endswith(".localhost"):
+        return f"host {host} is loopback"
+    try:
+        return address_refusal(host)
+    except ValueError:
+        pass  # a name, not an address
+    for address in (resolve(host) if resolve else []):
+        try:
+            why = address_refusal(address)
+        except ValueError:
+            continue
         if why:
-            return why
+            return f"host {host} resolves to {why.removeprefix('address ')}"
     return None
 
 

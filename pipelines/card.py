@@ -312,13 +312,15 @@ def find_train_report(out_dir: str, name: str) -> str | None:
 # ---- the card -----------------------------------------------------------------------------------------------
 
 def front_matter(run: Run, profile: Profile, name: str, license_id: str) -> dict:
+    """Hugging Face card metadata; license_link only when OUT has a LICENSE file to point at."""
     langs = profile.counters["language"]
     total = sum(langs.values())
     codes = [k for k, n in langs.most_common() if k != "(unknown)" and total and n / total >= 0.01][:20]
     fm = {"pretty_name": name, "license": license_id}
     if license_id == "other":
         fm["license_name"] = "mixed-web-content"
-        fm["license_link"] = "LICENSE"
+        if os.path.isfile(os.path.join(run.out_dir, "LICENSE")):
+            fm["license_link"] = "LICENSE"
     if codes:
         fm["language"] = codes
         fm["multilinguality"] = "monolingual" if len(codes) == 1 else "multilingual"
@@ -677,7 +679,8 @@ def _train_section(out: str, name: str, train: tuple[str, dict] | None, pngs: li
     lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
     src = report.get("sources") or {}
     if src:
-        lines += ["Model weights: " + ", ".join(f"{k} {v}" for k, v in src.items()) + "."
+        weights = {k: src[k] for k in ("vision", "lm") if k in src}
+        lines += ["Model weights: " + ", ".join(f"{k} {v}" for k, v in weights.items()) + "."
                   + (" Random encoders give small gaps; see the trainer's report." if "random" in str(src) else ""), ""]
     png = os.path.join(os.path.dirname(path), "image_informativeness.png")
     if os.path.isfile(png):

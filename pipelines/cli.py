@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     ARGV = ["mmcorpus", *(sys.argv[1:] if argv is None else map(str, argv))]
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # a library's import-time logging.warning() may have configured root already
     if args.log_level != "DEBUG":  # Beam and Dask log every bundle and worker at INFO: keep them to warnings
         for name in ("apache_beam", "distributed"):
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))

@@ -2,8 +2,9 @@
 
 `ClipScorer` loads the model once (trainer.weights.load_open_clip: real weights by tag or path; random only
 when allowed, seeded so every worker builds the same random model). `score(rows)` returns, per row, either
-(clip_score, float16 image embedding bytes) or a Reject (image_decode_failed). Images and captions are
-embedded in one batch; the score is the cosine of the L2-normalised embeddings (no logit scale).
+(clip_score, float16 image embedding bytes) or a Reject (image_decode_failed). Each distinct image of a
+batch (by sha256: the captions of one photo) is decoded and embedded once; the score is the cosine of the
+L2-normalised embeddings (no logit scale).
 
 CPU path: PIL decode + open_clip's own preprocess, in a thread pool (PIL releases the GIL while decoding).
 GPU path: JPEGs decoded on the device with torchvision.io.decode_jpeg (nvJPEG, EXIF orientation applied),
@@ -136,28 +137,35 @@ class ClipScorer:
         return list(self.pool.map(fn, images))
 
     # -- model ---------------------------------------------------------------------------------------------
-    def embed(self, pixels, captions: list[str]):
-        """(image embeddings, text embeddings), L2-normalised, float32 numpy."""
+    def encode_images(self, pixels):
+        """L2-normalised image embeddings, float32 numpy."""
         import torch
 
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
-            x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-            tokens = self.tokenizer(captions).to(self.device)
-            img = self.model.encode_image(x).float()
-            txt = self.model.encode_text(tokens).float()
-        img = torch.nn.functional.normalize(img, dim=-1)
-        txt = torch.nn.functional.normalize(txt, dim=-1)
-        return img.cpu().numpy(), txt.cpu().numpy()
+            x = self.model.encode_image(pixels.to(self.device, dtype=self.dtype, non_blocking=True)).float()
+        return torch.nn.functional.normalize(x, dim=-1).cpu().numpy()
 
-    def _embed_oom_safe(self, pixels, captions):
+    def encode_texts(self, captions: list[str]):
+        """L2-normalised text embeddings, float32 numpy."""
         import torch
 
-        n = len(captions)
-        step = min(n, self.batch_size)
-        out_i, out_t, start = [], [], 0
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
+            x = self.model.encode_text(self.tokenizer(captions).to(self.device)).float()
+        return torch.nn.functional.normalize(x, dim=-1).cpu().numpy()
+
+    def embed(self, pixels, captions: list[str]):
+        """(image embeddings, text embeddings) of one batch, L2-normalised, float32 numpy."""
+        return self.encode_images(pixels), self.encode_texts(captions)
+
+    def _oom_safe(self, fn, items):
+        """fn over `items` (a tensor or list) in chunks of batch_size; a CUDA OOM halves the chunk and retries."""
+        import torch
+
+        n, start, out = len(items), 0, []
+        step = max(1, min(n, self.batch_size))
         while start < n:
             try:
-                i, t = self.embed(pixels[start:start + step], captions[start:start + step])
+                out.append(fn(items[start:start + step]))
             except torch.cuda.OutOfMemoryError:
                 if step == 1:
                     raise
@@ -165,24 +173,36 @@ class ClipScorer:
                 step = max(1, step // 2)
                 self.batch_size = step  # later batches start smaller
                 continue
-            out_i.append(i)
-            out_t.append(t)
             start += step
-        return np.concatenate(out_i), np.concatenate(out_t)
+        return np.concatenate(out)
 
-    def score(self, images: list[bytes], captions: list[str]) -> list:
-        """Per item: (score, float16 embedding bytes) or Reject."""
+    def score(self, images: list[bytes], captions: list[str], keys: list | None = None) -> list:
+        """Per item: (score, float16 image embedding bytes) or Reject. Items with the same key (e.g. the
+        image's sha256: the captions of one photo) share one decode and one image embedding."""
         import torch
 
-        tensors = self.tensors(images)
-        ok = [i for i, t in enumerate(tensors) if not isinstance(t, Reject)]
-        out: list = list(tensors)
-        if ok:
-            pixels = torch.stack([tensors[i] for i in ok])
-            img, txt = self._embed_oom_safe(pixels, [captions[i] for i in ok])
-            sims = np.sum(img * txt, axis=1)
-            for row, i in enumerate(ok):
-                out[i] = (float(sims[row]), img[row].astype("<f2").tobytes())
+        keys = list(range(len(images))) if keys is None else keys
+        slot: dict = {}  # key -> index among the distinct images
+        firsts = []
+        for i, key in enumerate(keys):
+            if key not in slot:
+                slot[key] = len(firsts)
+                firsts.append(i)
+        tensors = self.tensors([images[i] for i in firsts])
+        good = [u for u, t in enumerate(tensors) if not isinstance(t, Reject)]
+        out: list = [tensors[slot[key]] for key in keys]  # Rejects stay; the rest is replaced below
+        if not good:
+            return out
+        img = self._oom_safe(self.encode_images, torch.stack([tensors[u] for u in good]))
+        row_of = {u: r for r, u in enumerate(good)}
+        items = [i for i, key in enumerate(keys) if slot[key] in row_of]
+        txt = self._oom_safe(self.encode_texts, [captions[i] for i in items])
+        blobs = {}
+        for t_row, i in enumerate(items):
+            r = row_of[slot[keys[i]]]
+            if r not in blobs:
+                blobs[r] = img[r].astype("<f2").tobytes()
+            out[i] = (float(np.dot(img[r], txt[t_row])), blobs[r])
         return out
 
 
@@ -198,7 +218,8 @@ class ScoreBatches(beam.DoFn):
 
     def process(self, batch):
         rows = list(batch)
-        results = self.scorer.score([r["_data"] for r in rows], [r["caption"] for r in rows])
+        results = self.scorer.score([r["_data"] for r in rows], [r["caption"] for r in rows],
+                                    [r["sha256"] for r in rows])
         for row, result in zip(rows, results):
             yield COUNTS, ((STAGE_CLIP, "in", ""), 1)
             if isinstance(result, Reject):

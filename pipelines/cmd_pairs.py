@@ -161,11 +161,13 @@ class FetchGroup(beam.DoFn):
         self.allow_private = allow_private
 
     def process(self, element):
-        from pipelines.images import FetchConfig, download_batch, url_refusal
+        from filters.urls import url_refusal
+        from pipelines.fetch import resolve
+        from pipelines.images import FetchConfig, download_batch
 
         _, rows = element
-        rows = sorted(rows, key=lambda r: r["image_id"])
-        refused = {r["url"]: url_refusal(r["url"], self.allow_private) for r in rows}
+        rows = sorted(rows, key=lambda r: (r["image_ref"], r["image_id"]))
+        refused = {r["url"]: url_refusal(r["url"], self.allow_private, resolve) for r in rows}
         urls = sorted(u for u, why in refused.items() if not why)
         got: dict[str, dict] = {}
         if urls:
@@ -222,12 +224,12 @@ def output_row(row, store_embeddings: bool):
 def _batch_key(row, groups):
     from pipelines.sink import stable_hash
 
-    return stable_hash(row["image_id"]) % groups, row
+    return stable_hash(row["image_ref"]) % groups, row  # an image's captions share a group: embedded once
 
 
 def _split_group(element, batch_size):
     _, rows = element
-    rows = sorted(rows, key=lambda r: r["image_id"])
+    rows = sorted(rows, key=lambda r: (r["image_ref"], r["image_id"]))
     for start in range(0, len(rows), batch_size):
         yield rows[start:start + batch_size]
 

@@ -3,8 +3,6 @@ are informative. The work lives in `trainer.train`; this module only parses argu
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 
 from pipelines.errors import UserError
@@ -34,7 +32,6 @@ def run(args) -> int:
     from trainer import train as T
     from trainer.data import DataError
 
-    logging.getLogger("mmcorpus.train").setLevel(logging.INFO)
     try:
         cfg = T.load_config(args.config)
         if args.steps:
@@ -50,7 +47,10 @@ def run(args) -> int:
         report = T.run(cfg, args.output, resume=args.resume, on_step=progress, device=args.device)
     except (T.ConfigError, DataError) as exc:
         raise UserError(str(exc)) from exc
-    summary = {name: {"verdict": d["verdict"], "gap_shuffled": d["gap_shuffled"]} for name, d in report["datasets"].items()}
-    print(json.dumps(summary, indent=1))
+    for name, d in report["datasets"].items():
+        gap = d["gap_shuffled"]
+        ci = gap.get("ci95") or [float("nan"), float("nan")]
+        print(f"{name}: {d['verdict']} (held-out loss with shuffled images minus real: {gap['mean']:+.4f}, "
+              f"95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}])")
     print(f"report: {os.path.join(args.output, 'report.json')}")
     return 0

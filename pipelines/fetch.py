@@ -28,9 +28,10 @@ class PageFetchConfig:
 
 
 def resolve(host: str) -> list[str]:
+    """Addresses of `host`; [] when it does not resolve (the request then fails with its own error)."""
     try:
         return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-    except (socket.gaierror, UnicodeError):
+    except (OSError, UnicodeError):
         return []
 
 
@@ -102,7 +103,7 @@ class Fetcher:
         chain = [url]
         current = url
         while True:
-            why = url_refusal(current, [] if self.allow_private else resolve(host_of(current)), self.allow_private)
+            why = url_refusal(current, self.allow_private, resolve)
             if why:
                 return bad(source, "url_not_allowed", f"{current}: {why}")
             if not self.allowed_by_robots(current):

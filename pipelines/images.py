@@ -20,21 +20,20 @@ Then `FetchConfig(fetched_dir=IMAGES)` joins that folder's Parquet back instead 
 from __future__ import annotations
 
 import glob
-import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 
 from filters.reasons import Reject
+from filters.urls import url_refusal
 from pipelines.dedup import events_to_tags, key_by_doc_id, source_of
+from pipelines.fetch import resolve
 from pipelines.sink import stable_hash
 from pipelines.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
 
@@ -68,55 +67,6 @@ class FetchConfig:
             raise ValueError(f"fetched images folder {self.fetched_dir!r} does not exist")
 
 
-# ---- URL policy -----------------------------------------------------------------------------------------
-
-def _address_refusal(address: str) -> str | None:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if getattr(ip, "ipv4_mapped", None):
-        ip = ip.ipv4_mapped
-    if not ip.is_global or ip.is_multicast:
-        return f"address {ip} is private, loopback, link-local or reserved"
-    return None
-
-
-def url_refusal(url: str, allow_private: bool = False, resolve=None) -> str | None:
-    """Why this image URL is refused (None: allowed): non-http(s), malformed, or (unless `allow_private`) a host
-    that is or resolves to a private/loopback/link-local/reserved address. `resolve(host) -> [addresses]`."""
-    if not url or any(ch.isspace() or ord(ch) < 32 for ch in url):
-        return "empty URL or whitespace/control characters in URL"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018  (raises on a bad port)
-    except ValueError as exc:
-        return f"malformed URL: {exc}"
-    if parts.scheme not in ("http", "https"):
-        return f"scheme {parts.scheme or '(none)'!r} is not http(s)"
-    if not host:
-        return "URL has no host"
-    if allow_private:
-        return None
-    if host == "localhost" or host.endswith(".localhost"):
-        return f"host {host} is loopback"
-    try:
-        return _address_refusal(host)
-    except ValueError:
-        pass  # a name, not an address
-    for address in (resolve or resolve_host)(host):
-        refusal = _address_refusal(address)
-        if refusal:
-            return f"host {host} resolves to {refusal.removeprefix('address ')}"
-    return None
-
-
-def resolve_host(host: str) -> list[str]:
-    """Addresses of `host`; [] when it does not resolve (the download then fails with its own error)."""
-    try:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-    except (OSError, UnicodeError):
-        return []
-
-
 # ---- documents -> image references ----------------------------------------------------------------------
 
 class _ImageRefs(beam.DoFn):
@@ -132,7 +82,7 @@ class _ImageRefs(beam.DoFn):
         if host not in self._hosts:
             if len(self._hosts) > 100_000:
                 self._hosts.clear()
-            self._hosts[host] = resolve_host(host)
+            self._hosts[host] = resolve(host)
         return self._hosts[host]
 
     def process(self, doc):

@@ -37,6 +37,13 @@ def _extra(args) -> list[str]:
     return out
 
 
+def _harness_level(args) -> str:
+    """Worker processes log at the command's --log-level when it asks for detail, else errors only (Beam's
+    workers report every bundle, and libraries warn per page; rejects carry those reasons instead)."""
+    level = getattr(args, "log_level", "WARNING")
+    return level if level in ("DEBUG", "INFO") else "ERROR"
+
+
 @contextlib.contextmanager
 def pipeline_options(args):
     """Yield (PipelineOptions, runner description) for the chosen runner; closes a local Dask cluster after."""
@@ -44,7 +51,8 @@ def pipeline_options(args):
     runner = args.runner
     if runner == "direct":
         mode = "in_memory" if workers == 1 else "multi_processing"
-        flags = ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
+        flags = ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}",
+                 f"--default_sdk_harness_log_level={_harness_level(args)}"]
         yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
         return
     if runner in ("dask", DASK_RUNNER, "DaskRunner"):

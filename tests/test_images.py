@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows, url_refusal
+from filters.urls import url_refusal
+from pipelines.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows
 from pipelines.run import RunSpec, execute
 from pipelines.runner import add_runner_args
 from pipelines.sink import Kind
@@ -177,7 +178,7 @@ def check_result(stats, kept, rejects, docs, ok, bad, base, files):
 def test_url_policy():
     for url in ("http://127.0.0.1/a.jpg", "http://10.1.2.3/a.jpg", "http://192.168.0.10:8080/a.jpg",
                 "http://[::1]/a.jpg", "http://localhost/a.jpg", "http://169.254.169.254/latest",
-                "http://[::ffff:10.0.0.1]/a.jpg", "http://0.0.0.0/a.jpg"):
+                "http://[::ffff:10.0.0.1]/a.jpg", "http://0.0.0.0/a.jpg", "http://100.64.0.1/a.jpg"):
         assert url_refusal(url) is not None, url
         assert url_refusal(url, allow_private=True) is None, url
     assert url_refusal("http://93.184.216.34/a.jpg") is None

@@ -344,15 +344,42 @@ def test_gpu_preprocess_and_oom_retry_on_cpu(coco, ukbench, tiny_clip):
 
     captions = [f"a photo number {i} of something" for i in range(len(images))]
     expected = scorer.score(images, captions)
-    real_embed, sizes = scorer.embed, []
+    real_encode, sizes = scorer.encode_images, []
 
-    def embed_with_memory_limit(pixels, caps):  # fault injection: the device holds at most 5 images
-        sizes.append(len(caps))
-        if len(caps) > 5:
+    def encode_with_memory_limit(pixels):  # fault injection: the device holds at most 5 images
+        sizes.append(len(pixels))
+        if len(pixels) > 5:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_embed(pixels, caps)
+        return real_encode(pixels)
 
-    scorer.embed = embed_with_memory_limit
+    scorer.encode_images = encode_with_memory_limit
     got = scorer.score(images, captions)
     assert sizes[:4] == [26, 13, 6, 3] and scorer.batch_size == 3 and max(sizes[4:]) == 3
     assert all(abs(g[0] - e[0]) < 1e-5 for g, e in zip(got, expected))
+
+
+def test_captions_of_one_image_share_one_image_embedding(coco, tiny_clip):
+    """Pairs keyed by the same image are decoded and embedded once, with the scores of pair-by-pair scoring."""
+    from pipelines.clip_score import ClipScorer
+
+    scorer = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=64))
+    recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()[:6]]
+    images, captions, keys = [], [], []
+    for rec in recs:
+        data = (coco / "images" / rec["file_name"]).read_bytes()
+        for cap in rec["captions"]:
+            images.append(data)
+            captions.append(cap)
+            keys.append(rec["file_name"])
+    images.append(b"\xff\xd8 truncated")
+    captions.append("a broken image")
+    keys.append("broken")
+    alone = scorer.score(images, captions)  # no keys: every pair on its own
+    real_encode, encoded = scorer.encode_images, []
+    scorer.encode_images = lambda px: encoded.append(len(px)) or real_encode(px)
+    shared = scorer.score(images, captions, keys)
+    assert encoded == [len(recs)]  # 6 photos embedded once each for their 30 captions; the broken one never
+    assert isinstance(shared[-1], Reject) and shared[-1].reason == "image_decode_failed"
+    for a, b in zip(alone[:-1], shared[:-1]):
+        assert abs(a[0] - b[0]) < 1e-5
+    assert shared[0][1] == shared[4][1] != shared[5][1]  # the same image's embedding bytes

@@ -115,3 +115,18 @@ def test_resampler_output_and_cross_attention_every_k(assets):
     assert model.xattn_layers == [0]  # 2-layer LM, every 2nd layer
     feats = model.encode_images(_images(assets, [0, 1, 2]).view(1, 3, 3, 64, 64))
     assert feats.shape[:2] == (1, 3) and model.resampler(feats).shape == (1, 3, 5, model.media_dim)
+
+
+def test_config_only_lm_needs_allow_random(tmp_path):
+    """A folder with only config.json: a clear WeightsMissing naming it, or a random model when allowed."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from trainer.weights import WeightsMissing, load_hf
+
+    GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32).save_pretrained(tmp_path / "lm")
+    with pytest.raises(WeightsMissing, match=str(tmp_path / "lm")):
+        load_hf(AutoModelForCausalLM, str(tmp_path / "lm"))
+    loaded = load_hf(AutoModelForCausalLM, str(tmp_path / "lm"), allow_random=True)
+    assert loaded.source == "random" and loaded.model.config.n_embd == 16
+    with pytest.raises(WeightsMissing, match="needs at least a model config"):
+        load_hf(AutoModelForCausalLM, str(tmp_path / "nothing"), allow_random=True)

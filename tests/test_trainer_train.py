@@ -84,6 +84,9 @@ def test_cli_train_writes_report(assets, corpora, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(cfg_path), "--output", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
+    printed = capsys.readouterr().out
+    for name in ("pairs", "docs"):
+        assert f"{name}: {report['datasets'][name]['verdict']} (" in printed
     for name in ("pairs", "docs"):
         d = report["datasets"][name]
         assert d["verdict"] in ("informative", "not_informative", "inconclusive")

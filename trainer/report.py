@@ -267,7 +267,8 @@ def plot(out_dir: str, report: dict) -> list[str]:
     for j, cond in enumerate(("real", "shuffled", "blank")):
         axes[0].bar(x + (j - 1) * 0.27, [report["datasets"][n]["loss"][cond] or 0 for n in names], 0.27, label=cond)
     axes[0].set(xticks=x, xticklabels=names, ylabel="held-out loss", title="Loss by image condition")
-    axes[0].legend()
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.2)  # room for the legend above the bars
+    axes[0].legend(ncol=3, loc="upper center")
     for j, key in enumerate(("gap_shuffled", "gap_blank")):
         means = [report["datasets"][n][key]["mean"] or 0 for n in names]
         lo = [m - (report["datasets"][n][key]["ci95"][0] or m) for m, n in zip(means, names)]

@@ -81,7 +81,9 @@ def load_hf(model_cls, name_or_path: str, allow_random: bool = False, **kwargs) 
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise WeightsMissing(f"--allow-random-weights needs at least a model config at {name_or_path!r}: {exc}") from exc
-    model = model_cls._from_config(config)
+    # Auto* classes build from a config with from_config; concrete model classes with _from_config
+    factory = getattr(model_cls, "from_config", None) or model_cls._from_config
+    model = factory(config)
     return Loaded(model.eval(), "random", {})
 
 
