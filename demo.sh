@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Set up mmcorpus and run every job on the bundled real data in ../shared/data, offline, into demo-out/.
 #   interleaved: real Common Crawl WARCs + trafilatura's evaluation pages -> cleaned documents (no image
-#                fetching: the pages' image hosts are not reachable offline)
+#                fetching: the pages' image hosts are not reachable offline); then photo-story pages built
+#                from the COCO photos and captions, served on 127.0.0.1 and crawled from a URL list with
+#                their images fetched (img2dataset), under the Dask runner
 #   pairs:       COCO photos with their human captions -> CLIP scores, exact + pHash dedup
 #   capfilt:     synthetic captions + ITM filter over those pairs
-#   train:       a small Flamingo on the pairs + CapFilt mixture, with its informativeness report
+#   train:       a small Flamingo on the photo stories + pairs + CapFilt mixture (Flamingo's M3W 1.0 /
+#                ALIGN 0.2 / LTIP 0.2 weights), with its informativeness report
 #   card:        a dataset card per output
 # No model hub is reachable, so every model runs from a tiny config with random weights
 # (--allow-random-weights; the stats, cards and report say so). Scores and captions are therefore noise;
@@ -31,15 +34,29 @@ step "interleaved documents from WARCs and HTML pages"
 $MM interleaved "$DATA"/cc-whirlwind/whirlwind.warc.gz "$DATA"/dolma-cc-warc/sample-0000.warc.gz \
   "$DATA"/trafilatura-eval/pages --no-images --emit-m3w-text --output "$OUT/interleaved" --overwrite
 
+step "photo-story pages served on 127.0.0.1, crawled with their images (Dask runner)"
+PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+rm -rf "$OUT/site"
+.venv/bin/python demo/photo_pages.py "$DATA/coco-mini" "$OUT/site" "$OUT/photo-stories.txt" "http://127.0.0.1:$PORT"
+.venv/bin/python -m http.server "$PORT" --bind 127.0.0.1 --directory "$OUT/site" > /dev/null 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+sleep 1
+$MM interleaved "$OUT/photo-stories.txt" --allow-private-network --config demo/stories.yaml --runner dask \
+  --output "$OUT/stories" --overwrite
+kill $SERVER 2>/dev/null || true
+
 step "image-text pairs from COCO photos and captions"
 $MM pairs coco-mini="$DATA/coco-mini" --allow-random-weights --output "$OUT/pairs" --overwrite
 
 step "tiny model configs for the offline run"
-.venv/bin/python demo/tiny_models.py "$OUT/models" "$DATA/coco-mini" "$OUT/pairs" "$OUT/capfilt"
+.venv/bin/python demo/tiny_models.py "$OUT/models" "$DATA/coco-mini" "$OUT/stories" "$OUT/pairs" "$OUT/capfilt"
 
 step "BLIP CapFilt over the pairs"
+# a random ITM head scores every caption about the same (0.44 here), so no threshold would mean anything:
+# the demo keeps every caption (--itm-threshold 0); with real weights keep BLIP's default of 0.5
 $MM capfilt "$OUT/pairs" --captioner "$OUT/models/blip" --itm "$OUT/models/blip" --allow-random-weights \
-  --output "$OUT/capfilt" --overwrite
+  --itm-threshold 0 --output "$OUT/capfilt" --overwrite
 
 step "train a compact Flamingo on the mixture"
 rm -rf "$OUT/train"
@@ -48,12 +65,14 @@ $MM train --config "$OUT/models/train.yaml" --output "$OUT/train" --allow-random
 step "dataset cards"
 $MM card "$OUT/interleaved" --name mmcorpus-demo-interleaved \
   --description "Documents from Common Crawl WARC samples and trafilatura's evaluation pages."
+$MM card "$OUT/stories" --name mmcorpus-demo-photo-stories --train-report "$OUT/train/report.json" \
+  --description "Photo-story pages built from COCO photos and captions, crawled over HTTP with their images."
 $MM card "$OUT/pairs" --name mmcorpus-demo-pairs --train-report "$OUT/train/report.json" \
   --description "COCO photos with their human captions (CLIP scores from random weights)."
-$MM card "$OUT/capfilt" --name mmcorpus-demo-capfilt \
+$MM card "$OUT/capfilt" --name mmcorpus-demo-capfilt --train-report "$OUT/train/report.json" \
   --description "CapFilt over the demo pairs (random-weight captioner and filter)."
 
 step "done"
-$MM inspect "$OUT/interleaved" -n 1 --max-chars 600
+$MM inspect "$OUT/stories" -n 1 --max-chars 600
 echo
-echo "outputs in $OUT/: interleaved/ pairs/ capfilt/ (data/, rejects/, stats.json, README.md card), train/report.json"
+echo "outputs in $OUT/: interleaved/ stories/ pairs/ capfilt/ (data/, rejects/, stats.json, README.md card), train/report.json"

@@ -6,11 +6,11 @@ No model hub is reachable here, so the demo runs every model from a config with 
   lm/            tiny GPT-2 config (no weights)
   clip-tiny.json tiny open_clip model config (no weights)
   blip/          tiny BLIP config + BlipProcessor (captioner and ITM filter; no weights)
-  train.yaml     training mixture over the demo's pairs and CapFilt outputs
+  train.yaml     training mixture over the demo's photo stories (interleaved), pairs and CapFilt outputs
 
 With real weights, pass hub ids or local folders instead (see README "Models without a hub").
 
-Usage: python demo/tiny_models.py DIR COCO_DIR PAIRS_OUT CAPFILT_OUT
+Usage: python demo/tiny_models.py DIR COCO_DIR STORIES_OUT PAIRS_OUT CAPFILT_OUT
 """
 
 from __future__ import annotations
@@ -72,13 +72,16 @@ def tiny_blip(texts: list[str], out: pathlib.Path) -> None:
                   tokenizer=tok).save_pretrained(out)
 
 
-def train_config(root: pathlib.Path, pairs: str, capfilt: str) -> dict:
+def train_config(root: pathlib.Path, stories: str, pairs: str, capfilt: str) -> dict:
+    """Flamingo's mixture weights: M3W 1.0, ALIGN 0.2, LTIP 0.2 (here: stories, pairs, CapFilt)."""
     return {"seed": 0,
             "model": {"vision": str(root / "clip-tiny.json"), "lm": str(root / "lm"),
                       "tokenizer": str(root / "tokenizer"), "allow_random_weights": True,
                       "num_latents": 16, "resampler_depth": 1, "dim_head": 32},
             "data": {"mode": "flamingo", "shuffle_buffer": 64, "datasets": [
-                {"name": "coco-pairs", "path": pairs, "kind": "pair", "weight": 1.0, "batch_size": 16,
+                {"name": "photo-stories", "path": stories, "kind": "interleaved", "weight": 1.0, "batch_size": 4,
+                 "max_seq_len": 256, "max_images": 5, "holdout": 0.2},
+                {"name": "coco-pairs", "path": pairs, "kind": "pair", "weight": 0.2, "batch_size": 16,
                  "holdout": 0.2},
                 {"name": "capfilt", "path": capfilt, "kind": "pair", "weight": 0.2, "batch_size": 16,
                  "holdout": 0.2}]},
@@ -88,7 +91,7 @@ def train_config(root: pathlib.Path, pairs: str, capfilt: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 4:
+    if len(argv) != 5:
         print(__doc__, file=sys.stderr)
         return 2
     root, coco = pathlib.Path(argv[0]), pathlib.Path(argv[1])
@@ -100,7 +103,7 @@ def main(argv: list[str]) -> int:
     tiny_lm(AutoTokenizer.from_pretrained(root / "tokenizer"), root / "lm")
     (root / "clip-tiny.json").write_text(json.dumps(TINY_CLIP))
     tiny_blip(texts, root / "blip")
-    (root / "train.yaml").write_text(yaml.safe_dump(train_config(root, argv[2], argv[3]), sort_keys=False))
+    (root / "train.yaml").write_text(yaml.safe_dump(train_config(root, *argv[2:5]), sort_keys=False))
     print(f"demo model configs and train.yaml written to {root}")
     return 0
 

@@ -24,7 +24,7 @@ DESCRIPTION = (
     "(MinHash LSH) and dedup_images (images in more than K documents). Thresholds come from --config "
     "FILE (YAML): sections language, paragraphs, quality, images (filters/documents.py), dedup "
     "(pipelines/dedup.py DedupConfig), fetch (pipelines/images.py FetchConfig: image download) and pages "
-    "(pipelines/fetch.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots). Output: OUT/data/*.parquet "
+    "(pipelines/fetch.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
     "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image)."
@@ -198,14 +198,22 @@ def document_stages(dedup_cfg) -> list[str]:
 
 def build(p, items, opts):
     from pipelines.dedup import dedup_documents
+    from pipelines.fetch import fetch_url_lists
     from pipelines.images import fetch_images
     from pipelines.sources import read_items
     from pipelines.stage import Collector
 
     doc_cfg, dedup_cfg, fetch_cfg = opts["doc"], opts["dedup"], opts["fetch"]
     c = Collector()
-    records = (p | "Files" >> beam.Create(items) | "Reshuffle" >> beam.Reshuffle()
-               | "ReadFiles" >> beam.FlatMap(read_items, opts["max_bytes"], opts["allow_private"], opts["pages"]))
+    files = [item for item in items if item[0] != "urls"]
+    lists = [path for kind, path in items if kind == "urls"]
+    branches = []
+    if files:
+        branches.append(p | "Files" >> beam.Create(files) | "Reshuffle" >> beam.Reshuffle()
+                        | "ReadFiles" >> beam.FlatMap(read_items, opts["max_bytes"]))
+    if lists:
+        branches.append(fetch_url_lists(p, lists, opts["max_bytes"], opts["allow_private"], opts["pages"]))
+    records = branches[0] if len(branches) == 1 else tuple(branches) | "Records" >> beam.Flatten()
     x = c.stage(records, STAGE_READ, read_record, source_of)
     x = c.stage(x, STAGE_DECODE, decode_record, source_of)
     x = c.stage(x, STAGE_EXTRACT, extract_record, source_of)

@@ -1,16 +1,26 @@
 """Polite page fetching for URL-list sources: robots.txt, a per-host delay, timeouts, retries with backoff,
 manual redirects (each hop checked against the URL rules; loops and long chains fail), a size limit, and
-private/loopback/link-local addresses refused unless allowed. One URL list is fetched in order by one worker,
-so the per-host delay holds within a list.
+private/loopback/link-local addresses refused unless allowed.
+
+Scale-out: the URLs of all lists are keyed by a hash of their host into `groups` groups (GroupByKey), so one
+host's URLs always meet in one group and the per-host delay holds across the whole run, while the groups
+spread over the workers. Within a group, `threads` hosts are fetched at once, each host's URLs in order by
+one thread. (A redirect to another host is fetched by the thread of the original host.)
 """
 
 from __future__ import annotations
 
+import queue
 import socket
+import threading
 import time
 import urllib.robotparser
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urljoin
+
+import apache_beam as beam
 
 from filters.urls import host_of, redirect_problem, url_refusal
 
@@ -25,6 +35,12 @@ class PageFetchConfig:
     host_delay: float = 1.0  # minimum seconds between requests to one host
     max_redirects: int = 5
     obey_robots: bool = True
+    groups: int = 64  # host groups: the unit of work spread over workers
+    threads: int = 16  # hosts fetched at once within a group
+
+    def __post_init__(self):
+        if self.groups < 1 or self.threads < 1:
+            raise ValueError("pages groups and threads must be at least 1")
 
 
 def resolve(host: str) -> list[str]:
@@ -126,6 +142,120 @@ class Fetcher:
                     "crawl_date": iso_date(r.headers.get("Date")), "status": r.status_code,
                     "content_type": r.headers.get("Content-Type", ""), "charset": _charset(r.headers),
                     "payload": body}
+
+
+def iso_date(http_date: str | None) -> str | None:
+    import datetime as dt
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return parsedate_to_datetime(http_date).isoformat() if http_date else None
+    except (TypeError, ValueError):
+        return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _charset(headers) -> str | None:
+    for part in (headers.get("Content-Type") or "").split(";")[1:]:
+        k, _, v = part.strip().partition("=")
+        if k.lower() == "charset" and v:
+            return v.strip("\"' ")
+    return None
+
+
+def url_tasks(path: str):
+    """Fetch tasks of one URL list, {"source": "PATH:LINE", "_url": URL, "_order": (PATH, LINE)} per URL line (blank lines and #
+    comments skipped), or one bad marker when the file cannot be read."""
+    from pipelines.sources import bad
+
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        yield bad(path, "read_failed", str(exc))
+        return
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            url = line.strip()
+            if url and not url.startswith("#"):
+                yield {"source": f"{path}:{lineno}", "_url": url, "_order": (path, lineno)}
+
+
+def host_group(task: dict, groups: int):
+    """(group, task): the URLs of one host share a group; bad markers go to group 0 and pass through."""
+    from pipelines.sink import stable_hash
+
+    url = task.get("_url")
+    return (stable_hash(host_of(url)) % groups if url else 0), task
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class FetchHostGroup(beam.DoFn):
+    """(group, tasks) -> page records / bad markers, `threads` hosts at a time, each host in order."""
+
+    _DONE = object()
+
+    def __init__(self, cfg: PageFetchConfig, max_bytes: int, allow_private: bool):
+        self.cfg, self.max_bytes, self.allow_private = cfg, max_bytes, allow_private
+
+    def process(self, element):
+        _, tasks = element
+        by_host: dict[str, list[dict]] = defaultdict(list)
+        for task in tasks:
+            if "_url" in task:
+                by_host[host_of(task["_url"])].append(task)
+            else:
+                yield task  # a bad marker from reading the list
+        if not by_host:
+            return
+        results: queue.Queue = queue.Queue(maxsize=4 * self.cfg.threads)  # bounded: pages are big
+        stop = threading.Event()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+
+        def fetch_host(host_tasks: list[dict]) -> None:
+            try:
+                fetcher = Fetcher(self.cfg, self.max_bytes, self.allow_private)
+                for task in host_tasks:
+                    if stop.is_set():
+                        return
+                    put(fetcher.fetch(task["_url"], task["source"]))
+            except Exception as exc:  # noqa: BLE001 - re-raised in the Beam thread
+                put(_Failure(exc))
+            finally:
+                put(self._DONE)
+
+        pool = ThreadPoolExecutor(min(self.cfg.threads, len(by_host)), thread_name_prefix="mmcorpus-fetch")
+        try:
+            for host in sorted(by_host):
+                pool.submit(fetch_host, sorted(by_host[host], key=lambda t: t["_order"]))
+            running = len(by_host)
+            while running:
+                item = results.get()
+                if item is self._DONE:
+                    running -= 1
+                elif isinstance(item, _Failure):
+                    raise item.exc
+                else:
+                    yield item
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fetch_url_lists(p, lists: list[str], max_bytes: int, allow_private: bool, cfg: PageFetchConfig):
+    """PCollection of page records / bad markers for the URL lists at `lists`."""
+    return (p | "UrlLists" >> beam.Create(sorted(lists)) | "UrlTasks" >> beam.FlatMap(url_tasks)
+            | "HostKey" >> beam.Map(host_group, cfg.groups) | "HostGroup" >> beam.GroupByKey()
+            | "FetchPages" >> beam.ParDo(FetchHostGroup(cfg, max_bytes, allow_private)))
 
 
 def iso_date(http_date: str | None) -> str | None:

@@ -219,6 +219,9 @@ def execute(spec: RunSpec, args, build) -> dict:
     with pipeline_options(args) as (options, runner_info), monitor:
         with beam.Pipeline(options=options) as p, progress.building(folder):
             build(p) | "WriteAll" >> WriteAll(spec.out_dir, kinds, fp)
+        client = getattr(getattr(p, "result", None), "client", None)  # DaskRunner's; closed before its cluster
+        if client is not None:
+            client.close()
     for kind in kinds.values():
         fill_empty_shards(spec.out_dir, kind, fp)
     written = {name: count_rows(spec.out_dir, kind) for name, kind in kinds.items() if name != "stats"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -44,6 +45,14 @@ def _harness_level(args) -> str:
     return level if level in ("DEBUG", "INFO") else "ERROR"
 
 
+def _quiet_distributed(args) -> None:
+    """distributed sets its loggers to INFO when first imported: back to the command's level (>= WARNING)."""
+    level = max(logging.WARNING, logging.getLevelName(getattr(args, "log_level", "WARNING")))
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(level)
+
+
 @contextlib.contextmanager
 def pipeline_options(args):
     """Yield (PipelineOptions, runner description) for the chosen runner; closes a local Dask cluster after."""
@@ -61,6 +70,8 @@ def pipeline_options(args):
             yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "address": args.dask_address}
             return
         from distributed import LocalCluster
+
+        _quiet_distributed(args)
 
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=40) as cluster:

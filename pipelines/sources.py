@@ -60,17 +60,15 @@ def bad(source: str, reason: str, detail: str) -> dict:
     return {"source": source, "_reject": (reason, detail)}
 
 
-def read_items(item: tuple[str, str], max_bytes: int = 5_000_000, allow_private: bool = False, page_cfg=None):
-    """Yield page records / bad markers of one work item."""
+def read_items(item: tuple[str, str], max_bytes: int = 5_000_000):
+    """Yield page records / bad markers of one WARC or HTML work item (URL lists: pipelines.fetch)."""
     kind, path = item
     if kind == "warc":
         yield from read_warc(path, max_bytes)
     elif kind == "html":
         yield read_html_file(path, max_bytes)
     else:
-        from pipelines.fetch import read_url_list
-
-        yield from read_url_list(path, max_bytes, allow_private, page_cfg)
+        raise ValueError(f"read_items reads WARC and HTML items, not {kind!r} ({path})")
 
 
 def read_html_file(path: str, max_bytes: int) -> dict:

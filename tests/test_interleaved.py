@@ -168,6 +168,68 @@ def test_url_list_with_image_fetching(server, tmp_path):
     assert [i["url"].rsplit("/", 1)[-1] for i in infos] == [u.rsplit("/", 1)[-1] for u in page["images"] if u]
 
 
+class _TimedHandler(http.server.BaseHTTPRequestHandler):
+    """Serves a small page for every path and records (host, path, time) of each request."""
+
+    def __init__(self, *a, log=None, **kw):
+        self.log = log
+        super().__init__(*a, **kw)
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.log.append((self.server.server_address[0], self.path, time.monotonic()))
+        body = f"<html><body><p>page {self.path}</p></body></html>".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_url_lists_fetch_hosts_in_parallel_and_each_host_politely(tmp_path):
+    """Two hosts (127.0.0.1 and 127.0.0.2): each host's URLs in list order with the per-host delay between
+    requests, the two hosts at once, every URL answered exactly once; URL tasks of several lists meet by host."""
+    from pipelines.fetch import FetchHostGroup, PageFetchConfig, host_group, url_tasks
+
+    log: list = []
+    servers = []
+    for address in ("127.0.0.1", "127.0.0.2"):
+        try:
+            httpd = http.server.ThreadingHTTPServer((address, 0), functools.partial(_TimedHandler, log=log))
+        except OSError as exc:
+            pytest.skip(f"cannot bind {address}: {exc}")
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+    bases = [f"http://{h.server_address[0]}:{h.server_address[1]}" for h in servers]
+    lists = [write_list(tmp_path / "a.txt", bases[0], ["/a1", "/a2", "/a3"] + [f"/a{i}" for i in range(5, 13)]),
+             write_list(tmp_path / "b.txt", bases[1], ["/b1", "/b2", "/b3"])]
+    (tmp_path / "c.txt").write_text(f"# a comment\n\n{bases[0]}/a4\n")
+    lists.append(tmp_path / "c.txt")
+    tasks = [t for path in lists for t in url_tasks(str(path))]
+    assert len(tasks) == 15 and {host_group(t, 8)[0] for t in tasks if "a" in t["_url"].rsplit("/", 1)[-1]} == \
+        {host_group(tasks[0], 8)[0]}  # one host, one group, across lists
+    delay = 0.15
+    cfg = PageFetchConfig(host_delay=delay, obey_robots=False, retries=0, threads=4)
+    try:
+        pages = list(FetchHostGroup(cfg, 1_000_000, allow_private=True).process((0, tasks)))
+    finally:
+        for h in servers:
+            h.shutdown()
+    a_paths = ["/a1", "/a2", "/a3"] + [f"/a{i}" for i in range(5, 13)] + ["/a4"]  # list order: a.txt, then c.txt
+    assert sorted(p["url"].rsplit("/", 1)[-1] for p in pages) == sorted([x[1:] for x in a_paths] + ["b1", "b2", "b3"])
+    assert all(p["status"] == 200 and b"page" in p["payload"] for p in pages)
+    by_host = {}
+    for host, path, at in log:
+        by_host.setdefault(host, []).append((at, path))
+    times = {host: sorted(v) for host, v in by_host.items()}
+    assert [p for _, p in times["127.0.0.1"]] == a_paths  # list order: (file, line number)
+    for v in times.values():
+        assert all(b[0] - a[0] >= delay * 0.95 for a, b in zip(v, v[1:]))  # the per-host delay held
+    assert times["127.0.0.2"][0][0] < times["127.0.0.1"][-1][0]  # host b started before host a finished
+
+
 def test_private_address_refused_without_flag(server, tmp_path):
     urls = write_list(tmp_path / "urls.txt", server, ["/page0.html"])
     out = tmp_path / "out"

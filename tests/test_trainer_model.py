@@ -128,5 +128,7 @@ def test_config_only_lm_needs_allow_random(tmp_path):
         load_hf(AutoModelForCausalLM, str(tmp_path / "lm"))
     loaded = load_hf(AutoModelForCausalLM, str(tmp_path / "lm"), allow_random=True)
     assert loaded.source == "random" and loaded.model.config.n_embd == 16
+    again = load_hf(AutoModelForCausalLM, str(tmp_path / "lm"), allow_random=True).model.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in loaded.model.state_dict().items())  # same in every worker
     with pytest.raises(WeightsMissing, match="needs at least a model config"):
         load_hf(AutoModelForCausalLM, str(tmp_path / "nothing"), allow_random=True)

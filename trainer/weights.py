@@ -66,6 +66,9 @@ def load_open_clip(name: str, pretrained: str | None, allow_random: bool = False
     return Loaded(model, source, {"preprocess": preprocess, "tokenizer": tokenizer, "model_name": model_name})
 
 
+RANDOM_INIT_SEED = 0
+
+
 def load_hf(model_cls, name_or_path: str, allow_random: bool = False, **kwargs) -> Loaded:
     """A transformers model from a local folder or cached id; random init from its config only if allowed."""
     from transformers import AutoConfig
@@ -83,7 +86,14 @@ def load_hf(model_cls, name_or_path: str, allow_random: bool = False, **kwargs) 
         raise WeightsMissing(f"--allow-random-weights needs at least a model config at {name_or_path!r}: {exc}") from exc
     # Auto* classes build from a config with from_config; concrete model classes with _from_config
     factory = getattr(model_cls, "from_config", None) or model_cls._from_config
-    model = factory(config)
+    import torch
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_INIT_SEED)  # the same random model in every worker and run
+    try:
+        model = factory(config)
+    finally:
+        torch.random.set_rng_state(state)
     return Loaded(model.eval(), "random", {})
 
 
