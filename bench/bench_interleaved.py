@@ -8,9 +8,11 @@ In one process on one core, alternating rounds over the 144 trafilatura-eval pag
   signature, LSH band keys), i.e. everything `mmcorpus interleaved --no-images` does per page except Beam.
 The ratio full/bare is the figure of merit (target >= 0.8). Then the real CLI runs once under DirectRunner
 (--workers 1) and under Dask (--workers 2) on the same pages; their wall time and peak RSS per worker are
-reported (Beam start-up included). Writes bench/results/interleaved.json.
+reported (Beam start-up included). With --memory-scale K the CLI also runs (DirectRunner with 2 worker
+processes, and Dask with 2 workers) over the pages and over K copies of them, and reports how peak RSS of the
+main process and of the largest worker grow with the input. Writes bench/results/interleaved.json.
 
-    python bench/bench_interleaved.py [--rounds 3] [--skip-cli]
+    python bench/bench_interleaved.py [--rounds 3] [--skip-cli] [--memory-scale 4]
 """
 
 from __future__ import annotations
@@ -84,31 +86,82 @@ def full(pages, steps, dedup: DedupConfig, bands_rows) -> int:
     return kept
 
 
+def _tree_peaks(root: int, peaks: dict) -> None:
+    """Record VmHWM (peak RSS, KiB) of `root` and all its descendants into peaks[pid] (Linux /proc)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, grew = {root}, True
+    while grew:
+        new = {pid for pid, pp in parent.items() if pp in tree} - tree
+        grew, tree = bool(new), tree | new
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peaks[pid] = max(peaks.get(pid, 0), int(line.split()[1]))
+        except OSError:
+            continue
+
+
 def cli_run(args_extra: list[str], pages_dir: str) -> dict:
+    """Run the CLI once; peak RSS from /proc VmHWM of the main process and of every process under it (polled
+    every 0.1 s; getrusage's ru_maxrss would carry the parent's peak across fork/exec)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-c",
-               "import resource,sys,runpy;sys.argv=['mmcorpus']+sys.argv[1:];"
-               "from pipelines.cli import main;rc=main();"
-               "print('RSS_SELF',resource.getrusage(resource.RUSAGE_SELF).ru_maxrss);"
-               "print('RSS_CHILDREN',resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(rc)",
-               "interleaved", pages_dir, "-o", f"{tmp}/out", "--no-images", *args_extra]
+        cmd = [sys.executable, "-m", "pipelines.cli", "interleaved", pages_dir, "-o", f"{tmp}/out", "--no-images",
+               *args_extra]
         t = time.time()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        peaks: dict[int, int] = {}
+        while p.poll() is None:
+            _tree_peaks(p.pid, peaks)
+            time.sleep(0.1)
         wall = time.time() - t
         if p.returncode != 0:
-            raise SystemExit(f"CLI failed: {p.stderr[-2000:]}")
-        rss = {line.split()[0]: int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("RSS_")}
+            raise SystemExit(f"CLI failed: {p.stderr.read()[-2000:]}")
         stats = json.loads(pathlib.Path(f"{tmp}/out/stats.json").read_text())
+    main_kib = peaks.get(p.pid, 0)
+    workers = [v for pid, v in peaks.items() if pid != p.pid]
     return {"args": args_extra, "wall_s": round(wall, 2), "pages": stats["totals"]["read"],
             "written": stats["totals"]["written"], "pages_per_s": round(stats["totals"]["read"] / wall, 2),
-            "peak_rss_mib_main": round(rss.get("RSS_SELF", 0) / 1024, 1),
-            "peak_rss_mib_largest_worker": round(rss.get("RSS_CHILDREN", 0) / 1024, 1)}
+            "peak_rss_mib_main": round(main_kib / 1024, 1),
+            "peak_rss_mib_largest_worker": round(max(workers, default=0) / 1024, 1),
+            "processes_under_main": len(workers)}
+
+
+def memory_growth(k: int) -> dict:
+    """Peak RSS (main, largest worker) for the pages once and K times (copies under new names)."""
+    import shutil
+
+    src = SHARED / "trafilatura-eval" / "pages"
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        big = pathlib.Path(tmp) / "pages"
+        big.mkdir()
+        for r in range(k):
+            for f in sorted(src.glob("*.html*")):
+                shutil.copyfile(f, big / f"copy{r}-{f.name}")
+        for name, extra in (("direct_2_workers", ["--workers", "2"]), ("dask_2_workers", ["--runner", "dask", "--workers", "2"])):
+            once, scaled = cli_run(extra, str(src)), cli_run(extra, str(big))
+            out[name] = {"x1": once, f"x{k}": scaled,
+                         "main_rss_growth": round(scaled["peak_rss_mib_main"] / max(once["peak_rss_mib_main"], 1), 2),
+                         "worker_rss_growth": round(scaled["peak_rss_mib_largest_worker"]
+                                                    / max(once["peak_rss_mib_largest_worker"], 1), 2)}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--memory-scale", type=int, default=0, help="also measure peak RSS at K times the input")
     a = ap.parse_args()
     pages = load_pages()
     cfg, dedup = DocumentConfig(), DedupConfig()
@@ -136,6 +189,9 @@ def main() -> None:
         pages_dir = str(SHARED / "trafilatura-eval" / "pages")
         result["cli"] = [cli_run(["--workers", "1"], pages_dir), cli_run(["--runner", "dask", "--workers", "2"], pages_dir)]
         print(json.dumps(result["cli"], indent=2))
+    if a.memory_scale > 1:
+        result["memory_growth"] = memory_growth(a.memory_scale)
+        print(json.dumps(result["memory_growth"], indent=2))
     out = ROOT / "bench" / "results" / "interleaved.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
