@@ -256,38 +256,3 @@ def fetch_url_lists(p, lists: list[str], max_bytes: int, allow_private: bool, cf
     return (p | "UrlLists" >> beam.Create(sorted(lists)) | "UrlTasks" >> beam.FlatMap(url_tasks)
             | "HostKey" >> beam.Map(host_group, cfg.groups) | "HostGroup" >> beam.GroupByKey()
             | "FetchPages" >> beam.ParDo(FetchHostGroup(cfg, max_bytes, allow_private)))
-
-
-def iso_date(http_date: str | None) -> str | None:
-    import datetime as dt
-    from email.utils import parsedate_to_datetime
-
-    try:
-        return parsedate_to_datetime(http_date).isoformat() if http_date else None
-    except (TypeError, ValueError):
-        return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _charset(headers) -> str | None:
-    for part in (headers.get("Content-Type") or "").split(";")[1:]:
-        k, _, v = part.strip().partition("=")
-        if k.lower() == "charset" and v:
-            return v.strip("\"' ")
-    return None
-
-
-def read_url_list(path: str, max_bytes: int, allow_private: bool = False, cfg: PageFetchConfig | None = None):
-    """Yield one page record or bad marker per URL line (blank lines and # comments skipped)."""
-    from pipelines.sources import bad
-
-    fetcher = Fetcher(cfg or PageFetchConfig(), max_bytes, allow_private)
-    try:
-        fh = open(path, encoding="utf-8", errors="replace")
-    except OSError as exc:
-        yield bad(path, "read_failed", str(exc))
-        return
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            url = line.strip()
-            if url and not url.startswith("#"):
-                yield fetcher.fetch(url, f"{path}:{lineno}")
