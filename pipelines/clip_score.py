@@ -49,16 +49,10 @@ def pick_device(device: str) -> str:
 
 def load_model(cfg: ClipConfig, device: str = "cpu"):
     """trainer.weights.Loaded for cfg; the random init is seeded so every worker builds the same model."""
-    import torch
+    from trainer.weights import load_open_clip, seeded
 
-    from trainer.weights import load_open_clip
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    try:
+    with seeded(cfg.seed):
         return load_open_clip(cfg.model, cfg.pretrained, allow_random=cfg.allow_random, device=device)
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def _preprocess_params(preprocess):

@@ -7,6 +7,7 @@ says which it was, and every run writes it into its stats.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,20 @@ def load_open_clip(name: str, pretrained: str | None, allow_random: bool = False
 RANDOM_INIT_SEED = 0
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a random initialisation under `seed`, leaving the caller's torch RNG as it was: every worker that
+    builds the same random model gets the same weights."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def load_hf(model_cls, name_or_path: str, allow_random: bool = False, **kwargs) -> Loaded:
     """A transformers model from a local folder or cached id; random init from its config only if allowed."""
     from transformers import AutoConfig
@@ -86,14 +101,8 @@ def load_hf(model_cls, name_or_path: str, allow_random: bool = False, **kwargs) 
         raise WeightsMissing(f"--allow-random-weights needs at least a model config at {name_or_path!r}: {exc}") from exc
     # Auto* classes build from a config with from_config; concrete model classes with _from_config
     factory = getattr(model_cls, "from_config", None) or model_cls._from_config
-    import torch
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(RANDOM_INIT_SEED)  # the same random model in every worker and run
-    try:
+    with seeded(RANDOM_INIT_SEED):
         model = factory(config)
-    finally:
-        torch.random.set_rng_state(state)
     return Loaded(model.eval(), "random", {})
 
 
