@@ -162,11 +162,12 @@ class FetchGroup(beam.DoFn):
 
     def process(self, element):
         from filters.urls import url_refusal
-        from pipelines.fetch import resolve
+        from pipelines.fetch import HostResolver
         from pipelines.images import FetchConfig, download_batch
 
         _, rows = element
         rows = sorted(rows, key=lambda r: (r["image_ref"], r["image_id"]))
+        resolve = HostResolver()
         refused = {r["url"]: url_refusal(r["url"], self.allow_private, resolve) for r in rows}
         urls = sorted(u for u, why in refused.items() if not why)
         got: dict[str, dict] = {}

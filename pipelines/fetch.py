@@ -51,6 +51,20 @@ def resolve(host: str) -> list[str]:
         return []
 
 
+class HostResolver:
+    """`resolve` with a per-instance cache (one lookup per host, not per URL), cleared past `limit` hosts."""
+
+    def __init__(self, limit: int = 100_000):
+        self.limit, self._hosts = limit, {}
+
+    def __call__(self, host: str) -> list[str]:
+        if host not in self._hosts:
+            if len(self._hosts) > self.limit:
+                self._hosts.clear()
+            self._hosts[host] = resolve(host)
+        return self._hosts[host]
+
+
 class Fetcher:
     def __init__(self, cfg: PageFetchConfig, max_bytes: int, allow_private: bool):
         import requests
@@ -60,6 +74,7 @@ class Fetcher:
         self.session.headers["User-Agent"] = USER_AGENT
         self.last: dict[str, float] = {}
         self.robots: dict[str, urllib.robotparser.RobotFileParser | None] = {}
+        self.resolve = HostResolver()
 
     def _wait(self, host: str) -> None:
         gap = time.monotonic() - self.last.get(host, -1e9)
@@ -119,7 +134,7 @@ class Fetcher:
         chain = [url]
         current = url
         while True:
-            why = url_refusal(current, self.allow_private, resolve)
+            why = url_refusal(current, self.allow_private, self.resolve)
             if why:
                 return bad(source, "url_not_allowed", f"{current}: {why}")
             if not self.allowed_by_robots(current):
@@ -163,8 +178,8 @@ def _charset(headers) -> str | None:
 
 
 def url_tasks(path: str):
-    """Fetch tasks of one URL list, {"source": "PATH:LINE", "_url": URL, "_order": (PATH, LINE)} per URL line (blank lines and #
-    comments skipped), or one bad marker when the file cannot be read."""
+    """Fetch tasks of one URL list, {"source": "PATH:LINE", "_url": URL, "_order": (PATH, LINE)} per URL line
+    (blank lines and # comments skipped), or one bad marker when the file cannot be read."""
     from pipelines.sources import bad
 
     try:

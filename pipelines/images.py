@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from filters.reasons import Reject
 from filters.urls import url_refusal
 from pipelines.dedup import events_to_tags, key_by_doc_id, source_of
-from pipelines.fetch import resolve
+from pipelines.fetch import HostResolver
 from pipelines.sink import stable_hash
 from pipelines.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
 
@@ -76,14 +76,7 @@ class _ImageRefs(beam.DoFn):
         self.allow_private = allow_private
 
     def setup(self):
-        self._hosts: dict[str, list[str]] = {}
-
-    def _resolve(self, host):
-        if host not in self._hosts:
-            if len(self._hosts) > 100_000:
-                self._hosts.clear()
-            self._hosts[host] = resolve(host)
-        return self._hosts[host]
+        self._resolve = HostResolver()
 
     def process(self, doc):
         for pos, url in enumerate(doc["images"]):
