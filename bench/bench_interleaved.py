@@ -116,16 +116,18 @@ def cli_run(args_extra: list[str], pages_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pipelines.cli", "interleaved", pages_dir, "-o", f"{tmp}/out", "--no-images",
                *args_extra]
+        log = pathlib.Path(tmp) / "stderr.txt"  # a file, not a pipe: a full pipe would stall the polled CLI
         t = time.time()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        peaks: dict[int, int] = {}
-        while p.poll() is None:
-            _tree_peaks(p.pid, peaks)
-            time.sleep(0.1)
+        with open(log, "w") as err:
+            p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            peaks: dict[int, int] = {}
+            while p.poll() is None:
+                _tree_peaks(p.pid, peaks)
+                time.sleep(0.1)
         wall = time.time() - t
         if p.returncode != 0:
-            raise SystemExit(f"CLI failed: {p.stderr.read()[-2000:]}")
+            raise SystemExit(f"CLI failed: {log.read_text()[-2000:]}")
         stats = json.loads(pathlib.Path(f"{tmp}/out/stats.json").read_text())
     main_kib = peaks.get(p.pid, 0)
     workers = [v for pid, v in peaks.items() if pid != p.pid]
