@@ -32,7 +32,7 @@ class PageFetchConfig:
     timeout: float = 10.0
     retries: int = 2
     backoff: float = 0.5  # seconds, doubled per retry
-    host_delay: float = 1.0  # minimum seconds between requests to one host
+    host_delay: float = 1.0  # minimum seconds from the end of one request to a host to the start of the next
     max_redirects: int = 5
     obey_robots: bool = True
     groups: int = 64  # host groups: the unit of work spread over workers
@@ -80,6 +80,9 @@ class Fetcher:
         gap = time.monotonic() - self.last.get(host, -1e9)
         if gap < self.cfg.host_delay:
             time.sleep(self.cfg.host_delay - gap)
+
+    def _done(self, host: str) -> None:
+        """The delay counts from the end of a request, so the host sees it between arrivals whatever the latency."""
         self.last[host] = time.monotonic()
 
     def _get(self, url: str):
@@ -87,28 +90,33 @@ class Fetcher:
         import requests
 
         delay = self.cfg.backoff
+        host = host_of(url)
         for attempt in range(self.cfg.retries + 1):
-            self._wait(host_of(url))
+            self._wait(host)
             try:
                 r = self.session.get(url, timeout=self.cfg.timeout, allow_redirects=False, stream=True)
-                if r.status_code in (429, 500, 502, 503, 504) and attempt < self.cfg.retries:
+                retry = r.status_code in (429, 500, 502, 503, 504) and attempt < self.cfg.retries
+                if retry:
                     r.close()
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                body = bytearray()
-                for chunk in r.iter_content(65536):
-                    body += chunk
-                    if len(body) > self.max_bytes:
-                        r.close()
-                        return r, None
-                return r, bytes(body)
+                else:
+                    return r, self._body(r)
             except requests.RequestException:
                 if attempt >= self.cfg.retries:
                     raise
-                time.sleep(delay)
-                delay *= 2
+            finally:
+                self._done(host)
+            time.sleep(delay)
+            delay *= 2
         raise RuntimeError("unreachable")
+
+    def _body(self, r) -> bytes | None:
+        body = bytearray()
+        for chunk in r.iter_content(65536):
+            body += chunk
+            if len(body) > self.max_bytes:
+                r.close()
+                return None
+        return bytes(body)
 
     def allowed_by_robots(self, url: str) -> bool:
         if not self.cfg.obey_robots:
