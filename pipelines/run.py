@@ -4,7 +4,7 @@ Output folder states:
 - absent or empty: a fresh run;
 - has `_SUCCESS`: refused unless `--overwrite` (which clears it first);
 - has `_run.json` but no `_SUCCESS` (a killed run): resumed when the run fingerprint (command + config +
-  inputs) is the same, refused otherwise; finished shards are kept and skipped by the sink.
+  inputs + shard counts) is the same, refused otherwise; finished shards are kept and skipped by the sink.
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def input_fingerprint(paths: list[str]) -> list[dict]:
 
 
 def fingerprint(spec: RunSpec) -> str:
-    payload = json.dumps({"command": spec.command, "config": spec.config, "inputs": input_fingerprint(spec.inputs)},
-                         sort_keys=True, default=str)
+    shards = {name: [k.folder, k.shards] for name, k in spec.kinds.items()}  # a resume must keep the shard names
+    payload = json.dumps({"command": spec.command, "config": spec.config, "inputs": input_fingerprint(spec.inputs),
+                          "shards": shards}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -99,10 +100,13 @@ def prepare_output(spec: RunSpec, fp: str) -> str:
     if spec.overwrite and os.path.isdir(out):
         for name in OWNED:
             path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+            try:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+            except OSError as exc:
+                raise UserError(f"--overwrite cannot clear {path!r}: {exc.strerror or exc}") from None
     state = "fresh"
     if os.path.exists(os.path.join(out, SUCCESS)):
         raise UserError(f"output {out!r} already holds a finished run; pass --overwrite to replace it")
@@ -111,7 +115,7 @@ def prepare_output(spec: RunSpec, fp: str) -> str:
         with open(run_file) as f:
             previous = json.load(f).get("fingerprint")
         if previous != fp:
-            raise UserError(f"output {out!r} holds an unfinished run with another command, config or input "
+            raise UserError(f"output {out!r} holds an unfinished run with another command, config, input or shard count "
                             f"(fingerprint {previous} vs {fp}); pass --overwrite to replace it")
         state = "resumed"
     try:
@@ -246,6 +250,7 @@ def execute(spec: RunSpec, args, build) -> dict:
         "totals": totals,
         "files": {name: written[name] for name in written},
         "stages": stages,
+        "main_stages": spec.stages,
         **spec.extra_stats,
     }
     shutil.rmtree(os.path.join(spec.out_dir, TMP_DIR), ignore_errors=True)

@@ -3,7 +3,8 @@
 All outputs of a run (kept rows, rejects, stat counters, ...) travel as `(kind, key, row)` tuples in one
 PCollection, because the DaskRunner computes only the last leaf of a graph. Rows go to a deterministic shard
 (`hash(key) % shards`), each shard is sorted by key and written once to `_tmp/`, then renamed atomically to
-`OUT/<dir>/part-SSSSS-of-NNNNN.parquet`. The same input gives the same files under every runner, and a rerun
+`OUT/<dir>/part-SSSSS-of-NNNNN.parquet`. A worker holds one shard's rows at a time (written one row group at a
+time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the same files under every runner, and a rerun
 into a killed run's folder skips the shards that are already there.
 """
 
@@ -40,9 +41,24 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def _sort_key(item: tuple[str, dict]) -> tuple[str, str]:
-    key, row = item
-    return key, json.dumps(row, sort_keys=True, default=repr)
+def _row_digest(row: dict) -> bytes:
+    return hashlib.blake2b(json.dumps(row, sort_keys=True, default=repr).encode(), digest_size=16).digest()
+
+
+def ordered(items) -> list[tuple[str, dict]]:
+    """`(key, row)` items sorted by key; rows that share a key are ordered by a digest of their content, so the
+    order never depends on the runner. Only rows with equal keys are serialised for that."""
+    items = sorted(items, key=lambda item: item[0])
+    out: list[tuple[str, dict]] = []
+    start = 0
+    while start < len(items):
+        end = start + 1
+        while end < len(items) and items[end][0] == items[start][0]:
+            end += 1
+        group = items[start:end]
+        out.extend(sorted(group, key=lambda item: _row_digest(item[1])) if len(group) > 1 else group)
+        start = end
+    return out
 
 
 class _AssignShard(beam.DoFn):
@@ -70,12 +86,18 @@ class _WriteShard(beam.DoFn):
         final = os.path.join(self.out_dir, spec.folder, shard_name(index, spec.shards))
         if os.path.exists(final):  # finished by an earlier attempt of this same run (same fingerprint)
             return
-        rows = [row for _, row in sorted(items, key=_sort_key)]
-        table = schemas.to_table(rows, spec.schema, self.fingerprint)
+        rows = ordered(items)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = os.path.join(self.out_dir, TMP_DIR, f"{kind}-{index:05d}-{uuid.uuid4().hex}.parquet")
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        pq.write_table(table, tmp, compression="zstd", row_group_size=self.row_group_rows)
+        step = self.row_group_rows
+        with pq.ParquetWriter(tmp, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
+            for start in range(0, len(rows), step):  # one row group at a time: no second copy of the whole shard
+                try:
+                    chunk = schemas.to_table([row for _, row in rows[start:start + step]], spec.schema, self.fingerprint)
+                except schemas.SchemaError as exc:
+                    raise schemas.SchemaError(f"{final}: rows {start}-{start + step - 1} of the shard: {exc}") from exc
+                w.write_table(chunk, row_group_size=step)
         os.replace(tmp, final)
 
 

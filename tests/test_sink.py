@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -97,6 +96,66 @@ def test_finished_output_is_refused_then_overwritten(tmp_path, coco):
         execute(spec(tmp_path, []), run_args(), build_for(rows))
     stats = execute(spec(tmp_path, [], overwrite=True), run_args(), build_for(rows))
     assert stats["totals"]["read"] == 50 and not stats["resumed"]
+
+
+# Run the sink in a child process that SIGKILLs itself right after its second shard file was renamed into place,
+# and once more half-way through writing a third shard's temporary file: a kill at a known point mid-run.
+KILLED_RUN = """
+import os, signal, sys
+import pyarrow.parquet as pq
+from pipelines import sink
+from tests.test_sink import build_for, caption_rows, run_args, spec
+from pipelines.run import execute
+import pathlib
+
+out, coco = sys.argv[1], pathlib.Path(sys.argv[2])
+written = []
+original_replace, original_writer = os.replace, pq.ParquetWriter
+
+def writer(where, *a, **kw):
+    if len(written) == 2:  # the third shard: leave half a temporary file, then die
+        with open(where, "wb") as f:
+            f.write(b"PAR1" + b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_writer(where, *a, **kw)
+
+def replace(src, dst):
+    original_replace(src, dst)
+    if os.path.basename(dst).startswith("part-"):
+        written.append(dst)
+
+os.replace, sink.pq.ParquetWriter = replace, writer
+execute(spec(out, [str(coco / "captions.jsonl")]), run_args("direct", 1), build_for(caption_rows(coco)))
+"""
+
+
+def test_killed_run_resumes_with_every_row_exactly_once(tmp_path, coco):
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-c", KILLED_RUN, str(out), str(coco)], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    finished = sorted((out / "data").glob("part-*.parquet")) + sorted((out / "rejects").glob("part-*.parquet"))
+    assert len(finished) == 2 and not (out / "_SUCCESS").exists() and not (out / "stats.json").exists()
+    assert list((out / "_tmp").iterdir())  # the half-written shard: never under data/ or rejects/
+    kept = {f: os.stat(f).st_mtime_ns for f in finished}
+    rows = caption_rows(coco)
+    stats = execute(spec(out, [str(coco / "captions.jsonl")]), run_args("direct", 1), build_for(rows))
+    assert stats["resumed"] and (out / "_SUCCESS").exists() and not (out / "_tmp").exists()
+    assert {f: os.stat(f).st_mtime_ns for f in finished} == kept  # finished shards were not rewritten
+    ids = pq.read_table(out / "data").column("image_id").to_pylist()
+    rejected = pq.read_table(out / "rejects").column("source").to_pylist()
+    assert len(ids) == len(set(ids)) == stats["totals"]["written"]
+    assert sorted(ids + rejected) == sorted(r["image_id"] for r in rows)  # every row exactly once
+
+
+def test_resume_with_other_shard_count_is_refused(tmp_path, coco):
+    rows = caption_rows(coco)[:20]
+    execute(spec(tmp_path, []), run_args(), build_for(rows))
+    os.remove(tmp_path / "_SUCCESS")
+    other = spec(tmp_path, [])
+    other.kinds = {"data": Kind("pair", "data", 8)}
+    with pytest.raises(UserError, match="shard count"):
+        execute(other, run_args(), build_for(rows))
 
 
 def test_resume_keeps_finished_shards_and_writes_each_row_once(tmp_path, coco):
