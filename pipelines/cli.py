@@ -15,6 +15,21 @@ from pipelines.errors import RunCheckError, UserError
 from trainer.weights import WeightsMissing
 
 SUBCOMMANDS = ("interleaved", "pairs", "capfilt", "train", "card", "inspect")
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+TOP_OPTIONS = ("-h", "--help", "--log-level")
+
+
+def _misplaced_option(argv: list[str]) -> str | None:
+    """The first option before the command that `mmcorpus` itself does not take (argparse would only say that
+    COMMAND is missing)."""
+    for item in argv:
+        if not item.startswith("-"):
+            return None
+        if item.split("=", 1)[0] not in TOP_OPTIONS:
+            return item
+        if item == "--log-level":
+            return None  # its value follows; argparse checks the rest
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'mmcorpus COMMAND --help' for a command's options.",
     )
     parser.add_argument("--log-level", default=os.environ.get("MMCORPUS_LOG_LEVEL", "WARNING"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default WARNING)")
+                        choices=LOG_LEVELS, help="logging level (default WARNING; also MMCORPUS_LOG_LEVEL)")
+    common = argparse.ArgumentParser(add_help=False)  # --log-level after the command too
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                        help="logging level (default WARNING; also MMCORPUS_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         if importlib.util.find_spec(f"pipelines.cmd_{name}") is None:
             continue
         module = importlib.import_module(f"pipelines.cmd_{name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION, parents=[common],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_module=module)
@@ -46,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     global ARGV
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    bad = _misplaced_option(given)
+    if bad:
+        parser.error(f"unrecognized option {bad!r} before the command; command options go after it "
+                     "(mmcorpus COMMAND --help lists them)")
+    args = parser.parse_args(given)
     ARGV = ["mmcorpus", *(sys.argv[1:] if argv is None else map(str, argv))]
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)  # a library's import-time logging.warning() may have configured root already

@@ -14,6 +14,8 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.errors import UserError
+
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 
@@ -33,7 +35,7 @@ def _extra(args) -> list[str]:
     out = []
     for item in args.beam_option:
         if "=" not in item:
-            raise ValueError(f"--beam-option {item!r}: expected KEY=VALUE")
+            raise UserError(f"--beam-option {item!r}: expected KEY=VALUE")
         out.append("--" + item.lstrip("-"))
     return out
 
