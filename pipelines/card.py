@@ -10,9 +10,11 @@ files, per stage and reject reason, so a card never describes files that changed
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -390,8 +392,12 @@ def _flatten(config, prefix="") -> list[tuple[str, object]]:
 
 
 def _chain(stats: dict) -> list[dict]:
-    """The stages of the main unit (documents, pairs) in order: those that chain in == previous out."""
+    """The stages of the main unit (documents, pairs) in order: as the run recorded them, else (older stats) the
+    stages that chain in == previous out."""
     stages = stats.get("stages", [])
+    if stats.get("main_stages"):
+        by_name = {s["stage"]: s for s in stages}
+        return [by_name[name] for name in stats["main_stages"] if name in by_name]
     chain = [stages[0]] if stages else []
     for s in stages[1:]:
         if s["in"] == chain[-1]["out"] and s["in"]:
@@ -714,12 +720,26 @@ def write_card(out_dir: str, name: str | None = None, license_id: str = "other",
                 train = (os.path.abspath(path), json.load(f))
         except (OSError, ValueError) as exc:
             raise UserError(f"training report {path!r} cannot be read: {exc}") from None
-    text, pngs = render(run, profile, checked, name, license_id, description, train)
     target = os.path.join(out_dir, CARD)
+    old_pngs = _card_plots(target)
+    text, pngs = render(run, profile, checked, name, license_id, description, train)
     with open(target + ".tmp", "w") as f:
         f.write(text)
     os.replace(target + ".tmp", target)
+    for stale in old_pngs - set(pngs):  # plots of an earlier card that this one no longer has
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out_dir, stale))
     return {"card": target, "plots": pngs, "rows": profile.rows, "train_report": train[0] if train else None}
+
+
+def _card_plots(path: str) -> set[str]:
+    """The PNG files beside the card that an existing card at `path` links to."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return set()
+    return {m for m in re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", text)}
 
 
 def parse_card(path: str) -> tuple[dict, str]:
