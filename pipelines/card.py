@@ -252,8 +252,11 @@ def load_run(out_dir: str) -> Run:
     stats_path = os.path.join(out_dir, "stats.json")
     if not os.path.exists(os.path.join(out_dir, "_SUCCESS")) or not os.path.exists(stats_path):
         raise UserError(f"{out_dir!r} holds no finished run (no _SUCCESS or stats.json); run or resume the pipeline")
-    with open(stats_path) as f:
-        stats = json.load(f)
+    try:
+        with open(stats_path) as f:
+            stats = schemas.validate_stats(json.load(f), stats_path)
+    except (OSError, ValueError) as exc:  # SchemaError and JSONDecodeError are ValueErrors
+        raise UserError(f"{stats_path!r} cannot be used: {exc}") from None
     files = data_files(out_dir)
     if not files:
         raise UserError(f"{out_dir!r}: no data/part-*.parquet files")

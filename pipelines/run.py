@@ -253,6 +253,7 @@ def execute(spec: RunSpec, args, build) -> dict:
         "main_stages": spec.stages,
         **spec.extra_stats,
     }
+    schemas.validate_stats(stats)
     shutil.rmtree(os.path.join(spec.out_dir, TMP_DIR), ignore_errors=True)
     _write_json(os.path.join(spec.out_dir, STATS), stats)
     with open(os.path.join(spec.out_dir, SUCCESS), "w") as f:

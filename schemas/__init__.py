@@ -1,6 +1,6 @@
 """Versioned pyarrow schemas of everything mmcorpus writes, and their validation.
 
-Every writer and reader goes through `SCHEMAS` and `validate`. Types are plain Arrow types (strings, ints,
+Every writer and reader goes through `SCHEMAS` and `validate` (`validate_stats` for a run's `stats.json`). Types are plain Arrow types (strings, ints,
 lists, structs, binary) so pyarrow, DuckDB and Hugging Face `datasets` read the files without custom code.
 """
 
@@ -87,6 +87,22 @@ STAT = pa.schema(
     ]
 )
 
+# One stage of a run's summary, as `stats.json` lists them under "stages".
+RUN_STAGE = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("in", pa.int64()),
+        ("out", pa.int64()),
+        ("rejected", pa.int64()),
+        ("reasons", pa.map_(pa.string(), pa.int64())),  # rejected rows by reason
+        ("counters", pa.map_(pa.string(), pa.int64())),  # other named counts of the stage
+    ]
+)
+
+# Top-level keys every `stats.json` has, with their JSON types.
+RUN_STATS_KEYS = {"schema_version": str, "command": str, "started": str, "finished": str,
+                  "wall_seconds": (int, float), "totals": dict, "stages": list}
+
 # A plain list of URLs, for a separate, resumable image download step.
 URL_LIST = pa.schema([("url", pa.string())])
 
@@ -95,6 +111,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "pair": PAIR,
     "reject": REJECT,
     "stat": STAT,
+    "run_stage": RUN_STAGE,
     "url": URL_LIST,
 }
 
@@ -106,6 +123,7 @@ NON_NULL: dict[str, tuple[str, ...]] = {
     "pair": ("image_id", "caption", "caption_source", "source_dataset"),
     "reject": ("stage", "reason", "source"),
     "stat": ("stage", "metric", "count"),
+    "run_stage": ("stage", "in", "out", "rejected", "reasons"),
     "url": ("url",),
 }
 
@@ -200,6 +218,32 @@ def to_table(rows: list[dict], name: str, fingerprint: str = "") -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
         raise SchemaError(f"{name} schema v{SCHEMA_VERSION}: rows do not convert: {exc}") from exc
     return validate(table, name)
+
+
+def validate_stats(stats: dict, where: str = "stats.json") -> dict:
+    """Return a run's stats if they have the keys and types of `RUN_STATS_KEYS`, a compatible schema version
+    and stages that match `RUN_STAGE` with rejects by reason adding up; else raise SchemaError naming the key
+    or stage."""
+    if not isinstance(stats, dict):
+        raise SchemaError(f"{where}: not a JSON object")
+    for key, types in RUN_STATS_KEYS.items():
+        if not isinstance(stats.get(key), types):
+            got = "missing" if key not in stats else f"a {type(stats[key]).__name__}"
+            raise SchemaError(f"{where}: key {key!r} is {got}")
+    if stats["schema_version"].split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise SchemaError(f"{where}: schema version {stats['schema_version']} is not compatible with {SCHEMA_VERSION}")
+    try:
+        table = pa.Table.from_pylist(stats["stages"], schema=RUN_STAGE)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, AttributeError) as exc:
+        raise SchemaError(f"{where}: stages do not match the run_stage schema: {exc}") from None
+    problem = first_problem(table, "run_stage")
+    if problem is not None:
+        raise SchemaError(f"{where}: stages: {problem}")
+    for row, stage in enumerate(stats["stages"]):
+        if sum(stage["reasons"].values()) != stage["rejected"]:
+            raise SchemaError(f"{where}: stage {stage['stage']!r} (row {row}): rejects by reason add up to "
+                              f"{sum(stage['reasons'].values())}, not {stage['rejected']}")
+    return stats
 
 
 def read_schema_name(path: str) -> tuple[str, str]:

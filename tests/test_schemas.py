@@ -119,3 +119,40 @@ def test_reader_refuses_files_of_another_schema(tmp_path, coco):
     pq.write_table(pa.table({"a": [1]}), plain)
     with pytest.raises(schemas.SchemaError, match="not an mmcorpus file"):
         schemas.read_table(str(plain), "pair")
+
+
+def test_run_stats_validate_names_the_bad_key_or_stage(tmp_path, coco):
+    from pipelines.run import RunSpec, execute
+    from tests.test_sink import build_for, caption_rows, run_args
+    from pipelines.sink import Kind
+
+    spec = RunSpec(command="test-stats", out_dir=str(tmp_path), config={}, inputs=[],
+                   kinds={"data": Kind("pair", "data", 1)}, stages=["read", "length"])
+    stats = execute(spec, run_args(), build_for(caption_rows(coco)[:30]))
+    on_disk = json.loads((tmp_path / "stats.json").read_text())
+    assert schemas.validate_stats(on_disk) is on_disk
+    assert on_disk["schema_version"] == schemas.SCHEMA_VERSION and on_disk["wall_seconds"] >= 0
+    length = next(s for s in on_disk["stages"] if s["stage"] == "length")
+    assert length["in"] == 30 == length["out"] + length["rejected"] and length["reasons"]
+    assert stats["stages"] == on_disk["stages"]
+
+    def broken(**change):
+        bad = json.loads(json.dumps(on_disk))
+        for key, value in change.items():
+            if value is None:
+                del bad[key]
+            else:
+                bad[key] = value
+        return bad
+
+    with pytest.raises(schemas.SchemaError, match="key 'wall_seconds' is missing"):
+        schemas.validate_stats(broken(wall_seconds=None))
+    with pytest.raises(schemas.SchemaError, match="schema version 9.0"):
+        schemas.validate_stats(broken(schema_version="9.0"))
+    stages = json.loads(json.dumps(on_disk["stages"]))
+    stages[1]["reasons"] = {r: n + 1 for r, n in stages[1]["reasons"].items()}
+    with pytest.raises(schemas.SchemaError, match="stage 'length' \\(row 1\\): rejects by reason add up"):
+        schemas.validate_stats(broken(stages=stages))
+    stages[1]["in"] = None
+    with pytest.raises(schemas.SchemaError, match="column 'in', row 1: is null"):
+        schemas.validate_stats(broken(stages=stages))
