@@ -67,6 +67,8 @@ def pipeline_options(args):
         yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
         return
     if runner in ("dask", DASK_RUNNER, "DaskRunner"):
+        if getattr(args, "log_level", "WARNING") != "DEBUG":  # a notice per run about Beam's own partitioning
+            logging.getLogger("apache_beam.runners.dask.transform_evaluator").setLevel(logging.ERROR)
         if args.dask_address:
             flags = [f"--runner={DASK_RUNNER}", f"--dask_client_address={args.dask_address}"]
             yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "address": args.dask_address}
