@@ -331,7 +331,7 @@ def front_matter(run: Run, profile: Profile, name: str, license_id: str) -> dict
         fm["multilinguality"] = "monolingual" if len(codes) == 1 else "multilingual"
     fm["size_categories"] = [size_category(profile.rows)]
     fm["task_categories"] = TASKS.get(run.schema_name, [])
-    fm["tags"] = ["mmcorpus", run.schema_name, run.stats.get("command", "")]
+    fm["tags"] = list(dict.fromkeys(t for t in ("mmcorpus", run.schema_name, run.stats.get("command")) if t))
     fm["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_GLOB}], "default": True}]
     infos = [_info("default", schemas.schema(run.schema_name), run.files)]
     if run.reject_files:
@@ -492,10 +492,11 @@ def render(run: Run, profile: Profile, checked: dict, name: str, license_id: str
         lines += _table(["stage", "in", "out", "rejected"], [r[:-1] for r in rows]) + [""]
     params = _flatten(stats.get("config"))
     if params:
-        lines += ["### Parameters", "", "The configuration the run recorded (thresholds, models, options):", ""]
+        lines += ["### Parameters", "", f"The configuration the run recorded ({len(params)} thresholds, models and "
+                  "options; `stats.json` has it as JSON):", "", "<details>", "<summary>all parameters</summary>", ""]
         lines += _table(["parameter", "value"],
                         [[f"`{k}`", f"`{json.dumps(v, default=str)}`" if not isinstance(v, str) else f"`{v}`"]
-                         for k, v in params]) + [""]
+                         for k, v in params]) + ["", "</details>", ""]
     extra = {k: stats[k] for k in ("clip_weights", "models", "itm_threshold") if k in stats}
     if extra:
         lines += [f"Models: `{json.dumps(extra, default=str)}`", ""]
