@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up mmcorpus and run every job on the bundled real data in ../shared/data, offline, into demo-out/.
-#   interleaved: real Common Crawl WARCs + trafilatura's evaluation pages -> cleaned documents (no image
-#                fetching: the pages' image hosts are not reachable offline); then photo-story pages built
+#   interleaved: real Common Crawl WARCs, broken test WARCs and trafilatura's evaluation pages -> cleaned
+#                documents (no image fetching: the pages' image hosts are not reachable offline), under the
+#                direct runner and again under Dask (same files); then photo-story pages built
 #                from the COCO photos and captions, served on 127.0.0.1 and crawled from a URL list with
 #                their images fetched (img2dataset), under the Dask runner
 #   pairs:       COCO photos with their human captions -> CLIP scores, exact + pHash dedup
@@ -30,9 +31,16 @@ MM=.venv/bin/mmcorpus
 mkdir -p "$OUT"
 step() { echo; echo "== $*"; }
 
+# Common Crawl samples, WARCs with broken records on purpose (warcio's and resiliparse's test files: their bad
+# records become rejects with a reason) and trafilatura's evaluation pages.
+WEB=("$DATA"/cc-whirlwind "$DATA"/dolma-cc-warc "$DATA"/resiliparse-warcs "$DATA"/warcio-samples
+     "$DATA"/trafilatura-eval/pages)
 step "interleaved documents from WARCs and HTML pages"
-$MM interleaved "$DATA"/cc-whirlwind/whirlwind.warc.gz "$DATA"/dolma-cc-warc/sample-0000.warc.gz \
-  "$DATA"/trafilatura-eval/pages --no-images --emit-m3w-text --output "$OUT/interleaved" --overwrite
+$MM interleaved "${WEB[@]}" --no-images --emit-m3w-text --output "$OUT/interleaved" --overwrite
+
+step "the same documents under the Dask runner"
+$MM interleaved "${WEB[@]}" --no-images --runner dask --output "$OUT/interleaved-dask" --overwrite
+.venv/bin/python demo/same_output.py "$OUT/interleaved" "$OUT/interleaved-dask"
 
 step "photo-story pages served on 127.0.0.1, crawled with their images (Dask runner)"
 PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
