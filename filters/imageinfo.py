@@ -4,7 +4,10 @@
 zero-byte, unreadable, truncated or corrupt bytes are `image_decode_failed`; more pixels than `max_pixels`
 (decompression bomb, read from the header before any pixel is decoded) is `image_too_large`. CMYK, 16-bit,
 palette, alpha and animated images are accepted: `to_rgb` turns them into plain 8-bit RGB (first frame, EXIF
-orientation applied, alpha composited on white), and the pHash is computed on that RGB image.
+orientation applied, alpha composited on white), and the pHash is computed on that RGB image (with
+`transforms=True` also the pHashes of its horizontal flip and 90/180/270-degree rotations, so dedup can
+catch flipped and rotated copies, which plain pHash cannot). `decode_rgb(data, max_pixels)` is the same
+size guard and RGB conversion for callers that need the pixels (CapFilt).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from filters.reasons import Reject
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb warning limit
+TRANSFORMS = ("hflip", "rot90", "rot180", "rot270")  # order of ImageInfo.phash_transforms
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ImageInfo:
     sha256: str  # hex of the raw bytes
     phash: str  # 16 hex digits (imagehash 64-bit pHash of the RGB image)
     n_frames: int
+    phash_transforms: tuple[str, ...] = ()  # pHashes of the TRANSFORMS of the image, when asked for
 
 
 def _open(data: bytes):
@@ -81,45 +86,102 @@ def to_rgb(data: bytes):
     return out
 
 
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo | Reject:
-    """Check and fingerprint one image; see the module docstring for what is rejected."""
-    import imagehash
+def _open_checked(data, max_pixels: int):
+    """(opened image, None) or (None, Reject): bytes check, header parse and the pixel-count guard, all before
+    any pixel is decoded."""
     from PIL import Image
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        return Reject("image_decode_failed", f"not bytes: {type(data).__name__}")
+        return None, Reject("image_decode_failed", f"not bytes: {type(data).__name__}")
     data = bytes(data)
     if not data:
-        return Reject("image_decode_failed", "zero bytes")
+        return None, Reject("image_decode_failed", "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = _open(data)
     except Image.DecompressionBombError as exc:
-        return Reject("image_too_large", f"decompression bomb: {exc}")
+        return None, Reject("image_too_large", f"decompression bomb: {exc}")
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for unreadable bytes
-        return Reject("image_decode_failed", f"unreadable ({len(data)} bytes): {type(exc).__name__}: {exc}")
+        return None, Reject("image_decode_failed", f"unreadable ({len(data)} bytes): {type(exc).__name__}: {exc}")
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        return None, Reject("image_decode_failed", f"{img.format or 'unknown'}: empty size {width}x{height}")
+    if width * height > max_pixels:  # header only: no pixel decoded yet
+        return None, Reject("image_too_large",
+                            f"decompression bomb: {width}x{height} = {width * height} pixels > {max_pixels}")
+    return img, None
+
+
+def _decoded_rgb(img):
+    """Decode an opened image to 8-bit RGB (raises on truncated/corrupt data; LOAD_TRUNCATED_IMAGES stays False)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img.load()
+        rgb = _rgb(img)
+        rgb.load()
+    return rgb
+
+
+def decode_rgb(data, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The image as an 8-bit RGB `PIL.Image.Image`, or a Reject (image_decode_failed, image_too_large)."""
+    from PIL import Image
+
+    img, problem = _open_checked(data, max_pixels)
+    if problem is not None:
+        return problem
+    try:
+        return _decoded_rgb(img)
+    except Image.DecompressionBombError as exc:
+        return Reject("image_too_large", f"decompression bomb: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        return Reject("image_decode_failed", f"{img.format or 'unknown'} {img.width}x{img.height}: "
+                                             f"{type(exc).__name__}: {exc}")
+
+
+def _hash_hex(pixels) -> str:
+    """imagehash.phash's 64 bits of a 32x32 grey array, as its 16 hex digits."""
+    import numpy as np
+    import scipy.fftpack
+
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:8, :8]
+    bits = (dct > np.median(dct)).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def phash_hexes(rgb, transforms: bool = False) -> tuple[str, tuple[str, ...]]:
+    """(pHash, pHashes of TRANSFORMS or ()) of an RGB image: imagehash.phash, on one 32x32 grey resize."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(rgb.convert("L").resize((32, 32), Image.Resampling.LANCZOS))
+    if not transforms:
+        return _hash_hex(pixels), ()
+    variants = (np.fliplr(pixels), np.rot90(pixels, 1), np.rot90(pixels, 2), np.rot90(pixels, 3))
+    return _hash_hex(pixels), tuple(_hash_hex(v) for v in variants)
+
+
+def inspect_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, transforms: bool = False) -> ImageInfo | Reject:
+    """Check and fingerprint one image; see the module docstring for what is rejected."""
+    from PIL import Image
+
+    img, problem = _open_checked(data, max_pixels)
+    if problem is not None:
+        return problem
     width, height = img.size
     fmt = img.format or "unknown"
-    if width <= 0 or height <= 0:
-        return Reject("image_decode_failed", f"{fmt}: empty size {width}x{height}")
-    if width * height > max_pixels:  # header only: no pixel decoded yet
-        return Reject("image_too_large", f"decompression bomb: {width}x{height} = {width * height} pixels > {max_pixels}")
     mode = img.mode
     n_frames = int(getattr(img, "n_frames", 1) or 1)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()  # truncated or corrupt data raises here (LOAD_TRUNCATED_IMAGES stays False)
-            rgb = _rgb(img)
-            rgb.load()
-            phash = str(imagehash.phash(rgb))
+        rgb = _decoded_rgb(img)
+        phash, variants = phash_hexes(rgb, transforms)
     except Image.DecompressionBombError as exc:
         return Reject("image_too_large", f"decompression bomb: {exc}")
     except Exception as exc:  # noqa: BLE001
         return Reject("image_decode_failed", f"{fmt} {width}x{height}: {type(exc).__name__}: {exc}")
     return ImageInfo(width=rgb.width, height=rgb.height, format=fmt, mode=mode,
-                     sha256=hashlib.sha256(data).hexdigest(), phash=phash, n_frames=n_frames)
+                     sha256=hashlib.sha256(bytes(data)).hexdigest(), phash=phash, n_frames=n_frames,
+                     phash_transforms=variants)
 
 
 def phash_distance(a_hex: str, b_hex: str) -> int:

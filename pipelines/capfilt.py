@@ -1,17 +1,24 @@
 """BLIP CapFilt as a Beam stage: synthetic captions + ITM filter over a pairs dataset.
 
-Graph: pair rows (Parquet, schema "pair") -> keyed by image (sha256, else hash of the bytes, else path)
+Graph: pair rows (Parquet, schema "pair") -> keyed by image (sha256, else hash of the bytes, else path,
+       else the row itself: rows without any image identity never share a key)
        -> GroupByKey (an image's web captions together) -> GroupByKey by hash(image) % groups (about 4 batches
        per group) -> CapFiltFn (models loaded once per worker in setup; runs the group in batches) -> kept (image, caption) rows, reject rows and counters -> the sink.
 
 Counting (every stage balances; stats.json checks it):
 - `candidates` (caption level, main chain): in = web rows read + synthetic captions generated; rejected =
-  web rows of undecodable/missing images, empty synthetic captions; out = captions sent to the ITM filter.
+  web rows of undecodable/missing images, unreadable rows (read_failed: a broken row group), empty synthetic
+  captions; out = captions sent to the ITM filter.
 - `itm_filter` (caption level, main chain): in = candidates out; out = rows written; rejected `itm_low`.
   Counters web_kept / web_dropped / synthetic_kept / synthetic_dropped and score histograms (`hist_<source>_<bin>`).
 - `capfilt_images` (image level): in = distinct images; out = images with at least one kept caption;
   rejected `no_caption_kept`, `image_decode_failed`, `image_too_large` (decompression bomb), `missing_image`.
-Images are decoded with `filters.imageinfo.to_rgb` (EXIF orientation, CMYK/16-bit/alpha handled).
+Images are decoded with `filters.imageinfo.decode_rgb` (pixel-count guard against decompression bombs before
+decoding, EXIF orientation, CMYK/16-bit/alpha handled), from the first row of the image's group that decodes
+(a sibling row with a bad path does not sink the image).
+Output rows: web rows keep their image_id; synthetic caption j of an image gets image_id
+"<image_id of the row it was made from>#synthetic-<j>", so image_id stays unique per row (the image is
+shared through sha256/image_bytes/image_path, and the metadata's capfilt.image_id).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class CapFiltConfig:
     allow_random_weights: bool = False
     device: str = "auto"
     precision: str = "auto"
+    max_pixels: int = 89_478_485  # larger images are rejects (decompression bombs)
     extra: dict = field(default_factory=dict)
 
     def caption_config(self):
@@ -68,11 +76,28 @@ class CapFiltConfig:
 # ---- reading ----------------------------------------------------------------------------------------------
 
 def read_pair_file(path: str):
-    """Yield the rows of one pairs Parquet file, a row group at a time (image bytes can be large)."""
+    """Rows of one pairs Parquet file, streamed, each with `_row` = "file:index" (unique in the run); a row that
+    cannot be read comes as {"_row", "_bad": why} (a reject), and the file goes on."""
+    from pipelines.pairs_sources import BadRecord, parquet_rows
+
     schemas.read_table(path, "pair", columns=["image_id"])  # checks the schema name and version
-    f = pq.ParquetFile(path)
-    for i in range(f.num_row_groups):
-        yield from f.read_row_group(i).to_pylist()
+    base = os.path.basename(path)
+    for i, row in parquet_rows(path, batch_size=64):
+        if isinstance(row, BadRecord):
+            yield {"_row": f"{base}:{i}", "_bad": str(row)}
+        else:
+            row["_row"] = f"{base}:{i}"
+            yield row
+
+
+def is_readable(row) -> bool:
+    return "_bad" not in row
+
+
+def unreadable(row):
+    """Reject tuples for a row that could not be read."""
+    if "_bad" in row:
+        yield from _reject(STAGE_CANDIDATES, "read_failed", row["_bad"], row["_row"])
 
 
 def image_key(row: dict) -> str:
@@ -83,7 +108,7 @@ def image_key(row: dict) -> str:
         return "blake2b:" + hashlib.blake2b(row["image_bytes"], digest_size=16).hexdigest()
     if row.get("image_path"):
         return "path:" + row["image_path"]
-    return "id:" + str(row.get("image_id"))
+    return "row:" + str(row.get("_row"))  # no image identity: this row alone
 
 
 def key_row(row):
@@ -125,9 +150,12 @@ def batch_groups(files: list[str], batch_size: int, batches_per_group: int = 4) 
 
 # ---- decoding ---------------------------------------------------------------------------------------------
 
-def load_image(row: dict):
+def load_image(row: dict, max_pixels: int = 89_478_485):
     """(PIL RGB image, None) or (None, Reject)."""
+    from filters.imageinfo import decode_rgb
+
     data = row.get("image_bytes")
+    where = row.get("image_path") or "image_bytes"
     if data is None and row.get("image_path"):
         try:
             with open(row["image_path"], "rb") as f:
@@ -136,18 +164,24 @@ def load_image(row: dict):
             return None, Reject("missing_image", f"{row['image_path']}: {exc.strerror or exc}")
     if data is None:
         return None, Reject("missing_image", "no image_bytes and no image_path")
-    if not data:
-        return None, Reject("image_decode_failed", "zero bytes")
-    from PIL import Image
+    image = decode_rgb(data, max_pixels)
+    if isinstance(image, Reject):
+        return None, Reject(image.reason, f"{where}: {image.detail}"[:300])
+    return image, None
 
-    from filters.imageinfo import to_rgb
 
-    try:
-        return to_rgb(data), None
-    except Image.DecompressionBombError as exc:
-        return None, Reject("image_too_large", f"decompression bomb: {exc}"[:300])
-    except Exception as exc:  # PIL raises many types on bad bytes
-        return None, Reject("image_decode_failed", f"{len(data)} bytes: {type(exc).__name__}: {exc}"[:300])
+def first_decodable(rows: list, max_pixels: int):
+    """(image, row it came from, None) for the first row of an image group that decodes, else
+    (None, None, Reject) with the first row's problem (and how many rows were tried)."""
+    problems = []
+    for r in rows:
+        image, problem = load_image(r, max_pixels)
+        if problem is None:
+            return image, r, None
+        problems.append(problem)
+    p = problems[0]
+    more = f" ({len(rows)} rows of this image tried, none decodes)" if len(rows) > 1 else ""
+    return None, None, Reject(p.reason, p.detail + more)
 
 
 # ---- the model stage --------------------------------------------------------------------------------------
@@ -199,12 +233,12 @@ class CapFiltFn(beam.DoFn):
             yield from self._batch(group[i:i + self.cfg.batch_size])
 
     def _batch(self, batch):
-        images, keys, groups, out = [], [], [], []
+        images, keys, groups, bases, out = [], [], [], [], []
         for key, rows in batch:
-            rows = sorted(rows, key=lambda r: (str(r.get("image_id")), r.get("caption") or ""))
+            rows = sorted(rows, key=lambda r: (str(r.get("image_id")), r.get("caption") or "", r.get("_row") or ""))
             source = str(rows[0].get("image_id") or key)
             out.append(_count(STAGE_IMAGES, "in"))
-            image, problem = load_image(rows[0])
+            image, base, problem = first_decodable(rows, self.cfg.max_pixels)
             if problem is not None:
                 out += _reject(STAGE_IMAGES, problem.reason, problem.detail, source)
                 for r in rows:
@@ -213,16 +247,17 @@ class CapFiltFn(beam.DoFn):
             images.append(image)
             keys.append(key)
             groups.append(rows)
+            bases.append(base)
         yield from out
         if images:
-            yield from self._filter(images, keys, groups)
+            yield from self._filter(images, keys, groups, bases)
         self._progress(len(batch))
 
-    def _filter(self, images, keys, groups):
+    def _filter(self, images, keys, groups, bases):
         c = self.cfg
         synthetic = self.captioner.captions(images, keys, self.caption_cfg) if self.captioner else [[] for _ in images]
         candidates = []  # per image: [(source, index, caption, row)]
-        for rows, caps, key in zip(groups, synthetic, keys):
+        for rows, caps, key, base in zip(groups, synthetic, keys, bases):
             cands = []
             for i, r in enumerate(rows):
                 if (r.get("caption") or "").strip():
@@ -233,24 +268,24 @@ class CapFiltFn(beam.DoFn):
             yield _count(STAGE_CANDIDATES, "in", len(caps))
             for j, text in enumerate(caps):
                 if text:
-                    cands.append(("synthetic", j, text, rows[0]))
+                    cands.append(("synthetic", j, text, base))
                 else:
                     yield from _reject(STAGE_CANDIDATES, "caption_empty", "captioner produced no words",
-                                       f"{rows[0].get('image_id')}#synthetic-{j}")
+                                       f"{base.get('image_id') or key}#synthetic-{j}")
             candidates.append(cands)
         scores = self.matcher.score(images, [[cand[2] for cand in cands] for cands in candidates])
-        for key, rows, image, cands, image_scores in zip(keys, groups, images, candidates, scores):
+        for key, rows, image, cands, image_scores, base in zip(keys, groups, images, candidates, scores, bases):
             kept = 0
             for (src, idx, text, row), score in zip(cands, image_scores):
                 yield _count(STAGE_CANDIDATES, "out")
                 yield _count(STAGE_ITM, "in")
                 yield _count(STAGE_ITM, f"hist_{src}_{hist_bin(score):02d}")
-                tag = f"{row.get('image_id')}#{src}" + (f"-{idx}" if src == "synthetic" else "")
+                tag = f"{row.get('image_id') or key}#{src}" + (f"-{idx}" if src == "synthetic" else "")
                 if score >= c.itm_threshold:
                     kept += 1
                     yield _count(STAGE_ITM, "out")
                     yield _count(STAGE_ITM, f"{src}_kept")
-                    yield KEPT, (f"{key}\x00{src}\x00{idx:04d}", self._row(row, image, src, idx, text, score))
+                    yield KEPT, (f"{key}\x00{src}\x00{idx:04d}", self._row(row, image, src, idx, text, score, key, base))
                 else:
                     yield _count(STAGE_ITM, f"{src}_dropped")
                     yield from _reject(STAGE_ITM, "itm_low", f"itm {score:.4f} < {c.itm_threshold}: {text[:200]}", tag)
@@ -260,16 +295,21 @@ class CapFiltFn(beam.DoFn):
                 yield from _reject(STAGE_IMAGES, "no_caption_kept", f"{len(cands)} captions, none >= {c.itm_threshold}",
                                    str(rows[0].get("image_id") or key))
 
-    def _row(self, row, image, src, idx, text, score):
+    def _row(self, row, image, src, idx, text, score, key, base):
         out = {k: row.get(k) for k in schemas.PAIR.names}
         out.update(caption=text, caption_source=src, itm_score=float(score))
+        if src == "web" and row is not base:  # same image (same key); this row's own bytes/path may be broken
+            out["image_bytes"], out["image_path"] = base.get("image_bytes"), base.get("image_path")
         out["width"] = out["width"] or image.width
         out["height"] = out["height"] or image.height
         if src == "synthetic":
+            base_id = row.get("image_id") or key
+            out["image_id"] = f"{base_id}#synthetic-{idx}"
             out["clip_score"] = None
             out["clip_embedding"] = row.get("clip_embedding")
             out["metadata"] = _merge_metadata(row, {"capfilt": {"captioner": self.captioner.source,
                                                                 "caption_index": idx, "seed": self.cfg.seed,
+                                                                "image_id": row.get("image_id"),
                                                                 "web_caption": row.get("caption")}})
         return out
 
@@ -292,9 +332,13 @@ def build_capfilt(pipeline, files: list[str], cfg: CapFiltConfig):
     from pipelines.stage import Collector, split_tags
 
     c = Collector()
-    rows = (pipeline | "ListFiles" >> beam.Create(sorted(files))
+    read = (pipeline | "ListFiles" >> beam.Create(sorted(files))
             | "ReadPairs" >> beam.FlatMap(read_pair_file))
-    c.add_counts(rows | "CountWeb" >> beam.FlatMap(web_read_counts))
+    c.add_counts(read | "CountWeb" >> beam.FlatMap(web_read_counts))
+    bad = split_tags(read | "Unreadable" >> beam.FlatMap(unreadable), (REJECTS, COUNTS), label="Read")
+    c.add(bad[REJECTS])
+    c.add_counts(bad[COUNTS])
+    rows = read | "Readable" >> beam.Filter(is_readable)
     tagged = (rows | "KeyByImage" >> beam.Map(key_row)
               | "GroupByImage" >> beam.GroupByKey()
               | "ToList" >> beam.Map(group_to_list)

@@ -1,6 +1,7 @@
 """BLIP captioner and ITM filter for CapFilt, through Hugging Face transformers' BLIP classes.
 
-Captioning: the captioner's vision tower runs once per image, its output is repeated for the N captions, and
+Captioning: the captioner's vision tower and the prompt step (every layer's cross-attention K/V over the
+image tokens) run once per image, their caches are repeated for the N captions, and
 a cached decode loop (self- and cross-attention K/V kept in an `EncoderDecoderCache`) samples tokens with
 repetition penalty and nucleus (top-p) filtering. Sampling uses the Gumbel-max trick with noise from a
 counter-based hash of (row seed, step, token id), so every caption depends only on the seed, the image id
@@ -194,33 +195,46 @@ class Captioner:
     @torch.inference_mode()
     def generate_ids(self, pixel_values: torch.Tensor, seeds: torch.Tensor, cfg: CaptionConfig) -> list[list[int]]:
         """Sampled token ids after the prompt (up to, excluding, the first [SEP]) for every (image, index) row:
-        `seeds` is (images * num_captions,) int64, rows ordered image-major."""
+        `seeds` is (images * num_captions,) int64, rows ordered image-major.
+
+        The vision tower and the prompt step (which computes every layer's cross-attention keys/values from
+        the image tokens) run once per image; their caches are then repeated for the N captions, so N > 1
+        costs N decode loops, not N image encodings."""
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         n = cfg.num_captions
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
-        enc = image_embeds.repeat_interleave(n, dim=0)
-        enc_mask = torch.ones(enc.shape[:2], dtype=torch.long, device=enc.device)
-        rows = enc.shape[0]
-        prompt = torch.tensor(self.prompt_ids(cfg.prompt), device=enc.device).repeat(rows, 1)
-        ids = prompt
-        seeds = seeds.to(enc.device)
+        images = image_embeds.shape[0]
+        enc_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        prompt = torch.tensor(self.prompt_ids(cfg.prompt), device=image_embeds.device).repeat(images, 1)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         decoder = self.model.text_decoder
-        step_input = prompt
+        out = decoder(input_ids=prompt, encoder_hidden_states=image_embeds, encoder_attention_mask=enc_mask,
+                      cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        logits = out.logits[:, -1, :]
+        enc = image_embeds
+        if n > 1:  # one prompt step per image, its caches shared by the image's N captions
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+            enc = image_embeds.repeat_interleave(n, dim=0)
+            enc_mask = enc_mask.repeat_interleave(n, dim=0)
+            prompt = prompt.repeat_interleave(n, dim=0)
+        rows = enc.shape[0]
+        ids = prompt
+        seeds = seeds.to(enc.device)
         done = torch.zeros(rows, dtype=torch.bool, device=enc.device)
         for step in range(cfg.max_new_tokens):
-            out = decoder(input_ids=step_input, encoder_hidden_states=enc, encoder_attention_mask=enc_mask,
-                          cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
-            logits = out.logits[:, -1, :].float()
-            logits = repetition_penalty_(logits, ids, cfg.repetition_penalty)
+            if step:
+                out = decoder(input_ids=ids[:, -1:], encoder_hidden_states=enc, encoder_attention_mask=enc_mask,
+                              cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+                logits = out.logits[:, -1, :]
+            logits = repetition_penalty_(logits.float(), ids, cfg.repetition_penalty)
             if step < cfg.min_new_tokens:
                 logits[:, self.sep] = float("-inf")
             nxt = sample_top_p(logits.log_softmax(dim=-1), cfg.top_p, seeds, step)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
             done = done | (nxt == self.sep)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
             if bool(done.all()):
                 break
         out_ids = []

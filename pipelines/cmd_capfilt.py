@@ -18,7 +18,9 @@ DESCRIPTION = (
     "(BlipForImageTextRetrieval) scores the web caption(s) and every synthetic one: softmax probability of "
     "'match'; captions below --itm-threshold are dropped (reject reason itm_low). OUT/data holds one row per "
     "kept (image, caption) with caption_source web|synthetic and itm_score, so training can pick either or both; "
-    "images left with no caption are rejects (no_caption_kept), undecodable images image_decode_failed. "
+    "images left with no caption are rejects (no_caption_kept), undecodable images image_decode_failed, "
+    "images over --max-pixels image_too_large; each image is decoded from the first of its rows that decodes. "
+    "Synthetic rows get image_id '<web image_id>#synthetic-<j>' (image_id stays unique per row). "
     "stats.json has kept/dropped per source and ITM score histograms. Models: a local folder saved with "
     "save_pretrained (model + BlipProcessor) or a cached hub id; no hub here, so --allow-random-weights builds "
     "random weights from the folder's config for a smoke run (stats.json 'models' then says 'random'). "
@@ -44,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
+    parser.add_argument("--max-pixels", type=int, default=89_478_485,
+                        help="images with more pixels are rejects (image_too_large: decompression bombs), checked "
+                             "from the header before decoding")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="build models with random weights from their configs when no weights are found (test runs only)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
@@ -91,6 +96,8 @@ def run(args) -> int:
 
     if args.num_captions < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserError("--num-captions must be >= 0, --top-p in (0, 1], --max-new-tokens and --batch-size >= 1")
+    if args.max_pixels < 1:
+        raise UserError("--max-pixels must be at least 1")
     if not 0 <= args.itm_threshold <= 1:
         raise UserError("--itm-threshold is a probability in [0, 1]")
     files = input_files(args.input)
@@ -99,7 +106,8 @@ def run(args) -> int:
         captioner=args.captioner, itm=args.itm, num_captions=args.num_captions, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, prompt=args.prompt, itm_threshold=args.itm_threshold,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-        allow_random_weights=args.allow_random_weights, device=args.device, precision=args.precision)
+        allow_random_weights=args.allow_random_weights, device=args.device, precision=args.precision,
+        max_pixels=args.max_pixels)
     sources = model_sources(cfg)
     if "random" in sources.values():
         print("capfilt: WARNING: running with RANDOM weights (--allow-random-weights); captions and scores are "

@@ -23,10 +23,14 @@ DESCRIPTION = (
     "names, 'click here'; DataComp length rule: more than 2 words and 5 characters) -> image (decode check, "
     "sha256, pHash; corrupt/truncated/zero-byte/bomb images rejected) -> decontaminate (--decontaminate "
     "EVAL_DIR: same bytes or pHash within --phash-distance of an evaluation image) -> clip_score (open_clip cosine of image "
-    "and caption embeddings, batched; GPU with nvJPEG decode + fp16 when CUDA is present) -> clip_filter "
+    "and caption embeddings, batched; on CUDA batched nvJPEG decode on a prefetch thread overlapping the model, "
+    "fp16 (or --precision bf16), out-of-memory halves the batch) -> clip_filter "
     "(--min-clip-score, LAION used 0.28 for ViT-B/32, or --keep-top-fraction over the WHOLE run) -> dedup "
-    "(exact sha256, pHash Hamming <= --phash-distance via multi-index hashing, SemDeDup-style semantic). Dedup keeps, per duplicate group, the image whose best pair has "
-    "the highest clip_score (then the smallest image_id); all captions of a kept image stay. Weights: "
+    "(exact sha256, pHash Hamming <= --phash-distance via multi-index hashing, identical pHashes collapsed first; "
+    "--phash-transforms also catches horizontally flipped and 90/180/270-degree rotated copies; SemDeDup-style "
+    "semantic). Dedup keeps, per duplicate group, the image whose best pair has "
+    "the highest clip_score (then the smallest image_id); all captions of a kept image stay. Pairs inputs "
+    "(e.g. CapFilt output) keep their caption_source and itm_score. Weights: "
     "--clip-pretrained TAG_OR_PATH; without it the run stops unless --allow-random-weights (then stats.json "
     "says clip_weights: random)."
 )
@@ -50,6 +54,11 @@ def add_arguments(parser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="pairs per CLIP batch (halves on CUDA out-of-memory)")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     g.add_argument("--decode-threads", type=int, default=0, help="CPU image decode threads per worker (0: all cores)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="CLIP precision: auto = fp16 on CUDA, fp32 on CPU")
+    g.add_argument("--clip-decode", default="auto", choices=["auto", "pil", "device"],
+                   help="image decode for CLIP: device = batched torchvision decode_jpeg on the model's device "
+                        "(nvJPEG on CUDA), pil = PIL in threads; auto = device on CUDA, pil on CPU")
     g.add_argument("--score-groups", type=int, default=64,
                    help="DaskRunner only: pairs are batched per hash group (each group is held in memory)")
     g.add_argument("--store-embeddings", action="store_true",
@@ -62,7 +71,13 @@ def add_arguments(parser) -> None:
     d.add_argument("--dedup", default="exact,phash", help="comma list of exact, phash, semantic, or 'none'")
     d.add_argument("--phash-distance", type=int, default=10, help="pHash Hamming distance counted as a duplicate (imagededup default 10)")
     d.add_argument("--phash-blocks", type=int, default=0,
-                   help="multi-index blocks (> distance; 0: distance + 2). More blocks: longer keys, more keys per image")
+                   help="multi-index blocks (> distance; 0: chosen from the number of images). More blocks: longer "
+                        "keys, more keys per image")
+    d.add_argument("--phash-parts", type=int, default=2,
+                   help="workers that share the pHash search (each holds every image's hash)")
+    d.add_argument("--phash-transforms", action="store_true",
+                   help="also find horizontally flipped and 90/180/270-degree rotated copies (pHash is blind to "
+                        "them): 4 more hashes per image, several times the pHash dedup work")
     d.add_argument("--semantic-eps", type=float, default=0.05, help="semantic duplicate when embedding cosine > 1 - eps")
     d.add_argument("--semantic-clusters", type=int, default=0, help="k-means clusters (0: sqrt(number of images))")
     d.add_argument("--decontaminate", metavar="EVAL_DIR", default=None,
@@ -109,8 +124,9 @@ class CaptionStage:
 
 
 class ImageStage:
-    def __init__(self, max_pixels: int):
+    def __init__(self, max_pixels: int, transforms: bool = False):
         self.max_pixels = max_pixels
+        self.transforms = transforms
 
     def __call__(self, row):
         from filters.imageinfo import inspect_image
@@ -125,7 +141,7 @@ class ImageStage:
             return Reject("read_failed", f"{row.get('image_path')}: {exc.strerror or exc}")
         if data is None:
             return Reject("missing_image", "no image bytes, path or URL")
-        info = inspect_image(data, self.max_pixels)
+        info = inspect_image(data, self.max_pixels, self.transforms)
         if isinstance(info, Reject):
             where = row.get("image_path") or row.get("url") or row["image_ref"]
             return Reject(info.reason, f"{where}: {info.detail}")
@@ -133,7 +149,7 @@ class ImageStage:
         if info.n_frames > 1:
             meta["n_frames"] = info.n_frames
         return dict(row, _data=data, image_bytes=None, sha256=info.sha256, phash=info.phash, width=info.width,
-                    height=info.height, metadata=meta)
+                    height=info.height, metadata=meta, _phash_variants=info.phash_transforms)
 
 
 class Threshold:
@@ -166,7 +182,7 @@ class FetchGroup(beam.DoFn):
         from pipelines.images import FetchConfig, download_batch
 
         _, rows = element
-        rows = sorted(rows, key=lambda r: (r["image_ref"], r["image_id"]))
+        rows = sorted(rows, key=lambda r: (r["image_ref"], r["row_key"]))
         resolve = HostResolver()
         refused = {r["url"]: url_refusal(r["url"], self.allow_private, resolve) for r in rows}
         urls = sorted(u for u, why in refused.items() if not why)
@@ -213,13 +229,14 @@ def output_row(row, store_embeddings: bool):
 
     out = {
         "image_id": row["image_id"], "url": row.get("url"), "image_bytes": row["_data"],
-        "image_path": row.get("image_path"), "caption": row["caption"], "caption_source": "web",
-        "clip_score": row.get("clip_score"), "itm_score": None, "width": row["width"], "height": row["height"],
+        "image_path": row.get("image_path"), "caption": row["caption"],
+        "caption_source": row.get("caption_source") or "web", "clip_score": row.get("clip_score"),
+        "itm_score": row.get("itm_score"), "width": row["width"], "height": row["height"],
         "sha256": row["sha256"], "phash": row["phash"], "source_dataset": row["source_dataset"],
         "clip_embedding": row.get("clip_embedding") if store_embeddings else None,
         "metadata": schemas.metadata_json(dict(row["metadata"], image_ref=row["image_ref"])),
     }
-    return "data", row["image_id"], out
+    return "data", row["row_key"], out
 
 
 def _batch_key(row, groups):
@@ -230,7 +247,7 @@ def _batch_key(row, groups):
 
 def _split_group(element, batch_size):
     _, rows = element
-    rows = sorted(rows, key=lambda r: (r["image_ref"], r["image_id"]))
+    rows = sorted(rows, key=lambda r: (r["image_ref"], r["row_key"]))
     for start in range(0, len(rows), batch_size):
         yield rows[start:start + batch_size]
 
@@ -257,7 +274,7 @@ def build(p, opts: dict):
                | "FetchKey" >> beam.Map(_group_of, opts["fetch_groups"]) | "FetchGroup" >> beam.GroupByKey()
                | "Fetch" >> beam.ParDo(FetchGroup(opts["fetch_timeout"], opts["allow_private"])))
     pairs = (local, fetched) | "WithBytes" >> beam.Flatten()
-    pairs = c.stage(pairs, STAGE_IMAGE, ImageStage(opts["max_pixels"]), source_of)
+    pairs = c.stage(pairs, STAGE_IMAGE, ImageStage(opts["max_pixels"], opts["dedup_cfg"].phash_transforms), source_of)
     if opts["eval_refs"] is not None:  # before scoring: no model time spent on evaluation images
         pairs = c.stage(pairs, pair_dedup.STAGE_DECON,
                         pair_dedup.Decontaminate(opts["eval_refs"], opts["dedup_cfg"].phash_distance), source_of)
@@ -330,8 +347,8 @@ def run(args) -> int:
 
     if args.keep_top_fraction is not None and not 0 < args.keep_top_fraction <= 1:
         raise UserError("--keep-top-fraction must be in (0, 1]")
-    if args.batch_size < 1 or args.num_shards < 1:
-        raise UserError("--batch-size and --num-shards must be at least 1")
+    if args.batch_size < 1 or args.num_shards < 1 or args.phash_parts < 1:
+        raise UserError("--batch-size, --num-shards and --phash-parts must be at least 1")
     dedup = [d.strip() for d in args.dedup.split(",") if d.strip() and d.strip() != "none"]
     unknown = sorted(set(dedup) - set(DEDUP_KINDS))
     if unknown:
@@ -340,12 +357,14 @@ def run(args) -> int:
         raise UserError("--phash-distance must be in [0, 31] and --phash-blocks (if set) larger than it")
     sources = pairs_sources.detect_all(args.sources)
     clip_cfg = ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained, allow_random=args.allow_random_weights,
-                          device=args.device, batch_size=args.batch_size, decode_threads=args.decode_threads)
+                          device=args.device, batch_size=args.batch_size, decode_threads=args.decode_threads,
+                          precision=args.precision, decode=args.clip_decode)
     weights = load_model(clip_cfg).source  # fails here, before the pipeline, when weights are missing
     if weights == "random":
         print("pairs: WARNING: CLIP has RANDOM weights (--allow-random-weights); clip_score is meaningless", flush=True)
     dedup_cfg = pair_dedup.DedupConfig(exact="exact" in dedup, phash="phash" in dedup, semantic="semantic" in dedup,
                                        phash_distance=args.phash_distance, phash_blocks=args.phash_blocks,
+                                       phash_parts=args.phash_parts, phash_transforms=args.phash_transforms,
                                        semantic_eps=args.semantic_eps, semantic_clusters=args.semantic_clusters)
     eval_refs, skipped = (eval_references(args.decontaminate, args.max_pixels) if args.decontaminate else (None, 0))
     opts = {
@@ -368,8 +387,10 @@ def run(args) -> int:
     config = {
         "sources": [{"name": s.name, "kind": s.kind, "path": os.path.abspath(s.path)} for s in sources],
         "clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "clip_weights": weights,
+        "clip_precision": args.precision, "clip_decode": args.clip_decode,
         "min_clip_score": args.min_clip_score, "keep_top_fraction": args.keep_top_fraction,
         "dedup": dedup, "phash_distance": args.phash_distance, "phash_blocks": args.phash_blocks,
+        "phash_transforms": args.phash_transforms,
         "semantic_eps": args.semantic_eps, "semantic_clusters": args.semantic_clusters,
         "decontaminate": os.path.abspath(args.decontaminate) if args.decontaminate else None,
         "include_context_text": args.include_context_text, "min_words": args.min_words, "min_chars": args.min_chars,

@@ -3,14 +3,20 @@ semantic), plus decontamination against an evaluation image set.
 
 Dedup works on IMAGES, not pairs: the pairs sharing an `image_ref` (the captions of one COCO photo, the alt
 and context captions of one web image) are one unit, kept or dropped together. Each image is ranked by its
-best pair: highest clip_score (rounded to 1e-4), then smallest image_id; in a duplicate group the best-ranked image survives
+best pair: highest clip_score (rounded to 1e-4), then smallest image_id, then smallest row_key (unique per
+row, so no two pairs tie); in a duplicate group the best-ranked image survives
 and every image that has a better-ranked image within the threshold is dropped (deterministic, independent
 of runner and order; in a chain A~B~C with A and C apart, B and C both go). A surviving pair whose
 duplicates came from other input datasets gets `also_in_datasets` in its metadata.
 
 Global steps that need the whole run in one place (top-fraction cut-off, semantic k-means) use a
 constant-key GroupByKey: fine up to a few million pairs on one worker; beyond that, sample-then-assign
-would be needed (not built). No side inputs (DaskRunner).
+would be needed (not built). pHash dedup sends every image's (rank, pHash) to each of `phash_parts`
+workers; each searches its share of the multi-index keys over all hashes (filters.phash_index.duplicates:
+identical hashes collapse first). With `phash_transforms` the pHashes of each image's horizontal flip and
+90/180/270-degree rotations are matched against the plain ones too. No side inputs (DaskRunner).
+Rows are keyed by `row_key` (unique by construction), never by image_id, wherever one decision is applied
+per row.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import apache_beam as beam
 import numpy as np
 
 from filters import phash_index
+from filters.imageinfo import TRANSFORMS
 from filters.reasons import Reject
 from pipelines.stage import COUNTS, KEPT, REJECTS, reject_output, split_tags
 
@@ -38,7 +45,9 @@ class DedupConfig:
     phash: bool = True
     semantic: bool = False
     phash_distance: int = 10
-    phash_blocks: int = 0  # 0: distance + 2 (two agreeing blocks per key, 66 keys at k=10)
+    phash_blocks: int = 0  # 0: chosen from the number of distinct hashes (filters.phash_index.plan)
+    phash_parts: int = 2  # workers sharing the pHash search (each holds every image's hash)
+    phash_transforms: bool = False  # also match flipped / 90-180-270 rotated copies (5x the hashes)
     semantic_eps: float = 0.05  # duplicate when cosine > 1 - eps
     semantic_clusters: int = 0  # 0: about sqrt(number of images)
     seed: int = 0
@@ -46,9 +55,9 @@ class DedupConfig:
 
 def rank(row: dict) -> tuple:
     """Survivor order, best first: highest clip_score rounded to 1e-4 (batch-to-batch float noise cannot flip
-    equal scores), then the smallest image_id."""
+    equal scores), then the smallest image_id, then the row_key (unique: no ties)."""
     score = row.get("clip_score")
-    return (-round(score if score is not None else -2.0, 4), row["image_id"])
+    return (-round(score if score is not None else -2.0, 4), row["image_id"], row.get("row_key") or "")
 
 
 def _emit(collector, tagged, label):
@@ -61,7 +70,7 @@ def _emit(collector, tagged, label):
 # ---- top fraction over the whole run --------------------------------------------------------------------
 
 def _score_key(row):
-    return None, (rank(row), row["image_id"])
+    return None, (rank(row), row["row_key"])
 
 
 class _TopDecisions(beam.DoFn):
@@ -73,15 +82,19 @@ class _TopDecisions(beam.DoFn):
         items = sorted(items)
         keep = math.ceil(self.fraction * len(items) - 1e-9)
         cutoff = -items[keep - 1][0][0] if keep else None
-        for i, (_, image_id) in enumerate(items):
-            yield image_id, (i < keep, i + 1, len(items), cutoff)
+        for i, (_, row_key) in enumerate(items):
+            yield row_key, (i < keep, i + 1, len(items), cutoff)
 
 
 class _ApplyTop(beam.DoFn):
+    """Join of one row with its decision, by row_key (unique per row: exactly one of each)."""
+
     def process(self, element):
-        _, grouped = element
-        decisions = list(grouped["decision"])
-        for row in grouped["pair"]:
+        key, grouped = element
+        rows, decisions = list(grouped["pair"]), list(grouped["decision"])
+        if len(rows) != 1 or len(decisions) != 1:
+            raise RuntimeError(f"row_key {key!r}: {len(rows)} rows, {len(decisions)} decisions (must be unique)")
+        for row in rows:
             yield COUNTS, ((STAGE_TOP, "in", ""), 1)
             keep, position, total, cutoff = decisions[0]
             if keep:
@@ -96,10 +109,10 @@ class _ApplyTop(beam.DoFn):
 
 
 def keep_top_fraction(collector, pairs, fraction: float):
-    """Keep the ceil(fraction * n) best pairs of the whole run by (clip_score desc, image_id)."""
+    """Keep the ceil(fraction * n) best pairs of the whole run by (clip_score desc, image_id, row_key)."""
     decisions = (pairs | "Top_Scores" >> beam.Map(_score_key) | "Top_Gather" >> beam.GroupByKey()
                  | "Top_Decide" >> beam.ParDo(_TopDecisions(fraction)))
-    keyed = pairs | "Top_KeyPairs" >> beam.Map(lambda r: (r["image_id"], r))
+    keyed = pairs | "Top_KeyPairs" >> beam.Map(lambda r: (r["row_key"], r))
     tagged = ({"pair": keyed, "decision": decisions} | "Top_Join" >> beam.CoGroupByKey()
               | "Top_Apply" >> beam.ParDo(_ApplyTop()))
     return _emit(collector, tagged, "Top_")
@@ -194,42 +207,65 @@ def exact_dedup(collector, pairs):
 
 # ---- pHash ----------------------------------------------------------------------------------------------
 
-class _PhashKeys(beam.DoFn):
-    def __init__(self, plan):
-        self.plan = plan
-
-    def process(self, kv):
-        ref, s = kv
-        if not s[2]:
-            return
-        for key in phash_index.keys_of(int(s[2], 16), self.plan):
-            yield key, (ref, s)
+def phash_summary(row):
+    """(image_ref, (rank, phash, dataset, transformed pHashes)) for CombinePerKey(min): the image's best pair."""
+    return row["image_ref"], (rank(row), row["phash"], row["source_dataset"], tuple(row.get("_phash_variants") or ()))
 
 
-class _PhashBucket(beam.DoFn):
-    """Verify one bucket: each pair within k is reported in its first agreeing combo's bucket only."""
+def phash_part(members, k: int, blocks: int, part: int, parts: int, transforms: bool):
+    """Drops and marks found by one worker's share (`part` of `parts`) of the multi-index keys, over every
+    image: `members` = [(image_ref, (rank, phash hex, dataset, variant hexes))]. Yields
+    ("drop", (ref, ((distance, winner rank), "duplicate_phash", detail))) and ("mark", (ref, dataset)).
+    Pure apart from the tuples; bench/bench_phash.py times exactly this."""
+    members = sorted((m for m in members if m[1][1]), key=lambda m: m[1][0])  # rank order: rank = position
+    if len(members) < 2:
+        return
+    hashes = phash_index.to_uint64([m[1][1] for m in members])
+    datasets = sorted({m[1][2] for m in members})
+    code = {name: i for i, name in enumerate(datasets)}
+    # cross-dataset marks are tracked as bit masks: up to 64 input datasets
+    groups = np.array([code[m[1][2]] for m in members]) if 1 < len(datasets) <= 64 else None
+    p = phash_index.make_plan(k, blocks) if blocks else phash_index.plan(k, phash_index.distinct(hashes))
+    variants = None
+    if transforms:
+        owner = [i for i, m in enumerate(members) for _ in m[1][3]]
+        kind = [j + 1 for m in members for j in range(len(m[1][3]))]
+        variants = (np.array(owner, dtype=np.int64), phash_index.to_uint64([v for m in members for v in m[1][3]]),
+                    np.array(kind, dtype=np.int64))
+    found = phash_index.duplicates(hashes, np.arange(len(members)), k, p, range(part, len(p.combos), parts),
+                                   groups=groups, variants=variants, exact=part == 0)
+    for lo, wi, d, via in zip(found.loser.tolist(), found.winner.tolist(), found.distance.tolist(), found.via.tolist()):
+        how = f" ({TRANSFORMS[via - 1]} of one matches the other)" if via else ""
+        yield "drop", (members[lo][0], ((d, members[wi][1][0]), "duplicate_phash",
+                                        f"pHash distance {d} to image {members[wi][0]}{how}"))
+    if found.marks is not None:
+        for i in np.flatnonzero(found.marks).tolist():
+            bits = int(found.marks[i])
+            for g, name in enumerate(datasets):
+                if bits >> g & 1:
+                    yield "mark", (members[i][0], name)
 
-    def __init__(self, plan):
-        self.plan = plan
+
+class _PhashPart(beam.DoFn):
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
 
     def process(self, element):
-        key, members = element
-        members = sorted(members, key=lambda m: m[0])
-        if len(members) < 2:
-            return
-        combo = int(key.split(":", 1)[0])
-        hashes = np.array([int(m[1][2], 16) for m in members], dtype=np.uint64)
-        for a, b, d in phash_index.bucket_pairs(hashes, self.plan.k, self.plan, combo):
-            (ra, sa), (rb, sb) = members[a], members[b]
-            (wr, ws), (lr, ls) = ((ra, sa), (rb, sb)) if sa[0] < sb[0] else ((rb, sb), (ra, sa))
-            yield "drop", (lr, (d, "duplicate_phash", f"pHash distance {d} to image {wr}"))
-            yield from _marks([(wr, ws), (lr, ls)])
+        part, members = element
+        c = self.cfg
+        yield from phash_part(list(members), c.phash_distance, c.phash_blocks, part, max(1, c.phash_parts),
+                              c.phash_transforms)
+
+
+def _to_parts(kv, parts):
+    for part in range(parts):
+        yield part, kv
 
 
 def phash_dedup(collector, pairs, cfg: DedupConfig):
-    plan = phash_index.make_plan(cfg.phash_distance, cfg.phash_blocks or min(64, cfg.phash_distance + 2))
-    found = (summaries(pairs, "Phash") | "Phash_Keys" >> beam.ParDo(_PhashKeys(plan))
-             | "Phash_Group" >> beam.GroupByKey() | "Phash_Verify" >> beam.ParDo(_PhashBucket(plan)))
+    found = (pairs | "Phash_Summary" >> beam.Map(phash_summary) | "Phash_BestPair" >> beam.CombinePerKey(min)
+             | "Phash_ToParts" >> beam.FlatMap(_to_parts, max(1, cfg.phash_parts))
+             | "Phash_Gather" >> beam.GroupByKey() | "Phash_Search" >> beam.ParDo(_PhashPart(cfg)))
     return _apply(collector, pairs, found, "Phash", STAGE_PHASH)
 
 
@@ -308,7 +344,7 @@ class Decontaminate:
     def __init__(self, refs: list[tuple[str, str, str]], k: int):
         self.refs = refs
         self.k = k
-        self.index = None
+        self.index = None  # built on first use (in the worker)
 
     def __call__(self, row):
         if self.index is None:
@@ -316,10 +352,12 @@ class Decontaminate:
             self.shas = {r[1]: r[0] for r in self.refs}
         if row["sha256"] in self.shas:
             return Reject("contaminated", f"same bytes as evaluation image {self.shas[row['sha256']]}")
-        hits = self.index.query(row["phash"]) if row.get("phash") else []
-        if hits:
-            name, d = hits[0]
-            return Reject("contaminated", f"pHash distance {d} to evaluation image {name}")
+        for label, h in [("", row.get("phash"))] + [(f" ({t})", v) for t, v in
+                                                     zip(TRANSFORMS, row.get("_phash_variants") or ())]:
+            hits = self.index.query(h) if h else []
+            if hits:
+                name, d = hits[0]
+                return Reject("contaminated", f"pHash distance {d} to evaluation image {name}{label}")
         return row
 
 

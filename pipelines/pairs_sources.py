@@ -12,9 +12,17 @@ A SOURCE is `[NAME=]PATH` (NAME becomes `source_dataset`; default: the folder or
 - table: a .jsonl/.json/.parquet/.csv/.tsv file of {url | path | image, caption} (path relative to the
   file's folder; `image` holds bytes); a COCO-style row with file_name + captions works too.
 
-Raw pair dict (internal, becomes a "pair" row at the end): image_id (unique per pair), image_ref (identity
-of the image record: the captions of one image share it), source (for reject rows), source_dataset, caption
-(raw), url, image_path, image_bytes, metadata (dict).
+Raw pair dict (internal, becomes a "pair" row at the end): row_key (unique per row of the run by
+construction: dataset/file:ordinal), image_id (unique per pair within its file: a repeated id gets
+"~ORDINAL" appended), image_ref (identity of the image record: the captions of one image share it), source
+(file:offset, for reject rows), source_dataset, caption (raw), caption_source and itm_score (kept from pairs
+inputs, e.g. CapFilt output), url, image_path, image_bytes, metadata (dict).
+
+Bad input never stops a read: a record that is not an object, a field of the wrong type, a line that is not
+UTF-8 or JSON becomes `{"_bad": file:offset, "_detail": why}` (a reject row) and the file goes on. When a file
+breaks off partway (truncated Parquet row group, tar, unreadable bytes), the rows that could not be read are
+accounted for: one bad row per unread row where the count is known (Parquet metadata), else one naming the
+offset where reading stopped. So read = written + rejected holds for every file.
 """
 
 from __future__ import annotations
@@ -115,9 +123,83 @@ def tasks(sources: list[Source]) -> list[tuple[str, str, str, str]]:
 
 # ---- readers: task -> raw pairs -------------------------------------------------------------------------
 
-def _pair(name, ref, idx, caption, source, url=None, path=None, data=None, meta=None) -> dict:
+def _pair(name, ref, idx, caption, source, url=None, path=None, data=None, meta=None, caption_source="web",
+          itm_score=None) -> dict:
     return {"image_id": f"{ref}#{idx}", "image_ref": ref, "source": source, "source_dataset": name,
-            "caption": caption, "url": url, "image_path": path, "image_bytes": data, "metadata": meta or {}}
+            "caption": caption, "caption_source": caption_source, "itm_score": itm_score, "url": url,
+            "image_path": path, "image_bytes": data, "metadata": meta or {}}
+
+
+def _bad(source: str, detail: str) -> dict:
+    return {"_bad": source, "_detail": detail[:500]}
+
+
+class BadRecord(ValueError):
+    """A record that cannot become a pair; the message says why (it becomes a reject row)."""
+
+
+def _text(rec: dict, *names: str) -> str | None:
+    """The first present field of `names` as text (None when absent or empty); BadRecord when not text."""
+    for n in names:
+        v = rec.get(n)
+        if v is None or v == "":
+            continue
+        if not isinstance(v, str):
+            raise BadRecord(f"field {n!r} is {type(v).__name__}, not text")
+        return v
+    return None
+
+
+def _image_field(rec: dict) -> tuple[bytes | None, str | None]:
+    """(bytes, path) from an `image`/`image_bytes` column: raw bytes, or a {bytes, path} struct (Hugging Face
+    datasets' Image feature)."""
+    for n in ("image", "image_bytes", "jpg"):
+        v = rec.get(n)
+        if v is None:
+            continue
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return bytes(v), None
+        if isinstance(v, dict):
+            data, path = v.get("bytes"), v.get("path")
+            if data is not None and not isinstance(data, (bytes, bytearray)):
+                raise BadRecord(f"field {n!r}.bytes is {type(data).__name__}, not bytes")
+            if path is not None and not isinstance(path, str):
+                raise BadRecord(f"field {n!r}.path is {type(path).__name__}, not text")
+            return (bytes(data) if data is not None else None), path or None
+        if isinstance(v, str) and n == "image":
+            return None, v  # a path in an `image` column
+        raise BadRecord(f"field {n!r} is {type(v).__name__}, not bytes")
+    return None, None
+
+
+def _guarded(source: str, make):
+    """The pairs `make()` yields, or one bad row naming `source` when the record is malformed."""
+    try:
+        return list(make())
+    except BadRecord as exc:
+        return [_bad(source, str(exc))]
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        return [_bad(source, f"malformed record: {type(exc).__name__}: {exc}")]
+
+
+def parquet_rows(path: str, columns: list[str] | None = None, batch_size: int = 256):
+    """(row index, row dict) of a Parquet file, streamed a batch at a time. A row group that breaks off yields
+    (index, BadRecord) for each row it could not deliver; the next row groups are still read."""
+    f = pq.ParquetFile(path)
+    start = 0
+    for g in range(f.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        done = 0
+        try:
+            for batch in f.iter_batches(batch_size=batch_size, row_groups=[g], columns=columns):
+                for row in batch.to_pylist():
+                    yield start + done, row
+                    done += 1
+        except Exception as exc:  # noqa: BLE001 - corrupt pages, missing columns: the rows are rejects
+            why = BadRecord(f"row group {g} unreadable: {type(exc).__name__}: {exc}"[:400])
+            for i in range(start + done, start + n):
+                yield i, why
+        start += n
 
 
 def _neighbour_text(texts: list, pos: int) -> str | None:
@@ -127,142 +209,253 @@ def _neighbour_text(texts: list, pos: int) -> str | None:
     return None
 
 
+def _interleaved_pairs(name, base, doc, include_context):
+    images = doc["images"] or []
+    infos = doc["image_info"] or [None] * len(images)
+    if len(infos) != len(images):
+        raise BadRecord(f"{len(images)} images but {len(infos)} image_info entries")
+    for pos, (url, info) in enumerate(zip(images, infos)):
+        if url is None:
+            continue
+        info = info or {}
+        ref = f"{name}:{doc['doc_id']}:{pos}"
+        meta = {"doc_id": doc["doc_id"], "doc_url": doc["url"], "position": pos, "caption_kind": "alt"}
+        src = f"{base}:{doc['doc_id']}:{pos}"
+        yield _pair(name, ref, "alt", info.get("alt"), src, url=url, path=info.get("path"), data=info.get("bytes"),
+                    meta=meta)
+        if include_context:
+            text = _neighbour_text(doc["texts"] or [], pos)
+            if text is not None:
+                yield _pair(name, ref, "context", text, src, url=url, path=info.get("path"), data=info.get("bytes"),
+                            meta={**meta, "caption_kind": "context"})
+
+
 def read_interleaved(name, path, include_context: bool):
-    f = pq.ParquetFile(path)
-    for batch in f.iter_batches(batch_size=64, columns=["doc_id", "url", "texts", "images", "image_info"]):
-        for doc in batch.to_pylist():
-            infos = doc["image_info"] or [None] * len(doc["images"])
-            for pos, (url, info) in enumerate(zip(doc["images"], infos)):
-                if url is None:
-                    continue
-                info = info or {}
-                ref = f"{name}:{doc['doc_id']}:{pos}"
-                meta = {"doc_id": doc["doc_id"], "doc_url": doc["url"], "position": pos, "caption_kind": "alt"}
-                src = f"{os.path.basename(path)}:{doc['doc_id']}:{pos}"
-                yield _pair(name, ref, "alt", info.get("alt"), src, url=url, path=info.get("path"),
-                            data=info.get("bytes"), meta=meta)
-                if include_context:
-                    text = _neighbour_text(doc["texts"], pos)
-                    if text is not None:
-                        yield _pair(name, ref, "context", text, src, url=url, path=info.get("path"),
-                                    data=info.get("bytes"), meta={**meta, "caption_kind": "context"})
+    base = os.path.basename(path)
+    for i, doc in parquet_rows(path, ["doc_id", "url", "texts", "images", "image_info"], batch_size=64):
+        if isinstance(doc, BadRecord):
+            yield _bad(f"{base}:{i}", str(doc))
+        else:
+            yield from _guarded(f"{base}:{i}", lambda: _interleaved_pairs(name, base, doc, include_context))
+
+
+def _upstream_pair(name, base, i, row):
+    try:
+        meta = json.loads(row.get("metadata") or "{}")
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        meta = {"upstream_metadata": row.get("metadata")}
+    source = row.get("caption_source") or "web"
+    if source not in schemas.CAPTION_SOURCES:
+        raise BadRecord(f"caption_source {source!r} is not one of {', '.join(schemas.CAPTION_SOURCES)}")
+    upstream = row.get("image_id")
+    ident = row.get("sha256") or row.get("url") or row.get("image_path") or upstream or f"row{i}"
+    yield _pair(name, f"{name}:{ident}", upstream if upstream is not None else f"row{i}", row.get("caption"),
+                f"{base}:{i}" if upstream is None else f"{base}:{upstream}", url=row.get("url"),
+                path=_text(row, "image_path"), data=row.get("image_bytes"),
+                meta={**meta, "upstream_image_id": upstream}, caption_source=source, itm_score=row.get("itm_score"))
 
 
 def read_pairs(name, path):
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            meta = json.loads(row.get("metadata") or "{}")
-            ref = f"{name}:{row.get('sha256') or row.get('url') or row.get('image_path') or row['image_id']}"
-            yield _pair(name, ref, row["image_id"], row.get("caption"), f"{os.path.basename(path)}:{row['image_id']}",
-                        url=row.get("url"), path=row.get("image_path"), data=row.get("image_bytes"),
-                        meta={**meta, "upstream_image_id": row["image_id"]})
+    base = os.path.basename(path)
+    for i, row in parquet_rows(path):
+        if isinstance(row, BadRecord):
+            yield _bad(f"{base}:{i}", str(row))
+        else:
+            yield from _guarded(f"{base}:{i}", lambda: _upstream_pair(name, base, i, row))
 
 
 def _coco_rows(name, path, rec, line_no, root):
-    file_name = rec.get("file_name")
+    if not isinstance(rec, dict):
+        raise BadRecord(f"not a JSON object but {type(rec).__name__}: {json.dumps(rec, default=repr)[:120]}")
+    file_name = _text(rec, "file_name")
     captions = rec.get("captions")
     if captions is None:
         captions = [rec.get("caption")]
     if not isinstance(captions, list):
         captions = [captions]
-    image_path = os.path.join(root, "images", file_name) if isinstance(file_name, str) else None
+    image_path = os.path.join(root, "images", file_name) if file_name else None
     if image_path and not os.path.exists(image_path) and os.path.exists(os.path.join(root, file_name)):
         image_path = os.path.join(root, file_name)
-    ref = f"{name}:{file_name if isinstance(file_name, str) else f'line{line_no}'}"
+    ref = f"{name}:{file_name or f'line{line_no}'}"
     meta = {k: rec[k] for k in ("image_id", "license", "flickr_url") if k in rec}
     src = f"{os.path.basename(path)}:{line_no}"
+    url = _text(rec, "url")
     for i, caption in enumerate(captions):
-        yield _pair(name, ref, i, caption, src, url=rec.get("url"), path=image_path, meta={**meta, "caption_index": i})
+        yield _pair(name, ref, i, caption, src, url=url, path=image_path, meta={**meta, "caption_index": i})
+
+
+def _json_lines(path):
+    """(line number, record or BadRecord) of a JSON-lines file; a line that is not UTF-8 or not JSON is a
+    BadRecord, and reading goes on."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield line_no, BadRecord(f"not UTF-8: {exc}")
+            except json.JSONDecodeError as exc:
+                yield line_no, BadRecord(f"bad JSON: {exc}")
 
 
 def read_coco(name, path, root):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    base = os.path.basename(path)
+    for line_no, rec in _json_lines(path):
+        if isinstance(rec, BadRecord):
+            yield _bad(f"{base}:{line_no}", str(rec))
+        else:
+            yield from _guarded(f"{base}:{line_no}", lambda: _coco_rows(name, path, rec, line_no, root))
+
+
+def _csv_records(path, delimiter):
+    """(line number, dict or BadRecord) of a CSV/TSV file with a header row; bad rows (invalid UTF-8, a field
+    over the csv module's limit, more fields than the header) are BadRecords and reading goes on."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = None
+        while True:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield {"_bad": f"{os.path.basename(path)}:{line_no}", "_detail": f"bad JSON: {exc}"}
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield reader.line_num, BadRecord(f"CSV: {exc}")
                 continue
-            yield from _coco_rows(name, path, rec, line_no, root)
+            if header is None:
+                header = fields
+                continue
+            if not fields:
+                continue
+            if any("\udc80" <= ch <= "\udcff" for v in fields for ch in v):
+                yield reader.line_num, BadRecord("not UTF-8")
+            elif len(fields) > len(header):
+                yield reader.line_num, BadRecord(f"{len(fields)} fields, header has {len(header)}")
+            else:
+                yield reader.line_num, dict(zip(header, fields))
 
 
 def _table_records(path):
+    """(offset, record or BadRecord) of one table file: line numbers for JSONL/CSV/TSV, row indices for
+    Parquet/JSON. A JSON file must hold a list of records or an object with a `rows`/`data` list."""
     low = path.lower()
     if low.endswith(".parquet"):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+        yield from parquet_rows(path)
     elif low.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        yield {"_bad_json": str(exc)}
+        yield from _json_lines(path)
     elif low.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        yield from (data if isinstance(data, list) else data.get("rows", data.get("data", [])))
+        with open(path, "rb") as f:
+            try:
+                data = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                yield 0, BadRecord(f"not a UTF-8 JSON document: {exc}")
+                return
+        rows = data if isinstance(data, list) else data.get("rows", data.get("data")) if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            yield 0, BadRecord(f"top level is {type(data).__name__}: expected a list of records or an object "
+                               f"with a 'rows' or 'data' list")
+            return
+        yield from enumerate(rows)
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            yield from csv.DictReader(f, delimiter="\t" if low.endswith(".tsv") else ",")
+        yield from _csv_records(path, "\t" if low.endswith(".tsv") else ",")
 
 
-def read_table(name, path):
+def _table_pairs(name, path, root, offset, rec, tag):
+    if not isinstance(rec, dict):
+        raise BadRecord(f"not a record but {type(rec).__name__}: {json.dumps(rec, default=repr)[:120]}")
+    if "captions" in rec and "file_name" in rec:
+        yield from _coco_rows(name, path, rec, offset, root)
+        return
+    data, image_path = _image_field(rec)
+    p = _text(rec, "path", "image_path", "file_name") or image_path
+    if p and not os.path.isabs(p):
+        p = os.path.join(root, p)
+    url = _text(rec, "url")
+    caption = rec.get("caption", rec.get("text"))
+    ref = f"{name}:{p or url or f'{tag}row{offset}'}"
+    yield _pair(name, ref, f"{tag}{offset}", caption, f"{os.path.basename(path)}:{offset}", url=url, path=p,
+                data=data, meta={"row": offset})
+
+
+def read_table(name, path, tag: str = ""):
+    """Pairs of one table file; `tag` (the file name, for a folder of tables) keeps image_ids apart."""
     root = os.path.dirname(os.path.abspath(path))
-    for i, rec in enumerate(_table_records(path)):
-        src = f"{os.path.basename(path)}:{i}"
-        if not isinstance(rec, dict) or "_bad_json" in rec:
-            yield {"_bad": src, "_detail": f"not a record: {rec.get('_bad_json') if isinstance(rec, dict) else rec!r}"[:300]}
-            continue
-        if "captions" in rec and "file_name" in rec:
-            yield from _coco_rows(name, path, rec, i, root)
-            continue
-        p = rec.get("path") or rec.get("image_path") or rec.get("file_name")
-        if isinstance(p, str) and p and not os.path.isabs(p):
-            p = os.path.join(root, p)
-        data = rec.get("image") if isinstance(rec.get("image"), (bytes, bytearray)) else rec.get("image_bytes")
-        url = rec.get("url")
-        ref = f"{name}:{p or url or f'row{i}'}"
-        yield _pair(name, ref, i, rec.get("caption", rec.get("text")), src, url=url or None, path=p or None,
-                    data=data, meta={"row": i})
+    base = os.path.basename(path)
+    for offset, rec in _table_records(path):
+        if isinstance(rec, BadRecord):
+            yield _bad(f"{base}:{offset}", f"not a record: {rec}")
+        else:
+            yield from _guarded(f"{base}:{offset}", lambda: _table_pairs(name, path, root, offset, rec, tag))
+
+
+def _img2dataset_row(name, base, i, row):
+    key = row.get("key") or row.get("url") or f"row{i}"
+    data, _ = _image_field({"jpg": row.get("jpg") or row.get("png") or row.get("webp")})
+    pair = _pair(name, f"{name}:{key}", 0, row.get("caption"), f"{base}:{key}", url=_text(row, "url"), data=data,
+                 meta={"key": key})
+    if row.get("status") not in (None, "success"):  # img2dataset's failed download: a reject row
+        pair.update(_fetch_reason="image_fetch_failed",
+                    _fetch_error=f"{row.get('url')}: {row.get('error_message') or row.get('status')}")
+    yield pair
+
+
+def _tar_samples(path):
+    """(key, {ext: bytes}) of a webdataset tar, one sample per run of members sharing a key, streamed; a tar
+    that breaks off yields what it completed, then (None, BadRecord) naming the byte offset."""
+    key, sample, offset = None, {}, 0
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                offset = member.offset
+                if not member.isfile():
+                    continue
+                k, _, ext = member.name.rpartition(".")
+                if k != key and sample:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if sample:
+            yield key, sample
+        yield None, BadRecord(f"tar unreadable from byte {offset}, the rest is lost: {type(exc).__name__}: {exc}")
+        return
+    if sample:
+        yield key, sample
 
 
 def read_img2dataset(name, path):
     base = os.path.basename(path)
     if path.endswith(".parquet"):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
-            for row in batch.to_pylist():
-                key = row.get("key") or row.get("url")
-                pair = _pair(name, f"{name}:{key}", 0, row.get("caption"), f"{base}:{key}", url=row.get("url"),
-                             data=row.get("jpg") or row.get("png") or row.get("webp"), meta={"key": key})
-                if row.get("status") not in (None, "success"):  # img2dataset's failed download: a reject row
-                    pair.update(_fetch_reason="image_fetch_failed",
-                                _fetch_error=f"{row.get('url')}: {row.get('error_message') or row.get('status')}")
-                yield pair
+        for i, row in parquet_rows(path, batch_size=64):
+            if isinstance(row, BadRecord):
+                yield _bad(f"{base}:{i}", str(row))
+            else:
+                yield from _guarded(f"{base}:{i}", lambda: _img2dataset_row(name, base, i, row))
         return
     if path.endswith(".tar"):
-        samples: dict[str, dict] = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition(".")
-                samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-        for key in sorted(samples):
-            yield _img2dataset_sample(name, base, key, samples[key])
+        for key, sample in _tar_samples(path):
+            if isinstance(sample, BadRecord):
+                yield _bad(f"{base}", str(sample))
+            else:
+                yield from _guarded(f"{base}:{key}", lambda: [_img2dataset_sample(name, base, key, sample)])
         return
     for img in sorted(glob.glob(os.path.join(path, "*"))):
         stem, ext = os.path.splitext(img)
         if ext.lower() in IMAGE_EXTS:
-            sample = {"path": img}
-            for extra in ("txt", "json"):
-                if os.path.exists(f"{stem}.{extra}"):
-                    with open(f"{stem}.{extra}", "rb") as f:
-                        sample[extra] = f.read()
-            yield _img2dataset_sample(name, base, os.path.basename(stem), sample)
+            def one():
+                sample = {"path": img}
+                for extra in ("txt", "json"):
+                    if os.path.exists(f"{stem}.{extra}"):
+                        with open(f"{stem}.{extra}", "rb") as f:
+                            sample[extra] = f.read()
+                return [_img2dataset_sample(name, base, os.path.basename(stem), sample)]
+            try:
+                yield from one()
+            except OSError as exc:
+                yield _bad(f"{base}:{os.path.basename(stem)}", f"sidecar unreadable: {exc}")
 
 
 def _img2dataset_sample(name, base, key, sample):
@@ -271,8 +464,8 @@ def _img2dataset_sample(name, base, key, sample):
     if "json" in sample:
         try:
             info = json.loads(sample["json"])
-            url = info.get("url")
-        except (ValueError, AttributeError):
+            url = info.get("url") if isinstance(info, dict) and isinstance(info.get("url"), str) else None
+        except (ValueError, UnicodeDecodeError):
             pass
     caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
     data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
@@ -280,31 +473,58 @@ def _img2dataset_sample(name, base, key, sample):
                  meta=meta)
 
 
-def read_task(task, include_context: bool = False):
-    """Raw pairs of one read task; unreadable rows come as {"_bad": source, "_detail": why}."""
+def _read(task, include_context):
     name, kind, root, path = task
+    if kind == "interleaved":
+        return read_interleaved(name, path, include_context)
+    if kind == "pairs":
+        return read_pairs(name, path)
+    if kind == "coco":
+        return read_coco(name, path, root)
+    if kind == "img2dataset":
+        return read_img2dataset(name, path)
+    return read_table(name, path, "" if os.path.abspath(path) == os.path.abspath(root) else
+                      os.path.basename(path) + ":")
+
+
+def row_key_prefix(task) -> str:
+    name, _, root, path = task
+    rel = os.path.basename(path) if os.path.abspath(path) == os.path.abspath(root) else os.path.relpath(path, root)
+    return f"{name}/{rel}"
+
+
+def read_task(task, include_context: bool = False):
+    """Raw pairs of one read task, each with a unique `row_key`; unreadable rows come as
+    {"_bad": source, "_detail": why}. A repeated image_id within the file gets "~ORDINAL" appended."""
+    from pipelines.sink import stable_hash
+
+    prefix = row_key_prefix(task)
+    seen: set[int] = set()
+    n = 0
     try:
-        if kind == "interleaved":
-            yield from read_interleaved(name, path, include_context)
-        elif kind == "pairs":
-            yield from read_pairs(name, path)
-        elif kind == "coco":
-            yield from read_coco(name, path, root)
-        elif kind == "img2dataset":
-            yield from read_img2dataset(name, path)
-        else:
-            yield from read_table(name, path)
-    except (OSError, ValueError, tarfile.TarError, UnicodeDecodeError) as exc:
-        # the rest of this file is lost: one reject row says so (rows already yielded stay)
-        yield {"_bad": os.path.basename(path), "_detail": f"{kind} file unreadable: {type(exc).__name__}: {exc}"[:500]}
+        for item in _read(task, include_context):
+            if "_bad" not in item:
+                h = stable_hash(item["image_id"])
+                if h in seen:
+                    item["image_id"] = f"{item['image_id']}~{n}"
+                seen.add(h)
+            item["row_key"] = f"{prefix}:{n:09d}"
+            n += 1
+            yield item
+    except Exception as exc:  # noqa: BLE001 - the rest of this file is lost: one reject row says where
+        yield {"_bad": os.path.basename(task[3]), "row_key": f"{prefix}:{n:09d}",
+               "_detail": f"{task[1]} file unreadable after {n} rows, the rest is lost: "
+                          f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def load_bytes(row: dict) -> bytes | None:
     """Image bytes of a raw pair: inline bytes, else the file at image_path (raises OSError)."""
     if row.get("image_bytes") is not None:  # b"" stays: a zero-byte image, rejected by the decode check
         return bytes(row["image_bytes"])
-    if row.get("image_path"):
-        with open(row["image_path"], "rb") as f:
+    path = row.get("image_path")
+    if path is not None and not isinstance(path, str):
+        raise OSError(f"image_path is {type(path).__name__}, not a file name")
+    if path:
+        with open(path, "rb") as f:
             return f.read()
     return None
-

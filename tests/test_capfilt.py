@@ -190,16 +190,26 @@ def test_pipeline_keeps_exactly_the_captions_at_or_above_threshold(models, coco,
     assert cli_main(base + ["--output", str(tmp_path / "out"), "--itm-threshold", str(threshold)]) == 0
     data, rejects, stats = read_out(tmp_path / "out")
 
+    # image_id is unique per row: synthetic rows get "<web image_id>#synthetic-<j>", their web row's id in metadata
+    assert len({r["image_id"] for r in everything}) == len(everything)
+    for r in everything:
+        if r["caption_source"] == "synthetic":
+            web_id = json.loads(r["metadata"])["capfilt"]["image_id"]
+            assert re.fullmatch(re.escape(web_id) + r"#synthetic-[01]", r["image_id"])
+
+    def web_id(r):
+        return json.loads(r["metadata"])["capfilt"]["image_id"] if r["caption_source"] == "synthetic" else r["image_id"]
+
     # the scores written are what the model gives for that (image, caption), recomputed directly
     by_image = {}
     for r in everything:
-        by_image.setdefault(r["image_id"], []).append(r["caption"])
+        by_image.setdefault(web_id(r), []).append(r["caption"])
     rows_by_id = {r["image_id"]: r for r in rows}
     direct = direct_itm(models, coco, rows_by_id, by_image)
     for r in everything:
-        assert r["itm_score"] == pytest.approx(direct[(r["image_id"], r["caption"])], abs=1e-4)
+        assert r["itm_score"] == pytest.approx(direct[(web_id(r), r["caption"])], abs=1e-4)
     expect_kept = {(r["image_id"], r["caption_source"], r["caption"]) for r in everything
-                   if direct[(r["image_id"], r["caption"])] >= threshold}
+                   if direct[(web_id(r), r["caption"])] >= threshold}
     assert {(r["image_id"], r["caption_source"], r["caption"]) for r in data} == expect_kept
     dropped = [r for r in rejects if r["stage"] == "itm_filter"]
     assert len(dropped) == len(everything) - len(data) and all(r["reason"] == "itm_low" for r in dropped)
@@ -221,7 +231,7 @@ def test_pipeline_keeps_exactly_the_captions_at_or_above_threshold(models, coco,
     assert images["in"] == 10 + 4 and images["in"] == images["out"] + images["rejected"]
     assert images["reasons"]["image_decode_failed"] == 3 and images["reasons"]["missing_image"] == 1
     same_image = {"second-web-caption": rows[0]["image_id"]}  # same bytes as rows[0]: one image, two web captions
-    kept_images = {same_image.get(r["image_id"], r["image_id"]) for r in data}
+    kept_images = {same_image.get(web_id(r), web_id(r)) for r in data}
     assert images["out"] == len(kept_images)
     assert images["reasons"].get("no_caption_kept", 0) == 10 - images["out"]
     cand = by_stage["candidates"]
@@ -272,3 +282,46 @@ def test_cli_on_coco_mini_under_dask(models, coco, tmp_path):
     assert stats["totals"]["read"] == 165 * 2 == stats["totals"]["written"] + stats["totals"]["rejected"]
     assert len(data) == stats["totals"]["written"]
     assert len(rejects) == stats["totals"]["reject_rows"]
+
+
+def test_first_decodable_row_rows_without_identity_and_pixel_limit(models, coco, tmp_path):
+    """An image whose first row has a broken path but a sibling (same sha256) has bytes is decoded from the
+    sibling; rows with no sha256/bytes/path/image_id are separate images (each a missing_image reject);
+    decompression bombs and images over --max-pixels are image_too_large."""
+    import hashlib
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from tests.test_pairs import png_bomb
+
+    rows = pair_rows(coco, 3)
+    sha = hashlib.sha256(rows[0]["image_bytes"]).hexdigest()
+    big = io.BytesIO()
+    Image.open(io.BytesIO(rows[2]["image_bytes"])).resize((1000, 1000)).save(big, "JPEG")
+    inp = [{**rows[0], "image_id": "a-broken-path", "image_bytes": None, "image_path": str(tmp_path / "gone.jpg"),
+            "sha256": sha},
+           {**rows[0], "image_id": "b-bytes", "sha256": sha, "caption": coco_records(coco, 1)[0]["captions"][1]},
+           {**rows[1], "image_id": None, "image_bytes": None, "url": None, "caption": "no image at all, one"},
+           {**rows[1], "image_id": None, "image_bytes": None, "url": None, "caption": "no image at all, two"},
+           {**rows[2], "image_id": "bomb", "image_bytes": png_bomb()},
+           {**rows[2], "image_id": "too-big", "image_bytes": big.getvalue()}]
+    os.makedirs(tmp_path / "in" / "data")  # written as another tool might: image_id null in two rows
+    pq.write_table(pa.Table.from_pylist(inp, schema=schemas.with_metadata("pair", "")),
+                   tmp_path / "in" / "data" / "part-00000-of-00001.parquet")
+    out = tmp_path / "out"
+    assert cli_main(["capfilt", str(tmp_path / "in"), "--output", str(out), "--captioner", models["captioner"],
+                     "--itm", models["itm"], "--num-captions", "1", "--itm-threshold", "0", "--max-pixels", "400000",
+                     "--runner", "direct", "--workers", "1"]) == 0
+    data, rejects, stats = read_out(out)
+    images = next(s for s in stats["stages"] if s["stage"] == "capfilt_images")
+    assert images["in"] == 5 and images["out"] == 1
+    assert images["reasons"] == {"missing_image": 2, "image_too_large": 2}
+    too_large = {r["source"]: r["detail"] for r in rejects if r["stage"] == "capfilt_images"
+                 and r["reason"] == "image_too_large"}
+    assert set(too_large) == {"bomb", "too-big"} and "1000x1000 = 1000000 pixels > 400000" in too_large["too-big"]
+    assert sorted((r["image_id"], r["caption_source"]) for r in data) == [
+        ("a-broken-path", "web"), ("b-bytes", "web"), ("b-bytes#synthetic-0", "synthetic")]
+    assert all(r["image_bytes"] == rows[0]["image_bytes"] for r in data)  # the decodable sibling's bytes
+    assert stats["totals"]["read"] == stats["totals"]["written"] + stats["totals"]["rejected"]

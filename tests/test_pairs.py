@@ -4,6 +4,7 @@ copies and no false pairs among distinct coco-mini photos, bad images and captio
 source kind is read (interleaved, COCO, table with paths, URLs through img2dataset), one run under Dask."""
 
 import csv
+import io
 import json
 import math
 import os
@@ -84,7 +85,9 @@ def ukbench_table(ukbench, tmp):
 
 
 def variant(rel):
-    return "hflip" if "hflip" in rel else "rotation" if "rotation" in rel else "plain"
+    """Which copies pHash cannot tie to the original: the ~30-degree rotations (black corners) stay apart;
+    horizontal flips are caught with --phash-transforms (the original's flipped pHash matches)."""
+    return "rotation" if "rotation" in rel else "plain"
 
 
 # ---- pure parts -----------------------------------------------------------------------------------------
@@ -146,7 +149,7 @@ def test_semantic_duplicates_finds_planted_copies():
 
 def test_pairs_coco_and_ukbench(tmp_path, coco, ukbench, tiny_clip):
     table, listed = ukbench_table(ukbench, tmp_path)
-    stats, kept, rejects = run_cli(tmp_path / "out", [coco, f"ukb={table}"], clip=tiny_clip)
+    stats, kept, rejects = run_cli(tmp_path / "out", [coco, f"ukb={table}"], "--phash-transforms", clip=tiny_clip)
     assert stats["clip_weights"] == "random" and stats["config"]["clip_weights"] == "random"
     # every kept pair carries a score equal to a direct open_clip call
     direct = direct_scores(tiny_clip, kept)
@@ -155,7 +158,7 @@ def test_pairs_coco_and_ukbench(tmp_path, coco, ukbench, tiny_clip):
     # distinct coco photos: no duplicate found, every caption of every photo kept
     n_captions = sum(len(json.loads(line)["captions"]) for line in (coco / "captions.jsonl").read_text().splitlines())
     assert sum(r["source_dataset"] == "coco-mini" for r in kept) == n_captions
-    # ukbench: corrupt files rejected, one survivor per (photo, flip/rotation variant), unlisted images all kept
+    # ukbench: corrupt files rejected, one survivor per (photo, rotated or not), flips found, unlisted all kept
     root = str(ukbench) + "/"
     bad = {r["detail"].split(":", 1)[0].removeprefix(root) for r in rejects if r["reason"] == "image_decode_failed"}
     assert bad == {p for p in listed if "corrupt" in p}
@@ -169,6 +172,8 @@ def test_pairs_coco_and_ukbench(tmp_path, coco, ukbench, tiny_clip):
     assert set(seen) == expected | {(p, "plain") for p in unlisted}
     dup = [r for r in rejects if r["reason"].startswith("duplicate_")]
     assert {r["reason"] for r in dup} == {"duplicate_exact", "duplicate_phash"}
+    flips = [r for r in dup if "hflip" in r["source"] or "hflip" in r["detail"]]
+    assert flips and all("hflip of one matches the other" in r["detail"] for r in flips if r["reason"] == "duplicate_phash")
     # counts: every stage balances, read = written + rejected, histogram covers every scored pair
     t = stats["totals"]
     assert t["read"] == t["written"] + t["rejected"] == len(kept) + len(rejects)
@@ -244,7 +249,7 @@ def test_sources_threshold_decontamination_urls(tmp_path, coco, tiny_clip, site)
     for r in rejects:
         reasons.setdefault(r["reason"], []).append(r)
     assert len(reasons["contaminated"]) == 3
-    assert {r["source"] for r in reasons["missing_image"]} == {"photos.jsonl:33"}
+    assert {r["source"] for r in reasons["missing_image"]} == {"photos.jsonl:34"}  # JSONL/CSV sources: line numbers
     assert len(reasons["read_failed"]) == 1 and "missing.jpg" in reasons["read_failed"][0]["detail"]
     # truncated, zero-byte, corrupt download, and the empty interleaved image (its alt and context pair)
     assert len(reasons["image_decode_failed"]) == 5
@@ -267,7 +272,7 @@ def test_sources_threshold_decontamination_urls(tmp_path, coco, tiny_clip, site)
     marked = [r for r in kept if json.loads(r["metadata"]).get("also_in_datasets")]
     assert [(r["source_dataset"], json.loads(r["metadata"])["also_in_datasets"]) for r in marked] == [("photos", ["web"])]
     assert marked[0]["image_path"].endswith(shared["file_name"])
-    assert [r["source"] for r in reasons["duplicate_exact"]] == ["web.csv:2"]
+    assert [r["source"] for r in reasons["duplicate_exact"]] == ["web.csv:4"]
     assert by_stage["read"]["in"] == len(rows) + 5 + 4 * 2  # 8 interleaved pairs: alt + context per image
     t = stats["totals"]
     assert t["read"] == t["written"] + t["rejected"]
@@ -327,35 +332,78 @@ def test_img2dataset_folder_source(tmp_path, coco, tiny_clip, site):  # noqa: F8
 
 # ---- GPU-path logic, exercised on CPU (no GPU here) ------------------------------------------------------
 
-def test_gpu_preprocess_and_oom_retry_on_cpu(coco, ukbench, tiny_clip):
-    """The nvJPEG path's decode/resize/crop/normalise (run with device='cpu') gives the same tensors as
-    open_clip's PIL preprocess, and a CUDA out-of-memory halves the batch and gives the same scores."""
+def exif_rotated_jpeg(data):
+    """The photo re-encoded with EXIF orientation 6 (display rotated 90 degrees clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_device_decode_path_prefetch_and_oom_retry_on_cpu(coco, ukbench, tiny_clip):
+    """The nvJPEG path (batched decode_jpeg, EXIF orientation, batched resize/crop/normalise; run with
+    device='cpu') gives the tensors of open_clip's PIL preprocess; its prefetch chunking gives the scores of
+    one big batch; a CUDA out-of-memory in the model or in the decode halves the chunk and gives the same
+    scores; bf16 works."""
     from pipelines.clip_score import ClipScorer
 
-    scorer = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=32))
-    files = sorted((coco / "images").glob("*.jpg"))[:24] + sorted(ukbench.rglob("*.png"))[:2]
+    pil = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=32))
+    dev = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=32, decode="device"))
+    assert not pil.on_device and dev.on_device
+    files = sorted((coco / "images").glob("*.jpg"))[:22] + sorted(ukbench.rglob("*.png"))[:2]
     images = [p.read_bytes() for p in files]
-    for path, data in zip(files, images):
-        a, b = scorer._cpu_tensor(data), scorer._gpu_tensor(data)  # PNG: the PIL fallback inside the GPU path
-        assert a.shape == b.shape == (3, 64, 64), path
-        assert float((a - b).abs().mean()) < 0.01, path  # libjpeg vs PIL decode and resize rounding only
-    bad = scorer._gpu_tensor(images[0][:4000])
-    assert isinstance(bad, Reject) and bad.reason == "image_decode_failed"
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(images[0])).convert("CMYK").save(cmyk, "JPEG")
+    images += [exif_rotated_jpeg(images[1]), cmyk.getvalue()]  # EXIF on the device; CMYK goes through PIL
+    batched = dev.device_tensors(images)
+    for i, (data, b) in enumerate(zip(images, batched)):
+        a = pil._cpu_tensor(data)
+        assert a.shape == b.shape == (3, 64, 64), i
+        assert float((a - b).abs().mean()) < 0.01, i  # libjpeg vs PIL decode and resize rounding only
+    rotated = pil._cpu_tensor(images[-2])
+    assert float((rotated - pil._cpu_tensor(images[1])).abs().mean()) > 0.05  # orientation did matter
+    # a truncated JPEG in a batch is a reject; the rest of the batch decodes
+    mixed = dev.device_tensors([images[0][:4000], images[2]])
+    assert isinstance(mixed[0], Reject) and mixed[0].reason == "image_decode_failed"
+    assert float((mixed[1] - batched[2]).abs().max()) < 1e-6
 
     captions = [f"a photo number {i} of something" for i in range(len(images))]
-    expected = scorer.score(images, captions)
-    real_encode, sizes = scorer.encode_images, []
+    expected = dev.score(images, captions)
+    assert all(abs(e[0] - p[0]) < 0.02 for e, p in zip(expected, pil.score(images, captions)))
+    real_encode, real_decode, sizes, decoded = dev.encode_images, dev.device_tensors, [], []
+    dev.encode_images = lambda px: sizes.append(len(px)) or real_encode(px)
+    dev.batch_size = 8  # chunks of 8, each decoded on the prefetch thread while the previous one is embedded
+    chunked = dev.score(images, captions)
+    assert sizes == [8, 8, 8, 2]
+    assert all(abs(g[0] - e[0]) < 1e-5 for g, e in zip(chunked, expected))
 
-    def encode_with_memory_limit(pixels):  # fault injection: the device holds at most 5 images
+    def decode_with_memory_limit(blobs):  # fault injection: decoding more than 5 images runs out of memory
+        decoded.append(len(blobs))
+        if len(blobs) > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected in decode)")
+        return real_decode(blobs)
+
+    dev.device_tensors = decode_with_memory_limit
+    got = dev.score(images, captions)
+    assert decoded[:2] == [8, 4] and dev.batch_size == 4 and max(decoded[2:]) == 4
+    assert all(abs(g[0] - e[0]) < 1e-5 for g, e in zip(got, expected))
+
+    def encode_with_memory_limit(pixels):  # fault injection: the device holds at most 3 images
         sizes.append(len(pixels))
-        if len(pixels) > 5:
+        if len(pixels) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real_encode(pixels)
 
-    scorer.encode_images = encode_with_memory_limit
-    got = scorer.score(images, captions)
-    assert sizes[:4] == [26, 13, 6, 3] and scorer.batch_size == 3 and max(sizes[4:]) == 3
-    assert all(abs(g[0] - e[0]) < 1e-5 for g, e in zip(got, expected))
+    del sizes[:]
+    pil.encode_images = encode_with_memory_limit
+    got = pil.score(images, captions)
+    assert sizes[:4] == [26, 13, 6, 3] and pil.batch_size == 3 and max(sizes[4:]) == 3
+    assert all(abs(g[0] - e[0]) < 0.02 for g, e in zip(got, expected))
+
+    half = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", precision="bf16"))
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert all(abs(h[0] - e[0]) < 0.05 for h, e in zip(half.score(images[:6], captions[:6]), expected))
 
 
 def test_captions_of_one_image_share_one_image_embedding(coco, tiny_clip):
@@ -383,3 +431,191 @@ def test_captions_of_one_image_share_one_image_embedding(coco, tiny_clip):
     for a, b in zip(alone[:-1], shared[:-1]):
         assert abs(a[0] - b[0]) < 1e-5
     assert shared[0][1] == shared[4][1] != shared[5][1]  # the same image's embedding bytes
+
+
+# ---- bad input: readers, images, duplicate ids --------------------------------------------------------------
+
+def png_bomb(width=30_000, height=30_000):
+    """A PNG that declares width x height pixels with a tiny body: a decompression bomb (header only)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def corrupt_row_group(path, group):
+    """Overwrite the data of one row group's caption column: that row group cannot be read, the others can."""
+    col = pq.ParquetFile(path).metadata.row_group(group).column(1)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 8:start + col.total_compressed_size] = b"\xab" * (col.total_compressed_size - 8)
+    path.write_bytes(bytes(data))
+
+
+def test_readers_turn_bad_records_into_rejects_and_account_for_every_row(tmp_path, coco):
+    import pyarrow as pa
+    import tarfile
+
+    from pipelines.pairs_sources import detect, read_task, tasks
+
+    photo = sorted((coco / "images").glob("*.jpg"))[0]
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b"".join([
+        json.dumps({"path": str(photo), "caption": "a good photo of a thing"}).encode() + b"\n",
+        b"[1, 2]\n",                                          # JSON, not an object
+        json.dumps({"path": 3, "caption": "a path that is a number"}).encode() + b"\n",
+        b'{"path": "x.jpg", "caption": "caf\xe9 latin-1"}\n',   # not UTF-8
+        b"{not json\n",
+        json.dumps({"image": {"bytes": None, "path": str(photo)}, "caption": "an HF image struct"}).encode() + b"\n"]))
+    (folder / "b.json").write_text("3")                       # a scalar top level
+    (folder / "c.csv").write_text('path,caption\n' + f'{photo},"a photo from a csv"\n' +
+                                  'x.jpg,"too",many,fields\n' + '"' + "y" * 200_000 + '",big\n' +
+                                  f'{photo},"after the bad rows"\n')
+    pq.write_table(pa.table({"path": [str(photo)] * 6, "caption": [f"row number {i} of six" for i in range(6)]}),
+                   folder / "d.parquet", row_group_size=2)
+    corrupt_row_group(folder / "d.parquet", 1)
+    # one caption per line (the original COCO layout) repeats file_name: image_ids must still be unique
+    (folder / "e.jsonl").write_text("".join(json.dumps({"file_name": photo.name, "captions": [c]}) + "\n"
+                                            for c in ("first caption here", "second caption here")))
+    src = detect(f"t={folder}")
+    rows = [r for task in tasks([src]) for r in read_task(task)]
+    bad = {r["_bad"]: r["_detail"] for r in rows if "_bad" in r}
+    good = [r for r in rows if "_bad" not in r]
+    assert bad["a.jsonl:2"] == "not a record but list: [1, 2]"
+    assert "'path' is int" in bad["a.jsonl:3"]
+    assert "not UTF-8" in bad["a.jsonl:4"] and "bad JSON" in bad["a.jsonl:5"]
+    assert "top level is int" in bad["b.json:0"]
+    assert "4 fields, header has 2" in bad["c.csv:3"] and "field limit" in bad["c.csv:4"]
+    assert {k for k in bad if k.startswith("d.parquet")} == {"d.parquet:2", "d.parquet:3"}
+    assert all("row group 1 unreadable" in bad[f"d.parquet:{i}"] for i in (2, 3))
+    assert sorted(r["caption"] for r in good if r["source"].startswith("d.parquet")) == \
+        ["row number 0 of six", "row number 1 of six", "row number 4 of six", "row number 5 of six"]
+    assert [r["image_path"] for r in good if r["caption"] == "an HF image struct"] == [str(photo)]
+    # every line/row of every file is accounted for: 6 + 1 + 4 + 6 + 2
+    assert len(rows) == 19 and len(bad) == 9
+    assert len({r["row_key"] for r in rows}) == len(rows)
+    assert len({r["image_id"] for r in good}) == len(good)  # e.jsonl's two lines, d.parquet's same path
+    # a tar that breaks off: the samples before the break, then one reject naming the byte offset
+    i2d = tmp_path / "i2d"
+    i2d.mkdir()
+    (i2d / "00000_stats.json").write_text("{}")
+    with tarfile.open(i2d / "00000.tar", "w") as tar:
+        for key in ("000000000", "000000001", "000000002"):
+            for ext, body in (("jpg", photo.read_bytes()), ("txt", f"caption of sample {key}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    whole = (i2d / "00000.tar").read_bytes()
+    (i2d / "00000.tar").write_bytes(whole[:len(whole) // 2])
+    out = list(read_task(tasks([detect(str(i2d))])[0]))
+    assert [r["caption"] for r in out[:-1]] == ["caption of sample 000000000"]
+    assert "tar unreadable from byte" in out[-1]["_detail"] and "_bad" in out[-1]
+
+
+def test_top_fraction_is_per_row_even_when_image_ids_repeat():
+    """Two rows with the same image_id and the same score: the top-fraction cut keeps exactly one."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.pair_dedup import keep_top_fraction
+    from pipelines.stage import Collector
+
+    rows = [{"image_id": "same#0", "row_key": f"t/{f}:000000000", "clip_score": 0.5, "source": f"{f}:0"}
+            for f in ("a.jsonl", "b.jsonl")]
+    rows += [{"image_id": f"other#{i}", "row_key": f"t/c.jsonl:{i:09d}", "clip_score": 0.1 * i, "source": f"c:{i}"}
+             for i in range(2)]
+    with beam.Pipeline() as p:
+        c = Collector()
+        kept = keep_top_fraction(c, p | beam.Create(rows), 0.25)  # ceil(0.25 * 4) = 1 row
+        assert_that(kept | beam.Map(lambda r: r["row_key"]), equal_to(["t/a.jsonl:000000000"]))
+
+
+def test_phash_duplicates_collapse_identical_hashes_and_match_transforms():
+    from filters.phash_index import duplicates
+
+    rng = np.random.default_rng(5)
+    distinct = rng.integers(0, 2**64 - 1, size=300, dtype=np.uint64, endpoint=True)
+    blank = np.full(30_000, distinct[7])  # 30k identical hashes (blank images): one group, found in O(n)
+    hashes = np.concatenate([distinct, blank])
+    rank = rng.permutation(len(hashes))
+    got = duplicates(hashes, rank, 10)
+    group = np.flatnonzero(hashes == distinct[7])
+    best = group[np.argmin(rank[group])]
+    d = np.bitwise_count(distinct[:, None] ^ distinct[None, :])
+    near = {int(i) for i, j in zip(*np.nonzero((d <= 10) & (d > 0))) if rank[j] < rank[i]}
+    assert set(got.loser.tolist()) == (set(group.tolist()) - {int(best)}) | near
+    assert set(got.winner[np.isin(got.loser, group)].tolist()) <= {int(best)} | set(range(300))
+    # a flipped copy: its hash is far from the original's, but the original's flip hash is not
+    flip = np.uint64(0x0123456789ABCDEF)
+    base = np.array([distinct[0], flip ^ np.uint64(0b101)], dtype=np.uint64)  # item 1 = flip(item 0) within 2 bits
+    plain = duplicates(base, np.array([0, 1]), 10)
+    assert not len(plain.loser)
+    via = duplicates(base, np.array([0, 1]), 10, variants=(np.array([0]), np.array([flip]), np.array([1])))
+    assert via.loser.tolist() == [1] and via.winner.tolist() == [0] and via.distance.tolist() == [2]
+    assert via.via.tolist() == [1]
+
+
+def test_pairs_command_on_odd_images_bad_records_and_capfilt_rows(tmp_path, coco, tiny_clip):
+    """CMYK, 16-bit, animated and decompression-bomb images and malformed records through `mmcorpus pairs`;
+    a pairs input whose web and synthetic rows share an image_id (CapFilt's old output) keeps caption_source
+    and itm_score; the same file at the same row of two tables gives two distinct rows."""
+    photos = sorted((coco / "images").glob("*.jpg"))
+    rgb = [Image.open(p).convert("RGB") for p in photos[:4]]
+    rgb[0].convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    Image.fromarray(np.asarray(rgb[1].convert("L"), dtype=np.uint16) * 257).save(tmp_path / "grey16.png")
+    rgb[2].save(tmp_path / "anim.gif", save_all=True, append_images=[rgb[2].rotate(90), rgb[2].rotate(180)],
+                duration=100)
+    (tmp_path / "bomb.png").write_bytes(png_bomb())
+    lines = [json.dumps({"path": f, "caption": f"a photo stored as {f.split('.')[0]} here"})
+             for f in ("cmyk.jpg", "grey16.png", "anim.gif", "bomb.png")]
+    lines += ["[1, 2]", json.dumps({"path": 3, "caption": "a path that is a number"})]
+    (tmp_path / "odd.jsonl").write_text("".join(line + "\n" for line in lines))
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (two / name).write_text(json.dumps({"path": str(photos[5]), "caption": "the same photo in two tables"}) + "\n")
+    up = tmp_path / "up"
+    (up / "data").mkdir(parents=True)
+    data = photos[6].read_bytes()
+    pq.write_table(schemas.to_table([
+        {"image_id": "img6", "image_bytes": data, "caption": "a web caption of the photo", "caption_source": "web",
+         "itm_score": 0.61, "source_dataset": "coco"},
+        {"image_id": "img6", "image_bytes": data, "caption": "a synthetic caption of the photo",
+         "caption_source": "synthetic", "itm_score": 0.83, "source_dataset": "coco"}], "pair"),
+        up / "data" / "part-00000-of-00001.parquet")
+    stats, kept, rejects = run_cli(tmp_path / "out", [f"odd={tmp_path / 'odd.jsonl'}", f"two={two}", f"up={up}"],
+                                   "--dedup", "none", clip=tiny_clip)
+    by_reason = {}
+    for r in rejects:
+        by_reason.setdefault(r["reason"], []).append(r["source"])
+    assert by_reason == {"image_too_large": ["odd.jsonl:4"], "read_failed": ["odd.jsonl:5", "odd.jsonl:6"]}
+    meta = {r["caption"].split()[4]: json.loads(r["metadata"]) for r in kept if r["source_dataset"] == "odd"}
+    assert meta["cmyk"]["image_mode"] == "CMYK" and meta["grey16"]["image_mode"].startswith("I")
+    assert meta["anim"]["n_frames"] == 3 and meta["anim"]["image_format"] == "GIF"
+    from_up = sorted((r["caption_source"], round(r["itm_score"], 2)) for r in kept if r["source_dataset"] == "up")
+    assert from_up == [("synthetic", 0.83), ("web", 0.61)]
+    assert len([r for r in kept if r["source_dataset"] == "two"]) == 2
+    assert len({r["image_id"] for r in kept}) == len(kept) == 3 + 2 + 2
+    t = stats["totals"]
+    assert t["read"] == t["written"] + t["rejected"] == 10
+
+
+def test_device_exif_orientation_matches_pil_for_all_eight():
+    """nvJPEG ignores EXIF orientation, so the device path turns the tensor itself: like PIL's exif_transpose."""
+    from PIL import ImageOps
+
+    from pipelines.clip_score import orient
+
+    pixels = np.random.default_rng(0).integers(0, 255, (5, 7, 3)).astype(np.uint8)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG", exif=exif.tobytes())
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(buf)))
+        got = orient(torch.from_numpy(pixels).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+        assert got.shape == expected.shape and (got == expected).all(), orientation
