@@ -8,8 +8,9 @@ Defaults follow the OBELICS filter config (huggingface/OBELICS, English web docu
 2021) where OBELICS has no rule. Where a default differs from OBELICS it says why next to the field. Not
 implemented: OBELICS's common-word ratio and KenLM perplexity (both need large per-language resources).
 
-Pipeline order: identify_language -> clean_paragraphs -> filter_image_urls -> check_quality ->
-check_image_count; after fetching, check_decoded_image per image. A YAML `--config` sets any subset:
+Pipeline order: identify_language -> clean_paragraphs -> check_quality -> filter_image_urls -> (fetching:
+check_decoded_image per image) -> check_image_count -> dedup -> check_image_count again (repeated images
+removed). A YAML `--config` sets any subset:
 
     language: {allowed: [en], min_score: 0.8}
     paragraphs: {min_words: 4, enabled: true}

@@ -2,9 +2,11 @@
 
 `normalise_images` rewrites lazy-loading markup (data-src, data-lazy-src, data-original, srcset/data-srcset
 (largest candidate), <picture><source srcset>) into plain absolute `<img src>` (resolved against `<base href>`
-and the page URL) and records declared width/height; trafilatura (include_images=True, XML output) then keeps
-`<graphic src alt>` in place, and `xml_to_lists` turns that XML into text chunks (one line per block:
-paragraphs, headings, list items) separated by image positions.
+and the page URL) and records declared sizes (pixels only; a srcset w descriptor is the real width);
+trafilatura's `bare_extraction` (include_images=True) then keeps `<graphic src alt>` in place in the body it
+returns, and `body_to_lists` turns that body into text chunks (one line per block: paragraphs, headings, list
+items) separated by image positions. A malformed image URL is left as written for the image URL rules to
+reject; the text stays.
 """
 
 from __future__ import annotations
@@ -12,84 +14,117 @@ from __future__ import annotations
 import re
 from urllib.parse import urljoin
 
-from lxml import etree
 from lxml import html as lxml_html
 
 from filters.reasons import Reject
 
 LAZY_ATTRS = ("data-src", "data-lazy-src", "data-original", "data-lazy", "data-url")
 BLOCK = {"p", "head", "item", "list", "row", "cell", "quote", "code", "table", "div", "lb", "main"}
+_PAGE_LINK = re.compile(r"(/|\.(?:html?|php|aspx?|jsp))(?:[?#].*)?$", re.I)  # a page, not an image
 _WS = re.compile(r"\s+")
 _INVISIBLE = re.compile("[\u00ad\u200b\u200c\u200d\u2060\ufeff]")  # soft hyphen, zero-width characters
-_UTF8_PARSER = lxml_html.HTMLParser(encoding="utf-8")
+# trafilatura's own parser settings (comments and processing instructions dropped at parse time)
+_PARSER_OPTIONS = {"collect_ids": False, "default_doctype": False, "remove_comments": True, "remove_pis": True}
+_PARSER = lxml_html.HTMLParser(**_PARSER_OPTIONS)
+_UTF8_PARSER = lxml_html.HTMLParser(encoding="utf-8", **_PARSER_OPTIONS)
 
 
-def largest_srcset(srcset: str) -> str | None:
-    """The candidate with the largest width (w) or density (x) descriptor; the first if none is given."""
-    best, best_size = None, -1.0
+def largest_candidate(srcset: str) -> tuple[str | None, int | None]:
+    """(URL, width) of the candidate with the largest width (w) or density (x) descriptor (the first if none
+    is given); width is the w descriptor when there is one: the image's real pixel width."""
+    best, best_size, best_w = None, -1.0, None
     for part in srcset.split(","):
         bits = part.strip().split()
         if not bits:
             continue
-        size = 0.0
+        size, width = 0.0, None
         if len(bits) > 1:
             d = bits[1].lower()
             try:
                 size = float(d[:-1]) if d[-1] in "wx" else 0.0
             except ValueError:
                 size = 0.0
+            width = int(size) if d.endswith("w") and size > 0 else None
         if size > best_size:
-            best, best_size = bits[0], size
-    return best
+            best, best_size, best_w = bits[0], size, width
+    return best, best_w
+
+
+def largest_srcset(srcset: str) -> str | None:
+    """The URL of `largest_candidate`."""
+    return largest_candidate(srcset)[0]
+
+
+_PIXELS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:px)?\s*", re.I)
 
 
 def _int(value) -> int | None:
-    m = re.match(r"\s*(\d+)", value or "")
-    return int(m.group(1)) if m else None
+    """A declared size in pixels ("300", "300px", "300.5"); None for "100%", "auto", "20em", ..."""
+    m = _PIXELS.fullmatch(value or "")
+    return int(float(m.group(1))) if m else None
+
+
+def _join(base: str, src: str) -> str | None:
+    """src resolved against base; None when either is malformed (urljoin raises on e.g. "http://[bad/")."""
+    try:
+        return urljoin(base, src)
+    except ValueError:
+        return None
 
 
 def normalise_images(tree, page_url: str) -> dict[str, list]:
-    """Rewrite every <img> to an absolute src in place; return declared sizes {url: [w, h]}."""
+    """Rewrite every <img> to an absolute src in place; return declared sizes {url: [w, h]}. A src that cannot
+    be resolved (malformed URL) is left as written: the image URL rules reject it, the text stays."""
     base = page_url or ""
     for b in tree.iter("base"):
         if b.get("href"):
-            base = urljoin(base, b.get("href").strip())
+            base = _join(base, b.get("href").strip()) or base  # a malformed <base> is ignored
             break
     declared: dict[str, list] = {}
     for img in list(tree.iter("img")):
-        src = None
+        src, src_w, swapped = None, None, True  # swapped: the URL is not the plain src (lazy/srcset/picture)
         for attr in LAZY_ATTRS:
-            if (img.get(attr) or "").strip():
-                src = img.get(attr).strip()
+            value = (img.get(attr) or "").strip()
+            if value and not _PAGE_LINK.search(value):  # data-url may hold the link the image leads to
+                src = value
                 break
         for attr in ("data-srcset", "srcset"):
             if (img.get(attr) or "").strip():
-                src = largest_srcset(img.get(attr)) or src
+                cand, cand_w = largest_candidate(img.get(attr))
+                if cand:
+                    src, src_w = cand, cand_w
                 break
         # libxml2 does not know <source> is void and may nest the <img> inside it: look two levels up
         picture = next((a for _, a in zip(range(3), img.iterancestors()) if a.tag == "picture"), None)
-        if picture is not None:
+        if picture is not None and not src:
             for source in picture.iter("source"):
-                cand = largest_srcset(source.get("srcset") or source.get("data-srcset") or "")
-                if cand and not src:
-                    src = cand
-        src = src or (img.get("src") or "").strip()
+                src, src_w = largest_candidate(source.get("srcset") or source.get("data-srcset") or "")
+                if src:
+                    break
+        if not src:
+            src, swapped = (img.get("src") or "").strip(), False
         if not src:
             continue
-        absolute = src if src.startswith("data:") else urljoin(base, src)
+        absolute = src if src.startswith("data:") else (_join(base, src) or src)
         img.set("src", absolute)
         for attr in (*LAZY_ATTRS, "srcset", "data-srcset"):  # trafilatura would prefer these, unresolved
             if attr in img.attrib:
                 del img.attrib[attr]
-        w, h = _int(img.get("width")), _int(img.get("height"))
-        if w or h:
-            declared[absolute] = [w, h]
+        size = declared_size(_int(img.get("width")), _int(img.get("height")), src_w, swapped)
+        if size:
+            declared[absolute] = size
     return declared
 
 
-def xml_to_lists(xml: str) -> tuple[list, list, list]:
-    """trafilatura XML output -> (texts, images, image_info)."""
-    return body_to_lists(etree.fromstring(xml.encode("utf-8")).find("main"))
+def declared_size(w: int | None, h: int | None, srcset_w: int | None, swapped: bool) -> list | None:
+    """[width, height] an <img> declares for the URL it loads, or None. A srcset w descriptor is the real
+    width (width/height attributes then give the aspect ratio: `width=16 height=9` on a 1440w candidate). On a
+    lazy-loaded image, sides under 50 px describe the placeholder or an aspect ratio, not the image."""
+    if srcset_w:
+        return [srcset_w, round(srcset_w * h / w) if w and h else None]
+    if swapped and max(w or 0, h or 0) < 50:
+        return None
+    return [w, h] if w or h else None
 
 
 def body_to_lists(main) -> tuple[list, list, list]:
@@ -161,7 +196,7 @@ def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
 
     try:
         try:
-            tree = lxml_html.document_fromstring(html)
+            tree = lxml_html.document_fromstring(html, parser=_PARSER)
         except ValueError:  # str with an <?xml encoding=...?> declaration
             tree = lxml_html.document_fromstring(html.encode("utf-8"), parser=_UTF8_PARSER)
         canonical = None if url else canonical_url(tree)

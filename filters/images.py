@@ -14,7 +14,7 @@ _FURNITURE = (
     r"logos?|icons?|favicons?|apple-touch-icon|sprites?|avatars?|gravatar|pixel|beacon|tracking|tracker|"
     r"spacer|blank|transparent|1x1|emojis?|emoticons?|smileys?|badges?|buttons?|btn|widgets?|"
     r"placeholder|lazy-?placeholder|loading|loader|spinner|ads|adserver|adview|adverts?|advertisement|"
-    r"rss|arrows?|bullet"
+    r"rss|arrows?|bullet|cta|partners?|sponsors?"  # cta: call-to-action buttons; partner/sponsor logo folders
 )
 _FURNITURE_RE = re.compile(rf"(?<![a-z])(?:{_FURNITURE})(?![a-z])")
 # Hosts that only serve ads, tracking pixels or avatars.
@@ -39,7 +39,11 @@ def url_reject(url: str, cfg) -> Reject | None:
     low = url.strip().lower()
     if low.startswith("data:"):
         return Reject("image_url_pattern", "data: URI")
-    parts = urlsplit(low)
+    try:
+        parts = urlsplit(low)
+        parts.hostname, parts.port  # noqa: B018  (raise on a malformed host or port)
+    except ValueError as exc:
+        return Reject("url_not_allowed", f"malformed URL: {exc}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return Reject("url_not_allowed", f"scheme {parts.scheme or '(relative)'!r} is not http(s)")
     path = unquote(parts.path)
@@ -104,7 +108,7 @@ def filter_image_urls(doc: dict, cfg) -> tuple[dict, list[tuple[str, Reject]]]:
     declared = (doc.get("metadata") or {}).get("declared_sizes") or {}
     dropped: list[tuple[str, Reject]] = []
     keep = []
-    kept_images = 0
+    kept_images = extra = 0
     infos = doc.get("image_info") or [None] * len(doc["texts"])
     for text, image, info in zip(doc["texts"], doc["images"], infos):
         if image is not None:
@@ -114,7 +118,8 @@ def filter_image_urls(doc: dict, cfg) -> tuple[dict, list[tuple[str, Reject]]]:
                 if problem:
                     r = Reject("image_declared_size", "declared " + problem[1])
             if r is None and kept_images >= cfg.images.max_per_doc:
-                r = Reject("image_too_many", f"image {kept_images + 1} > max {cfg.images.max_per_doc} a document")
+                extra += 1
+                r = Reject("image_too_many", f"image {kept_images + extra} > max {cfg.images.max_per_doc} a document")
             if r is not None:
                 dropped.append((image, r))
                 continue

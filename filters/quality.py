@@ -32,7 +32,8 @@ _SPECIAL_RE = re.compile(
     r"[\s\d!-/:-@\[-`{-~¡-¿‐-⁞€-₿←-⯿"  # ASCII punctuation, Latin-1 symbols, general punctuation, arrows...
     r"\u3000-\u303f\uff01-\uff20\uff3b-\uff40\uff5b-\uff65\U0001F000-\U0001FAFF]"  # CJK/fullwidth forms, emoji
 )
-_PUNCT_RE = re.compile(r"[.!?…;:,。！？，、；：]")
+# Sentence punctuation, with the Arabic/Urdu, Devanagari, Ethiopic and Armenian marks
+_PUNCT_RE = re.compile(r"[.!?…;:,。！？，、；：،؛؟۔।॥።፣፤։]")
 _BULLET_RE = re.compile(r"^\s*[-*•●○◦▪▫■□►▸‣⁃→✓✔➤➢·]")
 _BLANK_RE = re.compile(r"\n\s*\n")
 
@@ -50,6 +51,23 @@ class CharCounts:
         self.special = c[1] + c[3] + c[5] + c[7]
         self.punct = c[2] + c[3] + c[6] + c[7]
         self.nospace = c[4] + c[5] + c[6] + c[7]
+
+    @classmethod
+    def of_lines(cls, lines: list[str]) -> list["CharCounts"]:
+        """CharCounts of each of `lines` (none empty) from one numpy pass over their concatenation."""
+        lens = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+        if not len(lines) or not lens.all():
+            return [cls(line) for line in lines]
+        codes = np.frombuffer("".join(lines).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        classes = _char_table()[np.minimum(codes, cls._SIZE)].astype(np.int64)
+        starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+        bits = np.add.reduceat(np.stack([classes & 1, (classes >> 1) & 1, (classes >> 2) & 1]), starts, axis=1)
+        out = []
+        for length, special, punct, nospace in zip(lens.tolist(), *bits.tolist()):
+            c = cls.__new__(cls)
+            c.length, c.special, c.punct, c.nospace = length, special, punct, nospace
+            out.append(c)
+        return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -414,10 +432,12 @@ def check_quality(doc: dict, cfg) -> dict | Reject:
 # ---- paragraph (node) rules ----
 
 
-def paragraph_reject_reason(line: str, language: str | None, p, chars_check: bool = True) -> str | None:
+def paragraph_reject_reason(line: str, language: str | None, p, chars_check: bool = True,
+                            chars: CharCounts | None = None) -> str | None:
     """Reason the paragraph fails an OBELICS node-level rule, or None to keep it (`chars_check=False` leaves
-    out character repetition, which clean_paragraphs computes for all paragraphs at once)."""
-    chars = CharCounts(line)
+    out character repetition, which clean_paragraphs computes for all paragraphs at once; `chars`: the line's
+    CharCounts when the caller counted them already)."""
+    chars = CharCounts(line) if chars is None else chars
     n = count_words(line, chars)
     if n < p.min_words:
         return "too_few_words"
@@ -448,27 +468,33 @@ def clean_paragraphs(doc: dict, cfg) -> tuple[dict, int]:
         return doc, 0
     language = doc.get("language")
     removed: Counter = Counter()
-    # pass 1: every rule but character repetition, paragraph by paragraph
-    positions = []  # (text blocks as lists of candidate lines | None, image, info)
-    candidates: list[str] = []
+    # pass 1: every rule but character repetition, paragraph by paragraph (characters counted for all at once)
+    layout = []  # per position: (blocks as lists of line numbers | None, image, info)
+    lines: list[str] = []
     info_list = doc.get("image_info") or [None] * len(doc["texts"])
     for text, image, info in zip(doc["texts"], doc["images"], info_list):
         blocks = None
         if text is not None:
             blocks = []
             for block in _BLANK_RE.split(text):
-                kept = []
+                numbers = []
                 for line in block.split("\n"):
-                    if not line.strip():
-                        continue
-                    reason = paragraph_reject_reason(line, language, p, chars_check=False)
-                    if reason is None:
-                        kept.append(len(candidates))
-                        candidates.append(line)
-                    else:
-                        removed[reason] += 1
-                blocks.append(kept)
-        positions.append((blocks, image, info))
+                    if line.strip():
+                        numbers.append(len(lines))
+                        lines.append(line)
+                blocks.append(numbers)
+        layout.append((blocks, image, info))
+    candidates: list[str] = []
+    slot: dict[int, int] = {}  # line number -> index in candidates
+    for i, (line, chars) in enumerate(zip(lines, CharCounts.of_lines(lines))):
+        reason = paragraph_reject_reason(line, language, p, chars_check=False, chars=chars)
+        if reason is None:
+            slot[i] = len(candidates)
+            candidates.append(line)
+        else:
+            removed[reason] += 1
+    positions = [(None if blocks is None else [[slot[i] for i in b if i in slot] for b in blocks], image, info)
+                 for blocks, image, info in layout]
     # pass 2: character repetition of all remaining paragraphs at once
     ok = char_repetition_ratios(candidates, p.char_repetition_n) <= p.max_char_repetition
     removed["character_repetition"] += int(len(candidates) - ok.sum())

@@ -21,7 +21,8 @@ DESCRIPTION = (
     "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
     "document; per-image rejects under image_rules_images) -> fetch_images (img2dataset; decoded size rules; "
     "skipped with --no-images, then images stay URL references) -> image_count -> dedup_exact -> dedup_near "
-    "(MinHash LSH) and dedup_images (images in more than K documents). Thresholds come from --config "
+    "(MinHash LSH) -> dedup_images (images in more than K documents) -> image_count_after_dedup (a document "
+    "whose images were all boilerplate). Thresholds come from --config "
     "FILE (YAML): sections language, paragraphs, quality, images (filters/documents.py), dedup "
     "(pipelines/dedup.py DedupConfig), fetch (pipelines/images.py FetchConfig: image download) and pages "
     "(pipelines/fetch.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
@@ -39,6 +40,7 @@ STAGE_QUALITY = "quality"
 STAGE_IMAGE_RULES = "image_rules"
 STAGE_IMAGE_RULES_ITEMS = "image_rules_images"
 STAGE_IMAGE_COUNT = "image_count"
+STAGE_IMAGE_RECOUNT = "image_count_after_dedup"  # dedup_images removes boilerplate images: count again
 INFO_KEYS = ("url", "sha256", "width", "height", "phash", "bytes", "path", "alt")
 
 
@@ -121,7 +123,7 @@ class DocStep:
             events += [ItemReject(STAGE_IMAGE_RULES_ITEMS, Reject(r.reason, f"{url}: {r.detail}"), doc["source"])
                        for url, r in dropped]
             return [doc, *events]
-        if self.name == STAGE_IMAGE_COUNT:
+        if self.name in (STAGE_IMAGE_COUNT, STAGE_IMAGE_RECOUNT):
             return d.check_image_count(doc, self.cfg)
         raise ValueError(f"unknown document step {self.name}")
 
@@ -190,10 +192,14 @@ def load_config(path: str | None):
 
 
 def document_stages(dedup_cfg) -> list[str]:
+    """Document-level stages in order. Every stage that drops images is followed by an image count, so a
+    document written always holds images.min_per_doc..max_per_doc images: image_count after the URL rules and
+    the fetch (failures, decoded-size rules), image_count_after_dedup after dedup_images."""
     from pipelines.dedup import document_stages as dedup_stages
 
+    recount = [STAGE_IMAGE_RECOUNT] if dedup_cfg.images else []
     return [STAGE_READ, STAGE_DECODE, STAGE_EXTRACT, STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY,
-            STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg)]
+            STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
 
 
 def build(p, items, opts):
@@ -223,6 +229,8 @@ def build(p, items, opts):
         x = fetch_images(c, x, fetch_cfg, allow_private=opts["allow_private"])
     x = c.stage(x, STAGE_IMAGE_COUNT, DocStep(STAGE_IMAGE_COUNT, doc_cfg), source_of)
     x = dedup_documents(c, x, dedup_cfg)
+    if dedup_cfg.images:
+        x = c.stage(x, STAGE_IMAGE_RECOUNT, DocStep(STAGE_IMAGE_RECOUNT, doc_cfg), source_of)
     c.add(x | "Rows" >> beam.Map(to_row))
     return c.finish()
 

@@ -12,7 +12,9 @@ Every decision is a shuffle on a key (text hash, LSH band key, doc_id, image URL
   document" would keep C, but needs sequential rounds; on near duplicates at Jaccard >= 0.8 such chains are
   rare and the rule errs towards dropping.
 - images (`dedup_images`, an image-level sub-stage): an image URL found in more than `max_image_repeats`
-  documents (after the document dedups) is boilerplate; its positions are removed, the documents stay.
+  documents (after the document dedups) is boilerplate; its positions are removed, the documents stay (the
+  command then counts each document's images again: one left with too few is rejected there, even if it was
+  the survivor a duplicate's reject names).
 Documents with no text (no shingles) are never exact or near duplicates of each other.
 """
 

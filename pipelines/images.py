@@ -19,9 +19,11 @@ Then `FetchConfig(fetched_dir=IMAGES)` joins that folder's Parquet back instead 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,11 +60,14 @@ class FetchConfig:
     user_agent_token: str = "mmcorpus"
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DIRECTIVES
     fetched_dir: str = ""  # read an earlier img2dataset Parquet output instead of downloading
+    batch_timeout: float = 0  # seconds one img2dataset call may run; 0 = derived from batch size and timeout
     rules: object = field(default=None)  # filters.documents.DocumentConfig for check_decoded_image; None = defaults
 
     def __post_init__(self):
         if self.groups < 1 or self.batch_size < 1 or self.threads < 1:
             raise ValueError("groups, batch_size and threads must be at least 1")
+        if self.batch_timeout < 0:
+            raise ValueError(f"batch_timeout must be 0 (derived) or positive, got {self.batch_timeout}")
         if self.fetched_dir and not os.path.isdir(self.fetched_dir):
             raise ValueError(f"fetched images folder {self.fetched_dir!r} does not exist")
 
@@ -148,7 +153,9 @@ _RUN_IMG2DATASET = (
 
 def download_batch(urls: list[str], cfg: FetchConfig):
     """Download `urls` with img2dataset in a subprocess; yield (url, result row) streaming from its Parquet
-    output, so a worker holds one record batch of images at a time, not the whole batch."""
+    output, so a worker holds one record batch of images at a time, not the whole batch. When img2dataset
+    exits non-zero or runs past its time budget, the URLs it gave no result for get a failed row naming why
+    (each becomes an image_fetch_failed reject); the run goes on."""
     with tempfile.TemporaryDirectory(prefix="mmcorpus-img2dataset-") as tmp:
         url_list = os.path.join(tmp, "urls.txt")
         with open(url_list, "w", encoding="utf-8") as f:
@@ -157,17 +164,50 @@ def download_batch(urls: list[str], cfg: FetchConfig):
         options = os.path.join(tmp, "options.json")
         with open(options, "w") as f:
             json.dump(img2dataset_options(cfg, url_list, out_dir), f)
-        env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-        budget = 300 + (len(urls) // cfg.threads + 1) * cfg.timeout * (cfg.retries + 1) * 2
-        proc = subprocess.run([sys.executable, "-c", _RUN_IMG2DATASET, options], capture_output=True, text=True,
-                              env=env, timeout=budget, cwd=tmp)
-        files = sorted(glob.glob(os.path.join(out_dir, "*.parquet")))
-        if proc.returncode != 0 or not files:
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-            raise RuntimeError(f"img2dataset failed on a batch of {len(urls)} image URLs "
-                               f"(exit {proc.returncode}): {' | '.join(tail)}")
-        for path in files:
-            yield from iter_rows(path)
+        failure = run_img2dataset(options, tmp, batch_budget(len(urls), cfg))
+        answered = set()
+        for path in sorted(glob.glob(os.path.join(out_dir, "*.parquet"))):
+            try:
+                for url, row in iter_rows(path):
+                    answered.add(url)
+                    yield url, row
+            except (OSError, ValueError) as exc:  # a shard cut short by the failure
+                failure = failure or f"unreadable img2dataset output {os.path.basename(path)}: {exc}"
+        if failure is None and not answered:
+            failure = "img2dataset wrote no output"
+        for url in urls:
+            if url not in answered:
+                yield url, {"status": None, "error_message": failure or "no result from img2dataset"}
+
+
+def batch_budget(n: int, cfg: FetchConfig) -> float:
+    """Seconds one img2dataset call may take: start-up plus every URL's timeout and retries over the threads."""
+    if cfg.batch_timeout:
+        return cfg.batch_timeout
+    return 300 + (n // cfg.threads + 1) * cfg.timeout * (cfg.retries + 1) * 2
+
+
+def run_img2dataset(options: str, cwd: str, budget: float) -> str | None:
+    """Run img2dataset on an options file in its own process group; None on success, else why it failed
+    (exit status or time-out, with the last lines it printed). On time-out the whole group is killed."""
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    proc = subprocess.Popen([sys.executable, "-c", _RUN_IMG2DATASET, options], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return f"img2dataset timed out after {budget:g} s{_tail(output)}"
+    if proc.returncode != 0:
+        return f"img2dataset failed (exit {proc.returncode}){_tail(output)}"
+    return None
+
+
+def _tail(output: str | None) -> str:
+    lines = [line for line in (output or "").strip().splitlines() if line.strip()][-3:]
+    return (": " + " | ".join(lines))[:500] if lines else ""
 
 
 def iter_rows(path: str, rows_per_batch: int = 64):

@@ -9,6 +9,7 @@ size, charset) live in `decode_page`.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import os
@@ -87,45 +88,132 @@ def read_html_file(path: str, max_bytes: int) -> dict:
 
 
 def read_warc(path: str, max_bytes: int):
-    from fastwarc.warc import ArchiveIterator, WarcRecordType
-
+    """Yield the page records / bad markers of one WARC file (see `warc_records`)."""
     try:
         fh = open(path, "rb")
     except OSError as exc:
         yield bad(path, "read_failed", str(exc))
         return
-    n = 0
     with fh:
-        try:
-            for rec in ArchiveIterator(fh, parse_http=True, record_types=WarcRecordType.any_type):
-                n += 1
-                source = f"{path}:{rec.stream_pos}"
-                if rec.record_type != WarcRecordType.response or not rec.is_http:
-                    rec.reader.read()  # consume (bounded by the record)
-                    yield bad(source, "warc_not_response", str(rec.record_type).split(".")[-1])
-                    continue
-                body = rec.reader.read(max_bytes + 1)
-                if len(body) > max_bytes:
-                    yield bad(source, "too_large", f"payload over {max_bytes} bytes")
-                    continue
-                expected = rec.content_length
-                http_len = len(rec.http_headers.status_line or "") if rec.http_headers is not None else 0
-                if expected and http_len and len(body) + http_len < expected - 4096 and not rec.reader.read(1):
-                    yield bad(source, "warc_file_truncated", f"record holds {len(body)} payload bytes of {expected}")
-                    continue
-                h = rec.headers
-                ctype = rec.http_content_type or ""
-                body = unwrap_http(body, rec.http_headers, max_bytes)
-                if isinstance(body, tuple):
-                    yield bad(source, *body)
-                    continue
-                yield {"source": source, "url": h.get("WARC-Target-URI", "").strip("<> ") or None,
-                       "warc_record_id": h.get("WARC-Record-ID"), "crawl_date": h.get("WARC-Date"),
-                       "status": rec.http_headers.status_code, "content_type": ctype,
-                       "charset": rec.http_charset, "payload": body}
-        except Exception as exc:  # fastwarc raises OSError/ValueError on invalid headers and broken gzip
-            reason = "warc_invalid_record" if n == 0 else "warc_file_truncated"
-            yield bad(f"{path}:record{n}", reason, f"{type(exc).__name__}: {exc}"[:500])
+        yield from warc_records(fh, path, max_bytes)
+
+
+def warc_records(fh, path: str, max_bytes: int):
+    """Every record of a WARC stream, one item each; a record that fails is one reject and reading goes on.
+
+    When fastwarc cannot parse on (bad header, broken gzip member), reading resumes at the next place a record
+    parses (a gzip member start in a .gz file, a `WARC/1.` line in a plain one) and the stretch skipped becomes
+    one `warc_invalid_record` reject naming its byte offsets; an unreadable remainder is one reject naming the
+    offset where it starts. Bodies of non-response records are not read into memory (fastwarc skips them)."""
+    gz = fh.read(2) == b"\x1f\x8b"
+    start, last, n, last_failed = 0, -1, 0, False
+    while True:
+        fh.seek(start)
+        records = iter(_archive_iterator(fh))
+        error, got = None, 0
+        while True:
+            try:
+                rec = next(records)
+            except StopIteration:
+                break
+            except Exception as exc:  # fastwarc raises OSError/ValueError on bad headers and broken gzip
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                break
+            n, got = n + 1, got + 1
+            pos = rec.stream_pos
+            # a whole-file gzip stream reports the same compressed offset for several records
+            source = f"{path}:{pos}" if pos > last else f"{path}:{pos}:record{n}"
+            last = max(last, pos)
+            try:
+                item = warc_record(rec, source, max_bytes)
+            except Exception as exc:  # a record whose headers or payload cannot be read
+                item = bad(source, "warc_invalid_record", f"{type(exc).__name__}: {exc}"[:500])
+            last_failed = item.get("_reject", ("",))[0] == "warc_invalid_record"
+            yield item
+        if error is None:
+            if n == 0:
+                yield bad(path, "warc_invalid_record", "no WARC record in the file")
+            return
+        begin = last + 1 if got else start  # the first byte that may hold what could not be read
+        resume, skipped = _resume_point(fh, begin if got else start + 1, gz)
+        if resume is None:
+            what = "no WARC record" if n == 0 else f"nothing readable after the record at byte {last}"
+            yield bad(f"{path}:{begin}", "warc_invalid_record" if n == 0 else "warc_file_truncated",
+                      f"{what} up to the end of the file ({error})")
+            return
+        if skipped or not last_failed:  # else the stretch is the rest of the record already rejected
+            first = skipped[0] if skipped else begin
+            yield bad(f"{path}:{first}", "warc_invalid_record",
+                      f"bytes {first}-{resume} unreadable ({error}); reading resumed at byte {resume}")
+        start, last_failed = resume, False
+
+
+def _archive_iterator(fh):
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+    return ArchiveIterator(fh, parse_http=True, record_types=WarcRecordType.any_type)
+
+
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_WARC_LINE = b"\nWARC/1."
+
+
+def _resume_point(fh, offset: int, gz: bool, chunk: int = 1 << 20) -> tuple[int | None, list[int]]:
+    """The first record start at or after `offset` where a record parses, and the candidate starts passed over
+    on the way (broken gzip members, damaged headers). Scans the file in chunks, never whole."""
+    marker = _GZIP_MAGIC if gz else _WARC_LINE
+    skip = 0 if gz else 1  # a WARC line starts after its newline
+    skipped: list[int] = []
+    pos = offset - skip if not gz else offset
+    while True:
+        fh.seek(max(pos, 0))
+        data = fh.read(chunk + len(marker))
+        at = data.find(marker)
+        if at < 0:
+            if len(data) <= len(marker):
+                return None, skipped
+            pos += chunk
+            continue
+        candidate = max(pos, 0) + at + skip
+        if candidate >= offset and _parses_at(fh, candidate):
+            return candidate, skipped
+        if candidate >= offset:
+            skipped.append(candidate)
+        pos = max(pos, 0) + at + 1
+
+
+def _parses_at(fh, offset: int) -> bool:
+    fh.seek(offset)
+    try:
+        next(iter(_archive_iterator(fh)))
+        return True
+    except Exception:  # StopIteration included: nothing parses here
+        return False
+
+
+def warc_record(rec, source: str, max_bytes: int) -> dict:
+    """One fastwarc record -> a page record or a bad marker. Only response bodies are read, at most
+    max_bytes + 1 bytes of them; a payload declared larger is refused before reading."""
+    from fastwarc.warc import WarcRecordType
+
+    if rec.record_type != WarcRecordType.response or not rec.is_http:
+        return bad(source, "warc_not_response", str(rec.record_type).split(".")[-1])
+    expected = rec.content_length
+    if expected > max_bytes:
+        return bad(source, "too_large", f"payload of {expected} bytes over {max_bytes}")
+    body = rec.reader.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        return bad(source, "too_large", f"payload over {max_bytes} bytes")
+    if len(body) < expected:
+        return bad(source, "warc_file_truncated", f"record holds {len(body)} payload bytes of {expected}")
+    h = rec.headers
+    body = unwrap_http(body, rec.http_headers, max_bytes)
+    if isinstance(body, tuple):
+        return bad(source, *body)
+    return {"source": source, "url": h.get("WARC-Target-URI", "").strip("<> ") or None,
+            "warc_record_id": h.get("WARC-Record-ID"), "crawl_date": h.get("WARC-Date"),
+            "status": rec.http_headers.status_code, "content_type": rec.http_content_type or "",
+            "charset": rec.http_charset, "payload": body}
 
 
 def dechunk(body: bytes) -> bytes:
@@ -169,14 +257,23 @@ def unwrap_http(body: bytes, headers, max_bytes: int):
     return body
 
 
+_CONTROL_BYTES = bytes(b for b in range(32) if b < 9 or b > 13)
+_NOT_CONTROL = bytes(b for b in range(256) if b not in _CONTROL_BYTES)
+
+
 def looks_binary(raw: bytes) -> bool:
+    """Image/archive magic, or more than 5% control characters in the first 4 KiB (UTF-16 text decoded first)."""
     head = raw[:4096]
     if not head:
         return False
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"%PDF", b"PK\x03\x04", b"\x1f\x8b")):
         return True
-    controls = sum(1 for b in head if b < 9 or 13 < b < 32)
-    return controls / len(head) > 0.05
+    order = utf16_order(raw)
+    if order:
+        text = head[: len(head) // 2 * 2].decode(order, "replace").lstrip("\ufeff")
+        controls = sum(1 for c in text if c < "\t" or "\r" < c < " ")
+        return controls > 0.05 * len(text)
+    return len(head.translate(None, _NOT_CONTROL)) > 0.05 * len(head)
 
 
 def decode_page(rec: dict):
@@ -199,26 +296,111 @@ def decode_page(rec: dict):
     return out
 
 
+# Labels the web means differently from Python's codec of that name (WHATWG Encoding Standard), or Python lacks.
+_LABEL_ALIASES = {"iso8859-1": "cp1252", "ascii": "cp1252", "iso8859-9": "cp1254", "iso8859-11": "cp874",
+                  "tis-620": "cp874", "gb2312": "gbk", "euc_kr": "cp949", "ks_c_5601-1987": "cp949",
+                  "shift_jis": "cp932", "x-sjis": "cp932", "windows-31j": "cp932", "unicode": "utf-16-le",
+                  "ucs-2": "utf-16-le", "x-user-defined": "cp1252"}
+_WIDE = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")
+_SEVEN_BIT = ("iso2022_jp", "iso2022_jp_2", "iso2022_kr", "utf-7", "hz")  # ASCII bytes that mean other text
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]+encoding\s*=\s*["']([a-zA-Z0-9_\-:.]+)""")
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes surrogateescape could not decode as UTF-8
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+# windows-1252 for each byte; its five undefined bytes (0x81, 0x8d, 0x8f, 0x90, 0x9d) as latin-1, as browsers do
+_CP1252 = [bytes([b]).decode("cp1252", "ignore") or chr(b) for b in range(256)]
+
+
+def _cp1252_bytes(exc):
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "".join(_CP1252[b] for b in exc.object[exc.start:exc.end]), exc.end
+
+
+codecs.register_error("mmcorpus-cp1252", _cp1252_bytes)
+
+
+def codec_of(label) -> str | None:
+    """A charset label (HTTP, <meta>, XML) -> the Python codec the web means by it; None when unknown."""
+    if not label:
+        return None
+    label = label.strip().strip("\"'").lower()
+    try:
+        name = codecs.lookup(label).name
+    except (LookupError, ValueError):
+        return _LABEL_ALIASES.get(label)
+    return _LABEL_ALIASES.get(name, name)
+
+
+def utf16_order(raw: bytes) -> str | None:
+    """"utf-16-le"/"utf-16-be" when the bytes look like UTF-16 (HTML markup is ASCII: every other byte NUL)."""
+    head = raw[:4096]
+    if raw.startswith(b"\xff\xfe") and not raw.startswith(b"\xff\xfe\x00\x00"):
+        return "utf-16-le"
+    if raw.startswith(b"\xfe\xff"):
+        return "utf-16-be"
+    pairs = len(head) // 2
+    if pairs < 8:
+        return None
+    even, odd = head[0:pairs * 2:2].count(0), head[1:pairs * 2:2].count(0)
+    if odd > 0.3 * pairs and even < 0.05 * pairs:
+        return "utf-16-le"
+    if even > 0.3 * pairs and odd < 0.05 * pairs:
+        return "utf-16-be"
+    return None
+
+
+def _mostly_utf8(raw: bytes) -> bool:
+    """UTF-8 with a few stray legacy bytes (pages pasted together from two charsets): valid multi-byte
+    characters outnumber the undecodable bytes. Legacy single-byte text is almost never valid UTF-8."""
+    text = raw.decode("utf-8", "surrogateescape")
+    invalid = len(_ESCAPED.findall(text))
+    return len(_NON_ASCII.findall(text)) - invalid > 2 * invalid
+
+
 def decode_bytes(raw: bytes, declared: str | None) -> str | Reject:
-    """HTTP charset, then <meta charset>, then BOM, then charset_normalizer detection."""
-    candidates = []
-    if declared:
-        candidates.append(declared)
-    m = _META_CHARSET.search(raw[:4096])
-    if m:
-        candidates.append(m.group(1).decode("ascii", "ignore"))
-    for bom, enc in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+    """Page bytes -> text. Order: a byte-order mark; UTF-16 when the bytes are laid out so (a UTF-16/32 label
+    on bytes that are not is ignored);
+    a declared 7-bit encoding (ISO-2022, UTF-7); valid UTF-8 (whatever the labels say: legacy text with
+    non-ASCII bytes is practically never valid UTF-8, while servers labelling UTF-8 pages ISO-8859-1 are
+    common); mostly-UTF-8 with stray windows-1252 bytes; the labels (HTTP charset, then <meta charset>, then
+    <?xml encoding>) that decode the bytes; charset_normalizer detection."""
+    for bom, enc in _BOMS:
         if raw.startswith(bom):
-            candidates.insert(0, enc)
-    for enc in candidates:
+            return raw.decode(enc, "replace")
+    head = raw[:65536]  # pages put <meta charset> after long inline scripts (one bundled page at 58 kB)
+    m = _META_CHARSET.search(head)
+    x = _XML_ENCODING.search(head)
+    labels = list(dict.fromkeys(c for c in (codec_of(declared), codec_of(m and m.group(1).decode("ascii")),
+                                             codec_of(x and x.group(1).decode("ascii"))) if c))
+    order = utf16_order(raw)  # labelled or not: ASCII markup with every other byte NUL is UTF-16
+    if order:
+        return raw.decode(order, "replace")
+    labels = [c for c in labels if c not in _WIDE]  # a UTF-16/32 claim the bytes do not fit
+    seven_bit = [c for c in labels[:1] if c in _SEVEN_BIT]
+    if b"\x1b$" in head:  # ISO-2022 escape sequences, labelled or not
+        seven_bit += ["iso2022_jp", "iso2022_kr"]
+    for enc in seven_bit:
         try:
             return raw.decode(enc)
-        except (LookupError, UnicodeDecodeError):
+        except UnicodeDecodeError:
             continue
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         pass
+    if _mostly_utf8(raw):
+        return raw.decode("utf-8", "mmcorpus-cp1252")
+    for enc in labels:
+        try:
+            return raw.decode(enc, "mmcorpus-cp1252" if enc == "cp1252" else "strict")
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return detect_and_decode(raw, labels)
+
+
+def detect_and_decode(raw: bytes, tried: list[str]) -> str | Reject:
     from charset_normalizer import from_bytes
 
     results = from_bytes(raw[:200_000])
@@ -229,8 +411,9 @@ def decode_bytes(raw: bytes, declared: str | None) -> str | Reject:
         if western and western[0].chaos <= best.chaos + 0.01 and western[0].coherence >= best.coherence - 0.05:
             best = western[0]
     if best is None:
-        return Reject("decode_failed", f"no charset decodes the bytes (tried {candidates or 'detection'})")
+        return Reject("decode_failed", f"no charset decodes the bytes (tried {tried or 'detection'})")
+    enc = "cp1252" if best.encoding == "latin_1" else best.encoding
     try:
-        return raw.decode(best.encoding, errors="replace")
+        return raw.decode(enc, "mmcorpus-cp1252" if enc == "cp1252" else "replace")
     except LookupError:
         return Reject("decode_failed", f"detected charset {best.encoding} unknown")

@@ -12,15 +12,6 @@ from urllib.parse import urljoin
 
 from lxml import html as lxml_html
 
-def xml_to_doc(xml: str, url: str, name: str) -> dict:
-    """trafilatura XML (include_images=True) -> the pipeline's document dict (filters.extract's XML walk)."""
-    from filters.extract import xml_to_lists
-
-    texts, images, infos = xml_to_lists(xml)
-    return {"doc_id": name, "url": url, "warc_record_id": None, "crawl_date": None, "source": name,
-            "language": None, "language_score": None, "texts": texts, "images": images, "image_info": infos,
-            "metadata": {}}
-
 
 @functools.lru_cache(maxsize=1)
 def eval_pages(root: str) -> dict[str, dict]:
@@ -52,3 +43,29 @@ def page_image_urls(html: str, url: str) -> list[str]:
         if src:
             out.append(urljoin(url, src))
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def warc_pages(root: str) -> dict[str, dict]:
+    """"DIR/FILE:OFFSET" -> {"url", "doc"} for every page of the bundled WARCs that the pipeline's reader,
+    decoder and extractor turn into a document (the same steps `mmcorpus interleaved` runs)."""
+    from filters.extract import extract
+    from filters.reasons import Reject
+    from pipelines.sources import decode_page, expand_sources, read_items
+
+    base = pathlib.Path(root)
+    pages = {}
+    for kind, path in expand_sources([str(base / d) for d in ("warcio-samples", "resiliparse-warcs", "cc-whirlwind",
+                                                             "dolma-cc-warc")]):
+        for rec in read_items((kind, path)):
+            page = decode_page(rec) if "_reject" not in rec else None
+            if page is None or isinstance(page, Reject):
+                continue
+            result = extract(page["html"], page["url"])
+            if isinstance(result, tuple):
+                texts, images, infos, _ = result
+                name = str(pathlib.Path(page["source"]).relative_to(base))
+                pages[name] = {"url": page["url"], "doc": {
+                    "doc_id": name, "url": page["url"], "source": name, "language": None, "language_score": None,
+                    "texts": texts, "images": images, "image_info": infos, "metadata": {}}}
+    return pages

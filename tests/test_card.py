@@ -88,7 +88,9 @@ def test_front_matter_counts_equal_stats_and_files(carded):
     by_stage = {s["stage"]: s for s in stats["stages"]}
     assert funnel and all(funnel[name] == [by_stage[name]["in"], by_stage[name]["out"], by_stage[name]["rejected"]]
                           for name in funnel)
-    assert list(funnel)[-1] == {"interleaved": "dedup_near", "pairs": "dedup_phash", "capfilt": "itm_filter"}[kind]
+    assert list(funnel) == stats["main_stages"]  # the chain the run recorded, in its order
+    assert list(funnel)[-1] == {"interleaved": "image_count_after_dedup", "pairs": "dedup_phash",
+                                "capfilt": "itm_filter"}[kind]
     assert list(funnel.values())[-1][1] == data_rows
 
     # reasons table = reject rows grouped by (stage, reason), read independently

@@ -195,7 +195,9 @@ def test_dedup_pipeline_direct_and_dask(tmp_path, pages, coco):
     assert stats["totals"] == {"read": len(docs), "written": len(kept), "rejected": len(expected),
                                "reject_rows": len(rejects)}
 
-    # Repeated image: gone from all K+1 documents; the image in exactly K stays; text untouched.
+    # Repeated image: gone from all K+1 documents; the image in exactly K stays; text untouched. (The one
+    # document whose only image it was keeps its text here; `mmcorpus interleaved` then rejects it at
+    # image_count_after_dedup: tests/test_interleaved.py test_url_list_with_image_fetching.)
     by_id = {d["doc_id"]: d for d in image_docs}
     for doc_id, original in by_id.items():
         row = kept[doc_id]

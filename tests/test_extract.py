@@ -11,7 +11,7 @@ import pytest
 from lxml import etree
 from lxml import html as lxml_html
 
-from filters.extract import extract, largest_srcset, normalise_images
+from filters.extract import declared_size, extract, largest_srcset, normalise_images
 from filters.m3w import END_OF_CHUNK, IMAGE, render_m3w
 from filters.reasons import Reject
 
@@ -124,7 +124,8 @@ def test_lazy_srcset_picture_base_figure():
     assert got == ["https://cdn.example.org/assets/lazy/one.jpg", "https://cdn.example.org/assets/big.jpg",
                    "https://cdn.example.org/assets/pic-2x.webp", "https://cdn.example.org/root/four.png"]
     assert [i["alt"] for i in infos if i] == ["one", "two", "three", "four"]
-    assert meta["declared_sizes"] == {"https://cdn.example.org/assets/lazy/one.jpg": [640, 480]}
+    assert meta["declared_sizes"] == {"https://cdn.example.org/assets/lazy/one.jpg": [640, 480],
+                                      "https://cdn.example.org/assets/big.jpg": [1280, None]}  # srcset 1280w
     # reading order: each image sits between the paragraphs it sat between
     seq = []
     for t, i in zip(texts, images):
@@ -143,3 +144,62 @@ def test_empty_and_broken_pages():
     assert extract("", "https://e.org/").reason in ("extraction_empty", "extraction_failed")
     xml_decl = '<?xml version="1.0" encoding="utf-8"?><html><body><article><p>' + "Word " * 80 + "</p></article></body></html>"
     assert not isinstance(extract(xml_decl, "https://e.org/"), Reject)
+
+
+def image_rules(doc):
+    """The pipeline's image_rules stage on a document: (document, per-image rejects)."""
+    from filters.documents import DocumentConfig
+    from pipelines.cmd_interleaved import STAGE_IMAGE_RULES, DocStep
+    from pipelines.stage import ItemReject
+
+    out = DocStep(STAGE_IMAGE_RULES, DocumentConfig())(doc)
+    return out[0], [e.reject for e in out[1:] if isinstance(e, ItemReject)]
+
+
+def as_doc(result):
+    texts, images, infos, meta = result
+    return {"doc_id": "d", "source": "s", "texts": texts, "images": images, "image_info": infos, "metadata": meta}
+
+
+def test_malformed_image_url_drops_the_image_not_the_page(eval_pages):
+    """A real page (alacarte.at) with an <img src="http://[bad/y.jpg"> added between two paragraphs, and a
+    malformed <base href>: the text and the page's own images stay; the bad image is one image reject."""
+    v, html = eval_pages["alacarte.at-purzelbaum.html"]
+    anchor = "Ich begann langsam, mich daran zu gewöhnen.</p>"
+    assert html.count(anchor) == 1
+    broken = html.replace(anchor, anchor + '<p><img src="http://[bad/y.jpg" alt="broken"></p>')
+    clean, damaged = extract(html, v["url"]), extract(broken, v["url"])
+    assert not isinstance(damaged, Reject)
+    assert [t for t in damaged[0] if t] == [t for t in clean[0] if t]  # all text kept
+    doc, rejects = image_rules(as_doc(damaged))
+    assert [i for i in doc["images"] if i] == [i for i in image_rules(as_doc(clean))[0]["images"] if i]
+    assert [(r.reason, r.detail.split(": ", 1)[1]) for r in rejects] == [("url_not_allowed", "malformed URL: Invalid IPv6 URL")]
+    bad_base = broken.replace('<base href="https://www.alacarte.at/">', '<base href="http://[::1">')
+    assert bad_base != broken
+    result = extract(bad_base, v["url"])  # the malformed <base> is ignored: images resolve against the page URL
+    assert [i for i in result[1] if i and "[" not in i][0] == "https://www.alacarte.at/fileadmin/user_upload/Seiler_Leipzig.jpg"
+
+
+def test_declared_sizes_are_pixels(eval_pages):
+    """nnz-online.de marks its two article photos width="100%": not a 100 px image."""
+    v, html = eval_pages["nnz-online.de-Quantensprung.html"]
+    assert html.count('<img width="100%"') == 2
+    result = extract(html, v["url"])
+    photos = [i for i in result[1] if i and "/_daten/cache/" in i]
+    assert len(photos) == 2 and result[3]["declared_sizes"] == {}
+    doc, rejects = image_rules(as_doc(result))
+    assert all(p in doc["images"] for p in photos) and not any(r.reason == "image_declared_size" for r in rejects)
+    # infobae.com: feed photos declare width="16" height="9" (an aspect ratio) and a srcset up to 1440w
+    v, html = eval_pages["infobae.com-ucrania.html"]
+    assert html.count('height="9" width="16"') >= 5
+    sizes = extract(html, v["url"])[3]["declared_sizes"]
+    assert list(sizes.values()).count([1440, 810]) >= 5 and min(min(x) for x in sizes.values()) >= 600
+    # mtb-news.de: lazy photos whose width/height (3x2) describe the data: placeholder GIF; data-srcset has 2400w
+    v, html = eval_pages["mtb-news.de-tubeless.html"]
+    result = extract(html, v["url"])
+    lazy = [i for i in result[1] if i and "foto-thumbnails.mtb-news.de" in i]
+    assert len(lazy) >= 10 and all(min(result[3]["declared_sizes"].get(u, [150])) >= 150 for u in lazy)
+    assert declared_size(3, 2, None, True) is None and declared_size(3, 2, None, False) == [3, 2]
+    tree = lxml_html.fromstring('<div><img src="a.jpg" width="300px" height=" 200 "><img src="b.jpg" width="100%">'
+                                '<img src="c.jpg" width="20em" height="auto"><img src="d.jpg" width="120.5"></div>')
+    assert normalise_images(tree, "https://e.org/") == {"https://e.org/a.jpg": [300, 200], "https://e.org/d.jpg": [120, None]}

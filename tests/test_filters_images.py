@@ -199,3 +199,38 @@ def test_decoded_rules(photo, cfg):
     assert check_decoded_image(cases["image_too_small"], loose) is None
     assert check_decoded_image(cases["image_aspect_ratio"], loose) is None
     assert check_decoded_image(cases["image_format"], loose) is None
+
+
+def _extracted(shared_data, name):
+    """The page through the pipeline's extractor, declared sizes included."""
+    import gzip
+    import json
+
+    from filters.extract import extract
+
+    base = shared_data / "trafilatura-eval"
+    url = json.loads((base / "evaldata.json").read_text())[name]["url"]
+    html = gzip.decompress((base / "pages" / f"{name}.gz").read_bytes()).decode("utf-8", "replace")
+    texts, images, infos, meta = extract(html, url)
+    return {"doc_id": name, "texts": texts, "images": images, "image_info": infos, "metadata": meta}
+
+
+def test_real_pages_declared_sizes_and_image_cap(shared_data, cfg):
+    """Real <img width height> and a real page with more than 30 content images; a real page keeps all."""
+    doc, dropped = filter_image_urls(_extracted(shared_data, "buero-hoppe.de.baumgutachten.html"), cfg)
+    declared = {u.rsplit("/", 1)[-1]: r.detail for u, r in dropped if r.reason == "image_declared_size"}
+    assert declared["vta-symbol.jpg"] == "declared 62x75: side 62 < min 150"  # partner badges, 75 px tall
+    assert declared["beratung_sportstaetten.jpg"] == "declared 600x40: side 40 < min 150"  # a banner strip
+    doc, dropped = filter_image_urls(_extracted(shared_data, "fincompare.de.firmenwagen.html"), cfg)
+    assert [(u.rsplit("/", 1)[-1], r.detail) for u, r in dropped if r.reason == "image_declared_size"] == [
+        ("Firmenwagen-1.jpg", "declared 1200x500: aspect ratio 2.40 > max 2.0")]  # srcset 1200w, width/height ratio
+    before = _extracted(shared_data, "kath.net-Menschensohn.html")
+    doc, dropped = filter_image_urls(copy.deepcopy(before), cfg)
+    too_many = [(u, r.detail) for u, r in dropped if r.reason == "image_too_many"]
+    content = [u for u in before["images"] if u and url_reject(u, cfg) is None]
+    assert len(content) > 30 and [i for i in doc["images"] if i] == content[:30]
+    assert [u for u, _ in too_many] == content[30:]
+    assert [d for _, d in too_many] == [f"image {31 + k} > max 30 a document" for k in range(len(too_many))]
+    assert _texts(doc) == _texts(before)
+    doc, dropped = filter_image_urls(_extracted(shared_data, "alacarte.at-purzelbaum.html"), cfg)
+    assert dropped == [] and len([i for i in doc["images"] if i]) == 3  # 620 px photos, declared

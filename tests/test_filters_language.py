@@ -88,3 +88,16 @@ def test_threshold_is_configurable(pages):
     doc["texts"] = ["Impressum" if t is not None else None for t in doc["texts"]]
     cfg = DocumentConfig.from_dict({"language": {"min_score": 0.0}})
     assert isinstance(identify_language(doc, cfg), dict)
+
+
+def test_real_crawl_page_below_confidence_is_dropped(shared_data):
+    """A Chinese spam page from the real crawl WARC: the identifier hesitates (wuu/zh) and the page goes."""
+    from tests.filter_pages import warc_pages
+
+    cfg = DocumentConfig()
+    doc = copy.deepcopy(warc_pages(str(shared_data))["resiliparse-warcs/warcfile.warc.gz:99077"]["doc"])
+    r = identify_language(doc, cfg)
+    assert isinstance(r, Reject) and r.reason == "language_low_confidence"
+    assert doc["language"] in ("wuu", "zh") and doc["language_score"] < cfg.language.min_score
+    english = warc_pages(str(shared_data))["warcio-samples/example.warc:1197"]["doc"]  # example.com
+    assert identify_language(copy.deepcopy(english), cfg)["language"] == "en"

@@ -10,7 +10,7 @@ import pytest
 from filters import quality
 from filters.documents import DocumentConfig, check_quality, clean_paragraphs, identify_language
 from filters.reasons import REASONS, Reject
-from tests.filter_pages import eval_pages
+from tests.filter_pages import eval_pages, warc_pages
 
 ZEIT = "0a12df42d1764095989ab078ee0f940b.html"  # German news article
 ARTICLES = [  # real article pages in five languages that must survive every document rule
@@ -156,6 +156,77 @@ def test_paragraph_rules_each_drop_what_they_should(pages, cfg):
     assert quality.paragraph_reject_reason(" ".join(words * 3) + ".", lang, p) == "word_repetition"
     # language without a stop-word list: the stop-word rule is skipped, not failed
     assert quality.paragraph_reject_reason(nouns, None, p) is None
+
+
+# ---- each document rule on real pages it keeps and real pages it drops ----
+
+NO_PARAGRAPHS = {"paragraphs": {"enabled": False}}  # rules seeing the page as extracted, before node cleaning
+# (rule, real page, config, reason): a bundled page (trafilatura-eval, or WARC "DIR/FILE:OFFSET") failing the rule
+# under the default config or a real alternative (paragraph cleaning off; OBELICS's 2,000-word bound). Rules with
+# no real page to drop (mean word length, symbols, flagged words, boilerplate, duplicate paragraphs) are
+# covered by the degraded real pages further down.
+REAL_DROPS = [
+    # onlinemarketing.de: all trafilatura finds is the site's tagline twice (a line the stop-word rule removes)
+    ("rule_word_count", "OnlineMarketing.de-Instagram.html", {}, "too_few_words"),
+    ("rule_word_count", "healthline.com.fat.html", {"quality": {"max_words": 2000}}, "too_many_words"),
+    ("rule_alpha_words", "abenteuer-astronomie.de.plejaden.html", NO_PARAGRAPHS, "alphabetic_words"),
+    ("rule_bullet_lines", "cybercook.com.br.sequilho.html", {}, "bullet_lines"),  # a recipe: every line a bullet
+    ("rule_bullet_lines", "denkanstoos.com.2012.html", {}, "bullet_lines"),
+    ("rule_ellipsis_lines", "warcio-samples/example.warc:1197", NO_PARAGRAPHS, "ellipsis_lines"),  # "More information..."
+    ("rule_stop_words", "echte-demokratie-jetzt.de.blog.html", NO_PARAGRAPHS, "stop_words"),
+    ("rule_punctuation", "resiliparse-warcs/warcfile.warc.gz:32353", {}, "punctuation_ratio"),
+    ("rule_special_characters", "resiliparse-warcs/warcfile.warc.gz:48321", {}, "special_character_ratio"),
+    ("rule_duplicate_lines", "archive.ordnungsrausch.com.orga-life.html", NO_PARAGRAPHS, "duplicate_lines"),
+    ("rule_duplicate_lines", "happyface313.com.plantur.html", NO_PARAGRAPHS, "duplicate_lines"),
+    ("rule_top_ngrams", "feuerwehrverband.de-vorbereitungstagung.html", {}, "top_ngram_fraction"),
+    ("rule_duplicate_ngrams", "sheego.de.cleaning.html", {}, "duplicate_ngram_fraction"),
+    ("rule_duplicate_ngrams", "sportowefakty.wp.pl.falubaz.html", {}, "duplicate_ngram_fraction"),
+    ("rule_repetition", "golfpost.de-premiere.html", NO_PARAGRAPHS, "character_repetition"),
+    ("rule_repetition", "archive.ordnungsrausch.com.orga-life.html", NO_PARAGRAPHS, "word_repetition"),
+]
+
+
+@pytest.fixture(scope="module")
+def all_pages(shared_data, pages):
+    return {**pages, **warc_pages(str(shared_data))}
+
+
+def as_checked(page, cfg):
+    """The page's text as check_quality sees it under `cfg` (language found, paragraphs cleaned if on)."""
+    doc = identify_language(copy.deepcopy(page["doc"]), cfg)
+    assert isinstance(doc, dict), doc
+    doc, _ = clean_paragraphs(doc, cfg)
+    return quality._Text(doc["texts"], doc["language"])
+
+
+@pytest.mark.parametrize("rule,name,overrides,expected", REAL_DROPS, ids=[f"{r[0]}-{r[1]}" for r in REAL_DROPS])
+def test_rule_drops_a_real_page_and_keeps_real_articles(all_pages, rule, name, overrides, expected):
+    cfg = DocumentConfig.from_dict(overrides)
+    fn = getattr(quality, rule)
+    r = fn(as_checked(all_pages[name], cfg), cfg.quality)
+    assert isinstance(r, Reject) and r.reason == expected, (name, r)
+    kept = [n for n in (LONG, "en.wikipedia.org.tsne.html", ZEIT) if fn(as_checked(all_pages[n], cfg), cfg.quality) is None]
+    assert len(kept) >= 2, (rule, kept)  # the same rule and config keep real articles
+
+
+def test_paragraph_rules_on_real_lines(pages, cfg):
+    """Real paragraphs of the bundled pages, each failing one node rule; and real ones that pass."""
+    p = cfg.paragraphs
+    cases = [  # (page, line prefix, language, reason)
+        ("0b4609a864eb4fa0bbcb2b395f6be9eb.html", "Bildquelle:", "de", "too_few_words"),
+        ("0a4a8ab61c054192b1ec70cc3570cf45.html", "Neues gastronomisches Konzept:", "de", "stop_words"),
+        ("0b4609a864eb4fa0bbcb2b395f6be9eb.html", "14.10.2020 ∙ 14:00 Uhr", "de", "special_character_ratio"),
+        ("bergsteigen.com-skibergsteigen.html", "- Das Steigeisenfach kann dank", "de", "punctuation_ratio"),
+        ("modepilot.de.duschkopf.html", "Allerdings sieht es wie ein Dildo aus", "de", "flagged_words"),
+        ("pamelaandersonfoundation.org.yellow.html", "Getting a new car is probably", "en", "word_repetition"),
+        # Arabic sentences end with "؟" (and use "،"): punctuation, so the interview questions stay
+        ("assabah.com.tn.article.html", "*ما الذي يحدث في السودان", "ar", None),
+        (ZEIT, "Weltweit finanzieren Banken und Investoren", "de", None),
+        (LONG, "However, incursions into their territories", "en", None),
+    ]
+    for name, prefix, lang, expected in cases:
+        line = next(x for x in lines_of(pages[name]["doc"]) if x.startswith(prefix))
+        assert quality.paragraph_reject_reason(line, lang, p) == expected, (name, line)
 
 
 # ---- degraded real pages are dropped with the right reason ----
@@ -321,4 +392,6 @@ def test_vectorised_statistics_match_definitions(pages, name):
     assert t.grams.repetition_ratio(5) == pytest.approx(quality.word_repetition_ratio(t.norm, 5))
     lines = [x for t in pages[name]["doc"]["texts"] if t for x in t.split("\n")]
     batch = quality.char_repetition_ratios(lines, 10)
+    together = quality.CharCounts.of_lines([x for x in lines if x])
+    assert [vars(c) for c in together] == [vars(quality.CharCounts(x)) for x in lines if x]
     assert list(batch) == pytest.approx([_char_repetition(x, 10) if len(x) >= 10 else 0.0 for x in lines])

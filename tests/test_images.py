@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from filters.urls import url_refusal
-from pipelines.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows
+from pipelines.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows, run_img2dataset
 from pipelines.run import RunSpec, execute
 from pipelines.runner import add_runner_args
 from pipelines.sink import Kind
@@ -231,3 +231,24 @@ def test_url_list_then_img2dataset_then_join(tmp_path, site, coco):
     stats, kept, rejects = run_fetch(tmp_path / "joined", docs,
                                      FetchConfig(fetched_dir=str(tmp_path / "images")))
     check_result(stats, kept, rejects, docs, ok, bad, base, files)
+
+
+def test_img2dataset_failure_becomes_image_rejects(tmp_path, site, coco):
+    """img2dataset killed at its time budget (it cannot even import in half a second): every image it was to
+    fetch is an image_fetch_failed reject naming why, the documents and their text go on, counts balance."""
+    base, _ = site
+    docs, _, _ = documents(base, coco)
+    stats, kept, rejects = run_fetch(tmp_path, docs, FetchConfig(timeout=TIMEOUT, batch_timeout=0.5))
+    assert all(u is None for row in kept.values() for u in row["images"])
+    assert all(kept[d["doc_id"]]["texts"] == [t for t in d["texts"] if t] for d in docs)
+    fetchable = [u for d in docs for u in d["images"] if u and not u.startswith("ftp:")]
+    failed = [r for r in rejects if r["reason"] == "image_fetch_failed"]
+    assert len(failed) == len(fetchable) and all("img2dataset timed out after 0.5 s" in r["detail"] for r in failed)
+    assert {r["reason"] for r in rejects} == {"image_fetch_failed", "url_not_allowed"}
+    stage = {s["stage"]: s for s in stats["stages"]}[STAGE_FETCH]
+    assert stage["in"] == stage["rejected"] == len(rejects) and stage["out"] == 0
+    # a run that exits non-zero says so with its last lines
+    options = tmp_path / "bad-options.json"
+    options.write_text(json.dumps({"no_such_option": 1}))
+    why = run_img2dataset(str(options), str(tmp_path), 120)
+    assert why.startswith("img2dataset failed (exit 1)") and "no_such_option" in why
