@@ -190,7 +190,7 @@ class FetchGroup(beam.DoFn):
         if urls:
             cfg = FetchConfig(timeout=self.timeout, threads=min(32, len(urls)))
             try:
-                for url, result in download_batch(urls, cfg):
+                for url, result in download_batch(urls, cfg, self.allow_private):
                     got.setdefault(url, result)
             except Exception as exc:  # noqa: BLE001 - the batch fails as rejects, the run goes on
                 got = {u: {"status": "failed", "error_message": f"img2dataset: {exc}"} for u in urls}

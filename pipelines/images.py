@@ -151,11 +151,12 @@ _RUN_IMG2DATASET = (
 )
 
 
-def download_batch(urls: list[str], cfg: FetchConfig):
+def download_batch(urls: list[str], cfg: FetchConfig, allow_private: bool = False):
     """Download `urls` with img2dataset in a subprocess; yield (url, result row) streaming from its Parquet
     output, so a worker holds one record batch of images at a time, not the whole batch. When img2dataset
     exits non-zero or runs past its time budget, the URLs it gave no result for get a failed row naming why
-    (each becomes an image_fetch_failed reject); the run goes on."""
+    (each becomes an image_fetch_failed reject); the run goes on. Redirects img2dataset follows are checked with
+    the URL rules (private addresses refused unless `allow_private`; see img2dataset_site/sitecustomize.py)."""
     with tempfile.TemporaryDirectory(prefix="mmcorpus-img2dataset-") as tmp:
         url_list = os.path.join(tmp, "urls.txt")
         with open(url_list, "w", encoding="utf-8") as f:
@@ -164,7 +165,7 @@ def download_batch(urls: list[str], cfg: FetchConfig):
         options = os.path.join(tmp, "options.json")
         with open(options, "w") as f:
             json.dump(img2dataset_options(cfg, url_list, out_dir), f)
-        failure = run_img2dataset(options, tmp, batch_budget(len(urls), cfg))
+        failure = run_img2dataset(options, tmp, batch_budget(len(urls), cfg), allow_private)
         answered = set()
         for path in sorted(glob.glob(os.path.join(out_dir, "*.parquet"))):
             try:
@@ -187,10 +188,15 @@ def batch_budget(n: int, cfg: FetchConfig) -> float:
     return 300 + (n // cfg.threads + 1) * cfg.timeout * (cfg.retries + 1) * 2
 
 
-def run_img2dataset(options: str, cwd: str, budget: float) -> str | None:
+REDIRECT_CHECK_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "img2dataset_site")
+
+
+def run_img2dataset(options: str, cwd: str, budget: float, allow_private: bool = False) -> str | None:
     """Run img2dataset on an options file in its own process group; None on success, else why it failed
     (exit status or time-out, with the last lines it printed). On time-out the whole group is killed."""
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    path = os.pathsep.join(p for p in (REDIRECT_CHECK_SITE, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=path,
+               MMCORPUS_IMG_REDIRECTS="any" if allow_private else "public")
     proc = subprocess.Popen([sys.executable, "-c", _RUN_IMG2DATASET, options], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True)
     try:
@@ -220,8 +226,8 @@ def iter_rows(path: str, rows_per_batch: int = 64):
 class _FetchGroup(beam.DoFn):
     """Downloads one hash group of unique URLs in batches; yields (url, outcome) and fetch counters."""
 
-    def __init__(self, cfg: FetchConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: FetchConfig, allow_private: bool):
+        self.cfg, self.allow_private = cfg, allow_private
 
     def process(self, element):
         _, urls = element
@@ -229,7 +235,7 @@ class _FetchGroup(beam.DoFn):
         for start in range(0, len(urls), self.cfg.batch_size):
             batch = urls[start:start + self.cfg.batch_size]
             pending = set(batch)
-            for url, row in download_batch(batch, self.cfg):
+            for url, row in download_batch(batch, self.cfg, self.allow_private):
                 if url in pending:
                     pending.discard(url)
                     yield from _outcome_tags(url, row, self.cfg)
@@ -327,7 +333,7 @@ def fetch_images(collector, docs, cfg: FetchConfig | None = None, allow_private:
     else:
         tagged = (refs | "FetchImages_Allowed" >> beam.FlatMap(_allowed_url, cfg.groups)
                   | "FetchImages_GroupUrls" >> beam.GroupByKey()
-                  | "FetchImages_Download" >> beam.ParDo(_FetchGroup(cfg)))
+                  | "FetchImages_Download" >> beam.ParDo(_FetchGroup(cfg, allow_private)))
     parts = split_tags(tagged, ("outcome", COUNTS), label="FetchImages_")
     collector.add_counts(parts[COUNTS])
     results = ({"ref": refs, "outcome": parts["outcome"]} | "FetchImages_JoinUrls" >> beam.CoGroupByKey()

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from filters.urls import url_refusal
-from pipelines.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows, run_img2dataset
+from pipelines.images import (IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, download_batch, fetch_images, image_url_rows,
+                              run_img2dataset)
 from pipelines.run import RunSpec, execute
 from pipelines.runner import add_runner_args
 from pipelines.sink import Kind
@@ -38,6 +39,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         path = self.path
+        if path.startswith("/redirect/"):  # /redirect/<target URL>
+            self.send_response(302)
+            self.send_header("Location", path.removeprefix("/redirect/"))
+            self.end_headers()
+            return
         if path.startswith("/slow/"):
             time.sleep(SLOW_SECONDS)
             path = path.removeprefix("/slow")
@@ -252,3 +258,22 @@ def test_img2dataset_failure_becomes_image_rejects(tmp_path, site, coco):
     options.write_text(json.dumps({"no_such_option": 1}))
     why = run_img2dataset(str(options), str(tmp_path), 120)
     assert why.startswith("img2dataset failed (exit 1)") and "no_such_option" in why
+
+
+def test_img2dataset_redirects_to_private_addresses_are_refused(site):
+    """The first URL was checked by the pipeline; a redirect img2dataset follows is checked in its own processes:
+    to a loopback address it is refused unless private addresses are allowed, and an ftp:// target always."""
+    base, files = site
+    photo = f"{base}/coco/000000000790.jpg"
+    via_redirect = f"{base}/redirect/{photo}"
+    to_ftp = f"{base}/redirect/ftp://127.0.0.1/x.jpg"
+    cfg = FetchConfig(timeout=TIMEOUT)
+    refused = dict(download_batch([photo, via_redirect, to_ftp], cfg, allow_private=False))
+    assert refused[photo]["status"] == "success"  # the direct request: checked before, so fetched
+    assert refused[via_redirect]["status"] != "success"
+    assert f"redirect to {photo} refused: address 127.0.0.1 is private" in refused[via_redirect]["error_message"]
+    assert "refused: scheme 'ftp' is not http(s)" in refused[to_ftp]["error_message"]
+    allowed = dict(download_batch([via_redirect, to_ftp], cfg, allow_private=True))
+    assert allowed[via_redirect]["status"] == "success"
+    assert allowed[via_redirect]["sha256"] == hashlib.sha256(files["/coco/000000000790.jpg"].read_bytes()).hexdigest()
+    assert "scheme 'ftp' is not http(s)" in allowed[to_ftp]["error_message"]
