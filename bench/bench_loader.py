@@ -1,15 +1,19 @@
 """Loader throughput vs what a training step consumes, and data wait as a share of step time.
 
-Builds a pairs dataset (5 captions per coco-mini photo, full-size JPEGs) and the tiny model the tests use,
-then measures: loader samples/s on its own (0 and N workers), training-step consumption in samples/s with
-a fixed batch, and a real `trainer.train.run` with tokens/s, MFU and data wait % (target < 5% on CPU).
+Builds a pairs dataset (5 captions per coco-mini photo, the full-size 640 px JPEGs as stored, with their
+sha256 as the pairs pipeline writes it) and the tiny model the tests use, then measures: loader samples/s
+on its own (0 and N workers), training-step consumption in samples/s with a fixed batch, and a real
+`trainer.train.run` with tokens/s, MFU (model FLOPs per `Flamingo.flops`) and data wait % of step time
+(target < 5% on CPU). Torch gets the cores the workers leave.
 
     python bench/bench_loader.py [--coco ../shared/data/coco-mini] [--steps 40] [--workers 1]
+                                 [--captions-per-image 5] [--source-size 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
@@ -36,7 +40,9 @@ def loader_rate(spec, tok, transform, workers, batches):
     t = time.perf_counter()
     for _ in range(batches):
         next(loader)
-    return batches * spec.batch_size / (time.perf_counter() - t)
+    rate = batches * spec.batch_size / (time.perf_counter() - t)
+    loader.close()
+    return rate
 
 
 def reencode(data: bytes, size: int) -> bytes:
@@ -58,6 +64,8 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--captions-per-image", type=int, default=5,
+                    help="pair rows per photo (coco-mini has 5 captions; 1: every row a distinct image)")
     ap.add_argument("--source-size", type=int, default=0,
                     help="re-encode photos to this shorter side first (img2dataset-style stored images); 0: as is")
     args = ap.parse_args()
@@ -69,7 +77,10 @@ def main():
     tok_dir = word_tokenizer(recs, tmp / "tok")
     lm = tiny_lm(tmp / "lm", len(load_tokenizer(tok_dir)), init_range=0.2)
     clip = tiny_clip_json(tmp)
-    data = write_parquet(tmp / "pairs" / "data" / "part-0.parquet", pair_rows(recs, 5), "pair", row_group_size=128)
+    rows = pair_rows(recs, args.captions_per_image)
+    for row in rows:  # as `mmcorpus pairs` writes them: with the image's sha256
+        row["sha256"] = hashlib.sha256(row["image_bytes"]).hexdigest()
+    data = write_parquet(tmp / "pairs" / "data" / "part-0.parquet", rows, "pair", row_group_size=128)
     tok = load_tokenizer(tok_dir)
     model_cfg = {"vision": clip, "lm": lm, "tokenizer": tok_dir, "allow_random_weights": True, "num_latents": 16,
                  "resampler_depth": 1, "dim_head": 16}
@@ -77,8 +88,11 @@ def main():
     transform = D.image_transform(src["image_size"])
     spec = D.DatasetSpec("pairs", str(data.parent.parent), "pair", batch_size=args.batch_size, holdout=0.1)
 
-    results = {"source_size": args.source_size or "original (coco-mini, 640 px)", "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    results["loader_samples_per_s"] = {f"workers={w}": loader_rate(spec, tok, transform, w, 10)
+    results = {"source_size": args.source_size or "original (coco-mini, 640 px)",
+               "captions_per_image": args.captions_per_image, "batch_size": args.batch_size,
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "load_average_at_start": os.getloadavg()}
+    results["loader_samples_per_s"] = {f"workers={w}": loader_rate(spec, tok, transform, w, 20)
                                        for w in sorted({0, args.workers})}
     batch = next(D.DatasetLoader(spec, tok, transform, num_workers=0))
     opt = T.make_optimizer(model, 1e-3, 0.01)
@@ -100,11 +114,15 @@ def main():
             "train": {"steps": args.steps, "log_every": 10, "eval_every": 10 ** 9, "checkpoint_every": 10 ** 9},
             "eval": {"max_samples": 32, "bootstrap": 100, "shuffles": 1}}
         rep = T.run(cfg, str(tmp / f"run{w}"))
-        results[f"train_run_workers={w}"] = {k: rep["throughput"][k] for k in (
-            "tokens_per_s", "mfu", "data_wait_fraction", "step_time_s", "peak_flops", "peak_source", "device")}
+        run = {k: rep["throughput"][k] for k in ("tokens_per_s", "mfu", "data_wait_fraction", "step_time_s",
+                                                 "flops_per_step", "peak_flops", "peak_source", "device", "precision")}
+        run["samples_per_s"] = args.batch_size / run["step_time_s"]
+        results[f"train_run_workers={w}"] = run
+    results["load_average_at_end"] = os.getloadavg()  # other processes on the machine skew every figure
     print(json.dumps(results, indent=1))
     os.makedirs(ROOT / "bench" / "results", exist_ok=True)
-    name = f"bench_loader_src{args.source_size}.json" if args.source_size else "bench_loader.json"
+    name = "bench_loader" + (f"_src{args.source_size}" if args.source_size else "")
+    name += f"_cap{args.captions_per_image}.json" if args.captions_per_image != 5 else ".json"
     with open(ROOT / "bench" / "results" / name, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -11,18 +11,23 @@ HELP = "train a small Flamingo on a mixture of pair/interleaved datasets and wri
 DESCRIPTION = (
     "Train a compact Flamingo (frozen open_clip vision tower + Perceiver Resampler + frozen Hugging Face causal "
     "LM with gated cross-attention) on the Parquet written by 'mmcorpus pairs' / 'mmcorpus interleaved', mixed "
-    "by weight as the YAML config says (see trainer/train.py for every key). Writes DIR/checkpoints/, "
+    "by weight as the YAML or TOML config says (see trainer/train.py for every key and the three mixture "
+    "modes). Writes DIR/checkpoints/, "
     "DIR/report.json (per dataset: held-out loss with real vs shuffled vs blank images, the gap with a 95% CI "
     "and a verdict; gate values; skipped rows; tokens/s and MFU) and PNG plots. Without a model hub, pass local "
-    "model paths, or --allow-random-weights for a smoke run (the report's 'sources' then says 'random')."
+    "model paths, or --allow-random-weights for a smoke run (the report's 'sources' then says 'random'). "
+    "Under torchrun (RANK/WORLD_SIZE set) each rank reads its own shard but gradients are not synchronised: "
+    "each rank trains its own replica and writes under DIR/rank-R."
 )
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file: model, data (datasets and weights), train, eval")
+    parser.add_argument("--config", required=True,
+                        help="YAML (or .toml) file: model, data (datasets and weights), train, eval")
     parser.add_argument("--output", "-o", required=True, help="output folder (checkpoints, report.json, plots)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--steps", type=int,
+                        help="override train.steps (part of the run's config: --resume refuses a changed value)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="build the vision tower / LM from their configs with random weights if none are found")
@@ -34,7 +39,9 @@ def run(args) -> int:
 
     try:
         cfg = T.load_config(args.config)
-        if args.steps:
+        if args.steps is not None:
+            if args.steps < 1:
+                raise T.ConfigError(f"--steps must be >= 1, not {args.steps}")
             cfg["train"]["steps"] = args.steps
         if args.allow_random_weights:
             cfg["model"]["allow_random_weights"] = True

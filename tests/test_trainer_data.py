@@ -6,6 +6,7 @@ tiny GPT-2 / Llama and open_clip configs) that test_trainer_model.py and test_tr
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -90,10 +91,10 @@ def word_tokenizer(records, out_dir):
     return str(out_dir)
 
 
-def tiny_lm(out_dir, vocab_size, arch="gpt2", layers=2, dim=64, init_range=0.02):
+def tiny_lm(out_dir, vocab_size, arch="gpt2", layers=2, dim=64, init_range=0.02, seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=dim, n_layer=layers, n_head=2,
                                            n_positions=300, initializer_range=init_range))
@@ -109,6 +110,17 @@ def tiny_clip_json(out_dir, name="mmc-tiny-vit"):
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(TINY_CLIP))
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
+    process fight over the cores (measured: 5x slower training steps under load). Modules importing this
+    fixture get it too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +258,7 @@ def test_interleaved_m3w_samples(assets):
 
 def test_mixture_modes(assets, pair_files):
     tok = load_tok(assets)
-    mix = D.MixtureSpec.from_dict({"mode": "weighted", "seed": 1, "shuffle_buffer": 8, "datasets": [
+    mix = D.MixtureSpec.from_dict({"mode": "weighted", "seed": 1, "shuffle_buffer": 8, "num_workers": 0, "datasets": [
         {"name": "a", "path": str(pair_files), "kind": "pair", "weight": 3.0, "batch_size": 2, "holdout": 0},
         {"name": "b", "path": str(pair_files), "kind": "pairs", "weight": 1.0, "batch_size": 2, "holdout": 0}]})
     loader = D.MixtureLoader(mix, tok, D.image_transform(64))
@@ -266,3 +278,95 @@ def test_wrong_schema_is_a_clear_error(assets, pair_files, tmp_path):
         _loader(pair_files, tok, kind="interleaved")
     with pytest.raises(D.DataError, match="no such file"):
         _loader(tmp_path / "nope", tok)
+
+
+def _images_of_docs(rows) -> dict[str, list[str]]:
+    """doc_id -> sha256 of the image bytes it holds, as written."""
+    import hashlib
+
+    return {r["doc_id"]: [hashlib.sha256(i["bytes"]).hexdigest() for i in r["image_info"] if i and i.get("bytes")]
+            for r in rows}
+
+
+def test_holdout_by_image_content_across_datasets(assets):
+    """Pairs and photo stories built from the same photos: no image held out by either is trained on by either."""
+    import hashlib
+
+    tok, tf = load_tok(assets), D.image_transform(64)
+    recs = assets["records"][:90]
+    root = assets["root"] / "shared_photos"
+    pairs = write_parquet(root / "pairs.parquet", pair_rows(recs), "pair")
+    docs_rows = interleaved_rows(recs, per_doc=3)
+    docs = write_parquet(root / "docs.parquet", docs_rows, "interleaved")
+    mix = D.MixtureSpec.from_dict({"num_workers": 0, "datasets": [
+        {"name": "pairs", "path": str(pairs), "kind": "pair", "holdout": 0.2},
+        {"name": "docs", "path": str(docs), "kind": "interleaved", "holdout": 0.1}]})
+    doc_images = _images_of_docs(docs_rows)
+    held, trained, skipped = {}, {}, {}
+    for spec in mix.datasets:
+        for split, out in (("eval", held), ("train", trained)):
+            samples, skipped[spec.name, split] = D.split_samples(spec, tok, tf, 10_000, split)
+            out[spec.name] = {k for s in samples for k in s.image_keys}
+            if split == "train" and spec.kind == "interleaved":  # a trained document keeps all its photos
+                assert all(s.image_keys == doc_images[s.key] for s in samples)
+    all_held, all_trained = held["pairs"] | held["docs"], trained["pairs"] | trained["docs"]
+    assert held["pairs"] and held["docs"] and trained["pairs"] and trained["docs"]
+    assert not all_held & all_trained
+    # the case this guards against is in the data: photos held out of the pairs sit in the documents
+    assert held["pairs"] & {sha for shas in doc_images.values() for sha in shas}
+    # a held-out document shows only its held-out photos; the others are counted, not trained on
+    assert skipped["docs", "eval"].get("image_other_split", 0) > 0
+    photos = {hashlib.sha256(r["bytes"]).hexdigest() for r in recs}
+    assert all_held | all_trained <= photos and len(all_trained) > 0.5 * len(photos)
+
+
+def test_interleaved_images_by_path(assets, tmp_path):
+    """image_info.path: relative to the Parquet file's folder, or an fsspec URL; a missing file is counted."""
+    tok = load_tok(assets)
+    recs = assets["records"][:6]
+    rows = interleaved_rows(recs, per_doc=3)
+    (tmp_path / "imgs").mkdir()
+    for d, row in enumerate(rows):
+        for j, info in enumerate(row["image_info"]):
+            if info:
+                name = f"imgs/{d}-{j}.jpg"
+                (tmp_path / name).write_bytes(info["bytes"])
+                path = name if d == 0 else f"file://{tmp_path / name}"
+                row["image_info"][j] = {**info, "bytes": None, "sha256": None, "path": path}
+    rows[1]["image_info"][3]["path"] = "imgs/nope.jpg"
+    path = write_parquet(tmp_path / "docs.parquet", rows, "interleaved")
+    by_path = next(_loader(path, tok, kind="interleaved", batch=2, buffer=1))
+    by_bytes = next(_loader(write_parquet(tmp_path / "b" / "docs.parquet", interleaved_rows(recs, 3), "interleaved"),
+                            tok, kind="interleaved", batch=2, buffer=1))
+    assert by_path["keys"] == by_bytes["keys"] == ["doc-0", "doc-3"]
+    assert torch.equal(by_path["images"][0], by_bytes["images"][0])  # relative paths: all 3 images
+    assert by_path["image_mask"].sum(1).tolist() == [3, 2]  # doc-3: one file missing
+    assert torch.equal(by_path["images"][1, 0], by_bytes["images"][1, 0])  # URL path
+    loader = _loader(path, tok, kind="interleaved", batch=2, buffer=1)
+    next(loader)
+    assert loader.skipped() == {"image_missing_image_file": 1}
+
+
+def test_jpeg_decoded_at_reduced_scale_not_below_target(assets):
+    from PIL import Image
+
+    data = assets["records"][0]["bytes"]
+    full = Image.open(io.BytesIO(data))
+    small = D.decode_image(data, 64)
+    assert min(small.size) >= 64 and small.size[0] < full.size[0]  # JPEG draft: 1/2, 1/4 or 1/8 scale
+    pixels = D.image_transform(64)(small)
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8  # the model normalises
+
+
+def test_loss_weights_by_mode(assets, pair_files):
+    datasets = [{"name": "a", "path": str(pair_files), "kind": "pair", "weight": 3.0},
+                {"name": "b", "path": str(pair_files), "kind": "pair", "weight": 1.0}]
+    flamingo = D.MixtureSpec.from_dict({"mode": "flamingo", "datasets": datasets})
+    assert flamingo.loss_weights() == {"a": 0.75, "b": 0.25}
+    for mode in ("weighted", "round_robin"):  # one dataset a step: lambda acts through the draw only
+        assert D.MixtureSpec.from_dict({"mode": mode, "datasets": datasets}).loss_weights() == {"a": 1.0, "b": 1.0}
+    assert D.MixtureSpec.from_dict({"datasets": datasets}).workers() >= 1  # "auto" by default
+    with pytest.raises(D.DataError, match="num_workers"):
+        D.MixtureSpec.from_dict({"num_workers": -1, "datasets": datasets})
+    with pytest.raises(D.DataError, match="weight > 0"):
+        D.MixtureSpec.from_dict({"mode": "weighted", "datasets": [{**d, "weight": 0} for d in datasets]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_trainer_data import assets, load_tok, pair_rows, write_parquet  # noqa: F401 (fixture)
+from tests.test_trainer_data import assets, load_tok, one_torch_thread, pair_rows, write_parquet  # noqa: F401
 from trainer import data as D
 from trainer.model import build
 
@@ -85,29 +85,66 @@ def test_each_token_sees_only_the_last_image_before_it(assets):
 
 
 def test_only_resampler_xattn_and_new_embeddings_train(assets):
+    """Real training steps (make_optimizer with weight decay, clipping, schedule, train_step over a flamingo
+    mixture) leave every frozen weight bit-identical, to the copy taken before and to the LM file on disk."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer import train as T
+
     model, tok, _ = _model(assets)
     trainable = set(model.trainable_named())
     assert trainable and all(n.startswith(("resampler.", "xattn.", "new_embed", "new_out")) for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     train_before = model.trainable_state()
     path = write_parquet(assets["root"] / "model_pairs" / "p.parquet", pair_rows(assets["records"][:16]), "pair")
-    loader = D.DatasetLoader(D.DatasetSpec("p", str(path), "pair", batch_size=8, holdout=0), tok,
-                             D.image_transform(model.image_size), shuffle_buffer=16)
-    opt = torch.optim.AdamW(model.trainable_named().values(), lr=1e-2)
+    mixture = D.MixtureSpec.from_dict({"num_workers": 0, "shuffle_buffer": 16, "datasets": [
+        {"name": "p", "path": str(path), "kind": "pair", "batch_size": 8, "holdout": 0, "weight": 2.0},
+        {"name": "q", "path": str(path), "kind": "pair", "batch_size": 4, "holdout": 0, "weight": 1.0}]})
+    loader = D.MixtureLoader(mixture, tok, D.image_transform(model.image_size))
+    opt = T.make_optimizer(model, 1e-2, weight_decay=0.5, gate_lr_mult=10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_factor(s, 1, 3))
     model.train()
-    for _ in range(3):
-        b = next(loader)
-        out = model(b["input_ids"], b["attention_mask"], b["images"], b["image_mask"], labels=b["labels"])
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad()
+    for step in range(3):
+        res = T.train_step(model, loader.step(step), opt, sched, mixture.loss_weights(), 1.0, torch.device("cpu"))
+        assert set(res["losses"]) == {"p", "q"}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen_before[n]), n
+    on_disk = AutoModelForCausalLM.from_pretrained(assets["lm"]).state_dict()
+    assert all(torch.equal(v, on_disk[k]) for k, v in model.lm.state_dict().items())
     changed = [n for n, t in model.trainable_state().items() if not torch.equal(t, train_before[n])]
     assert any("attn_gate" in n for n in changed) and any(n.startswith("resampler.") for n in changed)
     assert "new_embed" in changed and "new_out" in changed
+    assert len(changed) == len(train_before)  # every trainable tensor moved
     assert any(abs(g) > 0 for g in model.gates()["attn"])
+
+
+@pytest.mark.parametrize("lm", ["lm", "llama"])
+def test_flops_accounting_matches_a_counted_step(assets, lm):
+    """model.train_flops against torch's FlopCounterMode over one real forward + backward (tied GPT-2 and
+    untied Llama with grouped k/v). SDPA runs its math kernel and MHA its slow path so every product is seen."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, tok, _ = _model(assets, lm, resampler_depth=2)
+    model.train()
+    batch, seq, slots = 2, 24, 2
+    ids = _sequence(tok, [D.IMAGE_TOKEN, "a man riding a wave on a surfboard in the ocean", D.EOC_TOKEN,
+                          D.IMAGE_TOKEN, "two dogs playing with a frisbee on the green grass of a park"])
+    ids = ids[:, :seq].expand(batch, -1).clone()
+    assert ids.shape == (batch, seq) and int((ids == model.image_token_id).sum()) == batch * slots
+    images = _images(assets, [0, 1, 2, 3]).view(batch, slots, 3, 64, 64)
+    labels = ids.masked_fill(ids == model.image_token_id, -100)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(ids, torch.ones_like(ids), images, labels=labels)["loss"].backward()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    counted = counter.get_total_flops()
+    ours = model.train_flops(batch * seq, seq, batch * slots, slots * model.resampler.latents.shape[0])
+    assert abs(ours / counted - 1) < 0.01, (ours, counted)
 
 
 def test_resampler_output_and_cross_attention_every_k(assets):

@@ -4,14 +4,15 @@ coco-mini photos (true captions vs captions shuffled against the images)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 import yaml
 
 from pipelines.cli import main
-from tests.test_trainer_data import (assets, interleaved_rows, load_tok, pair_rows, tiny_lm,  # noqa: F401
-                                     write_parquet)
+from tests.test_trainer_data import (assets, interleaved_rows, load_tok, one_torch_thread, pair_rows,  # noqa: F401
+                                     tiny_lm, write_parquet)
 from trainer import data as D
 from trainer import report as R
 from trainer import train as T
@@ -35,7 +36,7 @@ def _cfg(assets, corpora, steps=6, mode="flamingo"):
     return {"seed": 5,
             "model": {"vision": assets["clip"], "lm": assets["lm"], "tokenizer": assets["tokenizer"],
                       "allow_random_weights": True, "num_latents": 8, "resampler_depth": 1, "dim_head": 16},
-            "data": {"mode": mode, "shuffle_buffer": 32, "datasets": [
+            "data": {"mode": mode, "shuffle_buffer": 32, "num_workers": 0, "datasets": [
                 {"name": "pairs", "path": str(corpora / "pairs"), "kind": "pair", "weight": 2.0, "batch_size": 8,
                  "holdout": 0.2},
                 {"name": "docs", "path": str(corpora / "docs"), "kind": "interleaved", "weight": 1.0, "batch_size": 2,
@@ -54,9 +55,11 @@ class Interrupted(Exception):
     pass
 
 
-def test_resumed_run_equals_uninterrupted(assets, corpora, tmp_path):
-    cfg = _cfg(assets, corpora)
-    straight = T.run(cfg, str(tmp_path / "a"))
+@pytest.mark.parametrize("mode", ["flamingo", "weighted", "round_robin"])
+def test_resumed_run_equals_uninterrupted(assets, corpora, tmp_path, mode):
+    cfg = _cfg(assets, corpora, mode=mode)
+    steps = []
+    straight = T.run(cfg, str(tmp_path / "a"), on_step=lambda step, info: steps.append(info))
 
     def die(step, info):
         if step == 3:  # after the step-2 checkpoint: step 3 is lost and redone
@@ -69,15 +72,69 @@ def test_resumed_run_equals_uninterrupted(assets, corpora, tmp_path):
     resumed = T.run(cfg, str(tmp_path / "b"), resume=True)
     hist_a = torch.load(T._checkpoints(str(tmp_path / "a"))[-1], weights_only=False)["history"]
     hist_b = torch.load(T._checkpoints(str(tmp_path / "b"))[-1], weights_only=False)["history"]
-    assert hist_a["batches"] == hist_b["batches"] and len(hist_a["batches"]) == 12  # 6 steps x 2 datasets
+    assert hist_a["batches"] == hist_b["batches"]
+    used = [name for _, name, _ in hist_a["batches"]]
+    if mode == "flamingo":
+        assert used == ["pairs", "docs"] * 6  # one batch of every dataset a step
+    elif mode == "round_robin":
+        assert used == ["pairs", "docs"] * 3
+    else:
+        assert len(used) == 6 and set(used) == {"pairs", "docs"}  # drawn by weight
     a, b = _final_trainables(tmp_path / "a"), _final_trainables(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["loss"] for h in hist_a["train"]] == [h["loss"] for h in hist_b["train"]]
+    exact = ("step", "loss", "losses", "dataset_loss", "lr", "grad_norm")  # the rest are timings
+    assert [{k: h[k] for k in exact} for h in hist_a["train"]] == [{k: h[k] for k in exact} for h in hist_b["train"]]
+    assert len(hist_a["train"]) == 3
     assert straight["datasets"]["pairs"]["skipped"] == resumed["datasets"]["pairs"]["skipped"]
     assert straight["datasets"]["pairs"]["skipped"]["undecodable_image"] >= 1
+    # the step's loss: lambda-normalised sum in flamingo mode (weights 2 and 1), else the one dataset's own
+    for info in steps:
+        if mode == "flamingo":
+            assert info["loss"] == pytest.approx(2 / 3 * info["losses"]["pairs"] + 1 / 3 * info["losses"]["docs"])
+        else:
+            assert len(info["losses"]) == 1 and info["loss"] == next(iter(info["losses"].values()))
+    # per-dataset training losses are logged unscaled and reach the report
+    for name in ("pairs", "docs"):
+        logged = [[h["step"], h["dataset_loss"][name]] for h in hist_a["train"] if name in h["dataset_loss"]]
+        assert logged and straight["datasets"][name]["train_loss"] == logged
 
 
-def test_cli_train_writes_report(assets, corpora, tmp_path, capsys):
+def test_weighted_mode_does_not_scale_the_loss_by_lambda(assets, corpora, tmp_path):
+    """Sampling by weight already applies lambda: a lone dataset trains the same whatever its lambda."""
+    runs = []
+    for weight in (1.0, 7.0):
+        cfg = _cfg(assets, corpora, steps=2, mode="weighted")
+        cfg["data"]["datasets"] = [dict(cfg["data"]["datasets"][0], weight=weight)]
+        cfg["train"].update(checkpoint_every=2, eval_every=2)
+        T.run(cfg, str(tmp_path / f"w{weight}"))
+        runs.append(_final_trainables(tmp_path / f"w{weight}"))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_rank_and_world_size_from_the_environment(assets, corpora, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = _cfg(assets, corpora, steps=2)
+    cfg["train"].update(checkpoint_every=2, eval_every=2)
+    report = T.run(cfg, str(tmp_path / "run"))
+    assert (report["throughput"]["rank"], report["throughput"]["world_size"]) == (1, 2)
+    assert (tmp_path / "run" / "rank-1" / "report.json").exists()  # rank 0 alone writes DIR itself
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(T.ConfigError, match="RANK=2"):
+        T.run(cfg, str(tmp_path / "bad"))
+
+
+@pytest.fixture
+def root_logging():
+    """`main` points the root logger at the stderr of the moment (pytest's capture); put it back after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_cli_train_writes_report(assets, corpora, tmp_path, capsys, root_logging):
     cfg = _cfg(assets, corpora, steps=4, mode="round_robin")
     cfg_path = tmp_path / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -103,48 +160,83 @@ def test_cli_train_writes_report(assets, corpora, tmp_path, capsys):
     for png in report["plots"]:
         assert (out / png).stat().st_size > 1000
     assert main(["train", "--config", str(cfg_path), "--output", str(out)]) == 2  # checkpoints there, no --resume
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg_path), "--output", str(out), "--resume", "--steps", "8"]) == 2
+    assert "train.steps: 4 -> 8" in capsys.readouterr().err  # a longer schedule is another run
     cfg["data"]["datasets"][0]["kind"] = "interleaved"
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["train", "--config", str(cfg_path), "--output", str(tmp_path / "x")]) == 2
     assert "holds 'pair' rows" in capsys.readouterr().err
 
 
+def _toml(cfg: dict) -> str:
+    """The test config as TOML (sections of scalars and a [[data.datasets]] table array)."""
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = [f"seed = {cfg['seed']}"]
+    for section in ("model", "data", "train", "eval"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in cfg[section].items() if k != "datasets"]
+    for d in cfg["data"]["datasets"]:
+        lines.append("[[data.datasets]]")
+        lines += [f"{k} = {value(v)}" for k, v in d.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_toml_config_reads_like_yaml(assets, corpora, tmp_path):
+    cfg = _cfg(assets, corpora, mode="weighted")
+    (tmp_path / "train.toml").write_text(_toml(cfg))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    assert T.load_config(str(tmp_path / "train.toml")) == T.load_config(str(tmp_path / "train.yaml"))
+    (tmp_path / "bad.toml").write_text("[model\nlm = 1\n")
+    with pytest.raises(T.ConfigError, match="not valid TOML"):
+        T.load_config(str(tmp_path / "bad.toml"))
+
+
 # ------------------------------------------------------------------ image informativeness on real photos
 
-INFO = {"epochs": 8, "lr": 3e-3, "gate_lr_mult": 30, "folds": 5, "batch": 32}
+# k-fold over images (3 folds: every photo held out once), each fold stopped early on a validation share of
+# its own training photos (at most 8 epochs); 2 captions per photo; the model's random init (frozen LM,
+# vision tower, trainables) and the fold split change with the seed.
+INFO = {"epochs": 8, "lr": 3e-3, "gate_lr_mult": 30, "folds": 3, "batch": 32, "patience": 1, "captions": 2}
 
 
 @pytest.fixture(scope="module")
-def informativeness_setup(assets):
-    """True pairs and the same pairs with captions shuffled against the images (5 captions per photo, all 165
-    coco-mini photos), read back through the loader and encoded once by the frozen vision tower. The tiny
-    LM is initialised with a wider range (0.2) so a frozen random LM can still express sharp predictions."""
+def informativeness_samples(assets):
+    """True pairs and the same pairs with captions shuffled against the images (all 165 coco-mini photos),
+    read back through the loader once; models and image features are built per seed."""
     root = assets["root"] / "informativeness"
-    recs = assets["records"]
     tok = load_tok(assets)
-    lm = tiny_lm(root / "lm", len(tok) - 2, init_range=0.2)
-    model, src = build({"vision": assets["clip"], "lm": lm, "num_latents": 16, "resampler_depth": 1,
-                        "dim_head": 16}, tok, allow_random=True)
-    sets = {}
+    samples = {}
     for name, shuffle_seed in (("true", None), ("shuffled", 11)):
-        path = write_parquet(root / name / "pairs.parquet", pair_rows(recs, 5, shuffle_seed), "pair")
+        rows = pair_rows(assets["records"], INFO["captions"], shuffle_seed)
+        path = write_parquet(root / name / "pairs.parquet", rows, "pair")
         spec = D.DatasetSpec(name, str(path), "pair", max_seq_len=20)  # coco captions: ~10 words
-        samples, skipped = D.split_samples(spec, tok, D.image_transform(src["image_size"]), 10_000, split="all")
-        assert len(samples) == 825 and not skipped
-        sets[name] = R.FeatureSet.encode(model, samples, spec.max_seq_len, tok)
-    return model, model.trainable_state(), tok, sets
+        samples[name], skipped = D.split_samples(spec, tok, D.image_transform(64), 10_000, split="all")
+        assert len(samples[name]) == 165 * INFO["captions"] and not skipped
+    return root, tok, samples
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_shuffled_captions_show_a_smaller_image_gap(informativeness_setup, seed):
-    model, initial, tok, sets = informativeness_setup
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shuffled_captions_show_a_smaller_image_gap(assets, informativeness_samples, seed):
+    """The tiny LM is initialised with a wider range (0.2) so a frozen random LM can still express sharp
+    predictions. Without pretrained weights the gap is small (DESIGN.md); the CI is a bootstrap over photos."""
+    root, tok, samples = informativeness_samples
+    lm = tiny_lm(root / f"lm-{seed}", len(tok) - 2, init_range=0.2, seed=seed)
+    torch.manual_seed(seed)  # the random vision tower and the trainables
+    model, _ = build({"vision": assets["clip"], "lm": lm, "num_latents": 16, "resampler_depth": 1,
+                      "dim_head": 16}, tok, allow_random=True)
+    initial = model.trainable_state()
     gaps = {}
-    for name, fs in sets.items():
+    for name, items in samples.items():
+        fs = R.FeatureSet.encode(model, items, 20, tok)
         losses = R.kfold_losses(model, initial, fs, INFO["folds"], INFO["epochs"], INFO["batch"], INFO["lr"],
-                                tok.pad_token_id, seed=seed, shuffles=2, gate_lr_mult=INFO["gate_lr_mult"])
-        gaps[name] = R.dataset_result(losses, 1000, seed, min_gap=0.01)
+                                tok.pad_token_id, seed=seed, shuffles=2, gate_lr_mult=INFO["gate_lr_mult"],
+                                patience=INFO["patience"])
+        gaps[name] = R.dataset_result(losses, 1000, seed, min_gap=0.01, groups=fs.keys)
+        assert len(losses["epochs_used"]) == INFO["folds"]
     true, shuffled = gaps["true"]["gap_shuffled"], gaps["shuffled"]["gap_shuffled"]
-    print(seed, true, shuffled)
-    assert true["ci95"][0] > 0  # held-out images help when captions describe them
-    assert true["ci95"][0] > shuffled["mean"] and true["mean"] > shuffled["mean"] + 0.008
-    assert gaps["true"]["verdict"] == "informative"
+    print(f"seed {seed}: true pairs {true}, shuffled captions {shuffled}")
+    assert true["mean"] > 0 and true["mean"] > shuffled["mean"]  # held-out images help only when captions fit
+    assert shuffled["ci95"][0] <= 0  # no image information where captions do not describe the images

@@ -6,7 +6,22 @@ only up front) -> row-group units split over ranks x workers -> windowed shuffle
 
 Samples follow Flamingo: a pair is `<image>caption<|endofchunk|>` (32 tokens by default); an interleaved
 document is `text <image>text<|endofchunk|><image>text<|endofchunk|>...` with at most `max_images` images and
-`max_seq_len` tokens (M3W: 5 and 256). Image positions without usable bytes are dropped and counted.
+`max_seq_len` tokens (M3W: 5 and 256). Images come from their stored bytes or, failing those, their stored
+path (relative to the Parquet file's folder, or any fsspec URL); positions without a usable image are
+dropped and counted.
+
+Held-out split by image content, the same in every dataset: an image's key is the sha256 of its bytes (else
+its URL, else its path) and its rank a hash of that key in [0, 1). A row's rank is the lowest of its images'
+(a document is held out as soon as one of the images it would train on is). Dataset d evaluates on rows of
+rank < holdout_d and every dataset of the mixture trains only on rows of rank >= max(holdout), so an image
+held out anywhere is trained on nowhere, even when pairs and documents share photos. A document of k images
+lands in the held-out split with probability about 1 - (1 - holdout)^k; there it keeps only its held-out
+images (the others, and any held-out image of a trained document, are counted as image_other_split).
+Identical bytes share a key; a re-encoded copy of a photo does not (dedup across datasets catches those).
+
+Throughput: JPEGs decode at the smallest DCT scale still >= the model's resolution (PIL draft), a photo seen
+again within a shuffle window (the captions of one image) is decoded once, and `num_workers: auto` gives each
+dataset (cores - 1) / datasets DataLoader workers, each prefetching 4 batches.
 
 Exact resume: the shuffle buffer is a window of `shuffle_buffer` raw rows read from a known position and
 permuted with an RNG seeded by (seed, shard, epoch, position), so the whole stream state is a small dict
@@ -23,7 +38,10 @@ import hashlib
 import io
 import itertools
 import os
-from dataclasses import dataclass, field
+import posixpath
+import queue
+import threading
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -36,11 +54,9 @@ EOC_TOKEN = "<|endofchunk|>"
 KINDS = {"pair": "pair", "pairs": "pair", "interleaved": "interleaved"}
 MODES = ("flamingo", "round_robin", "weighted")
 COLUMNS = {
-    "pair": ["image_id", "image_bytes", "image_path", "caption", "sha256"],
+    "pair": ["image_id", "url", "image_bytes", "image_path", "caption", "sha256"],
     "interleaved": ["doc_id", "texts", "images", "image_info"],
 }
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class DataError(ValueError):
@@ -56,7 +72,10 @@ class DatasetSpec:
     max_seq_len: int = 0  # 0: 32 for pairs, 256 for interleaved
     batch_size: int = 8
     max_images: int = 5
-    holdout: float = 0.1  # fraction of images/documents (by content hash) kept out of training for the report
+    holdout: float = 0.1  # fraction of images (by content hash) held out for the report (a document: any of its)
+    # images ranked below this are never trained on; a mixture sets it to its largest `holdout`, so an
+    # image held out by one dataset is not trained on through another that holds the same photo
+    exclude: float = field(default=-1.0, init=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -66,16 +85,43 @@ class DatasetSpec:
             self.max_seq_len = 32 if self.kind == "pair" else 256
         if self.weight < 0 or self.batch_size < 1 or not 0 <= self.holdout < 1:
             raise DataError(f"dataset {self.name!r}: need weight >= 0, batch_size >= 1, 0 <= holdout < 1")
+        self.exclude = max(self.exclude, self.holdout)
 
 
 @dataclass
 class MixtureSpec:
     datasets: list[DatasetSpec]
-    mode: str = "flamingo"  # flamingo: every step sums lambda-weighted losses of one batch per dataset
+    mode: str = "flamingo"  # see loss_weights
     seed: int = 0
     shuffle_buffer: int = 256
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # DataLoader workers per dataset; "auto": spare cores / datasets, 1 to 8
     extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise DataError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.mode != "round_robin" and sum(s.weight for s in self.datasets) <= 0:
+            raise DataError(f"mode {self.mode!r} needs at least one dataset with weight > 0")
+        if not (self.num_workers == "auto" or isinstance(self.num_workers, int) and self.num_workers >= 0):
+            raise DataError(f"num_workers must be an integer >= 0 or 'auto', not {self.num_workers!r}")
+        exclude = max(s.holdout for s in self.datasets)
+        for s in self.datasets:
+            s.exclude = exclude
+
+    def loss_weights(self) -> dict[str, float]:
+        """Factor on each dataset's loss in a step. flamingo: one batch from every dataset per step, losses
+        summed with lambda normalised to sum 1 (the step's loss stays on the per-dataset scale). weighted: one
+        dataset per step, drawn with probability lambda / sum(lambda), its loss unscaled (lambda already acts
+        through the draw). round_robin: datasets in turn, losses unscaled (lambda unused)."""
+        if self.mode != "flamingo":
+            return {s.name: 1.0 for s in self.datasets}
+        total = sum(s.weight for s in self.datasets)
+        return {s.name: s.weight / total for s in self.datasets}
+
+    def workers(self) -> int:
+        if self.num_workers != "auto":
+            return self.num_workers
+        return max(1, min(8, (cpu_count() - 1) // len(self.datasets)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixtureSpec":
@@ -87,17 +133,22 @@ class MixtureSpec:
         for i, item in enumerate(raw):
             item = dict(item)
             item.setdefault("name", f"dataset{i}")
-            unknown = set(item) - set(DatasetSpec.__dataclass_fields__)
+            unknown = set(item) - {f.name for f in fields(DatasetSpec) if f.init}
             if unknown or "path" not in item or "kind" not in item:
                 raise DataError(f"dataset {item['name']!r}: needs path and kind; unknown keys {sorted(unknown)}")
             specs.append(DatasetSpec(**item))
         if len({s.name for s in specs}) != len(specs):
             raise DataError("dataset names must be unique")
         known = {k: d.pop(k) for k in ("mode", "seed", "shuffle_buffer", "num_workers") if k in d}
-        spec = cls(specs, extras=d, **known)
-        if spec.mode not in MODES:
-            raise DataError(f"mode {spec.mode!r} is not one of {MODES}")
-        return spec
+        return cls(specs, extras=d, **known)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- files and units
@@ -152,37 +203,76 @@ def content_hash(key: str | bytes) -> int:
     return int.from_bytes(hashlib.sha1(data).digest()[:8], "big")
 
 
+def image_key(data: bytes | None, sha256: str | None, url: str | None, path: str | None) -> str | None:
+    """Identity of one image, the same in every dataset that holds it: the sha256 of its bytes (stored by the
+    pipelines, or computed), else its URL, else its path. (A re-encoded copy has other bytes, hence another key.)"""
+    if sha256:
+        return sha256
+    if data:
+        return hashlib.sha256(data).hexdigest()
+    return url or path or None
+
+
+def image_keys(row: dict, kind: str, max_images: int = 5) -> list[str]:
+    """The images a sample of this row trains on: the pair's image, or a document's first `max_images` image
+    positions that have bytes or a path (later ones never reach a sample)."""
+    if kind == "pair":
+        key = image_key(row.get("image_bytes"), row.get("sha256"), row.get("url"), row.get("image_path"))
+        return [key or f"id:{row.get('image_id')}"]
+    keys = []
+    infos = row.get("image_info") or [None] * len(row["images"])
+    for url, info in zip(row["images"], infos):
+        info = info or {}
+        if not (info.get("bytes") or info.get("path")):
+            continue  # a text position, or an image that cannot be loaded (skipped and counted later)
+        keys.append(image_key(info.get("bytes"), info.get("sha256"), info.get("url") or url, info.get("path")))
+        if len(keys) == max_images:
+            break
+    return keys
+
+
 def row_key(row: dict, kind: str) -> str:
-    """Stable identity used for held-out splits and folds: the image for pairs, the document otherwise."""
+    """Stable identity of a sample (batch digests, k-fold folds): the image for pairs, the document otherwise."""
     if kind == "interleaved":
         return str(row.get("doc_id"))
-    if row.get("sha256"):
-        return row["sha256"]
-    if row.get("image_bytes"):
-        return hashlib.sha256(row["image_bytes"]).hexdigest()
-    return str(row.get("image_path") or row.get("image_id"))
+    return image_keys(row, "pair")[0]
+
+
+def holdout_rank(keys: list[str], fallback: str) -> float:
+    """Position in [0, 1) of a row on the held-out scale: the lowest rank of its images (by content), so a row
+    is held out as soon as one of its images is; `fallback` (the document id) for a row without images."""
+    return min(content_hash("holdout:" + k) % 1_000_000 for k in keys or [fallback]) / 1_000_000
 
 
 def in_holdout(key: str, fraction: float) -> bool:
-    return (content_hash("holdout:" + key) % 1_000_000) < fraction * 1_000_000
+    return holdout_rank([key], key) < fraction
 
 
 # ---------------------------------------------------------------- rows -> samples
 
-def image_transform(size: int, mean=CLIP_MEAN, std=CLIP_STD):
-    """PIL image -> normalised float tensor [3, size, size]: shorter side to `size`, centre crop."""
-    import torchvision.transforms.v2.functional as F
+class ImageTransform:
+    """PIL image -> uint8 tensor [3, size, size]: the centred square of side min(w, h) resized to `size`
+    (= shorter side to `size`, then centre crop) in one antialiased bicubic PIL resize. Pixels stay uint8
+    (a quarter of the bytes between processes and to the GPU); `Flamingo.encode_images` normalises them."""
 
-    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    def __init__(self, size: int):
+        self.size = size
 
-    def apply(img):
-        img = F.pil_to_tensor(img.convert("RGB"))
-        img = F.resize(img, size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-        img = F.center_crop(img, [size, size])
-        return (img.float() / 255.0 - mean_t) / std_t
+    def __call__(self, img) -> torch.Tensor:
+        from PIL import Image
 
-    apply.size = size
-    return apply
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        w, h = img.size
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        return pixels.permute(2, 0, 1).contiguous()
+
+
+def image_transform(size: int) -> ImageTransform:
+    return ImageTransform(size)
 
 
 def decode_image(data: bytes, size: int | None = None):
@@ -201,26 +291,78 @@ class Sample:
     key: str
     input_ids: list[int]
     images: list  # tensors [3, H, W] (or precomputed features), one per <image> token, in order
+    image_keys: list[str] = field(default_factory=list)  # content key of each image (see image_key)
+
+
+def _fill_sha256(row: dict, kind: str) -> None:
+    """Hash image bytes that came without their sha256 once, for the split and the sample key alike."""
+    if kind == "pair":
+        if not row.get("sha256") and row.get("image_bytes"):
+            row["sha256"] = hashlib.sha256(row["image_bytes"]).hexdigest()
+        return
+    for info in row.get("image_info") or ():
+        if info and not info.get("sha256") and info.get("bytes"):
+            info["sha256"] = hashlib.sha256(info["bytes"]).hexdigest()
 
 
 class SampleBuilder:
-    """Turns schema rows into Flamingo samples; returns a skip reason string for a bad row."""
+    """Turns schema rows into Flamingo samples; returns a skip reason string for a bad row. With `keep_image`
+    (a predicate on image keys) a document keeps only the image positions it accepts (the held-out split
+    keeps only held-out images, the training split none; the others are counted as image_other_split)."""
 
-    def __init__(self, tokenizer, transform, spec: DatasetSpec, fs=None):
-        self.tok, self.transform, self.spec, self.fs = tokenizer, transform, spec, fs
+    CACHE_BYTES = 64 << 20  # at most this much of the window's decoded images kept per builder (per worker)
+
+    def __init__(self, tokenizer, transform, spec: DatasetSpec, fs=None, keep_image=None):
+        self.tok, self.transform, self.spec, self.fs, self.keep_image = tokenizer, transform, spec, fs, keep_image
         ensure_special_tokens(tokenizer)
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.eoc_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        size = getattr(transform, "size", 224)
+        self._cache = collections.OrderedDict()  # image key -> tensor or skip reason, least recent first
+        self._cache_size = max(8, self.CACHE_BYTES // (3 * size * size))
 
     def _encode(self, text: str) -> list[int]:
+        if self._backend is not None:  # the Rust tokenizer itself: same ids, a tenth of the call overhead
+            return self._backend.encode(text, add_special_tokens=False).ids
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def _image(self, data: bytes | None, path: str | None, base: str, counts) -> object | str:
+    def _read(self, path: str, base: str) -> bytes:
+        """Bytes of an image stored by path: a URL through fsspec, otherwise a path on the dataset's own
+        filesystem, relative to the folder of the Parquet file that names it."""
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as fh:
+                return fh.read()
+        full = path if posixpath.isabs(path) or not base else posixpath.join(base, path)
+        with (self.fs.open(full, "rb") if self.fs is not None else open(full, "rb")) as fh:
+            return fh.read()
+
+    def _image(self, data: bytes | None, path: str | None, base: str, key: str | None = None) -> object | str:
+        """The transformed image (or a skip reason), decoded once per shuffle window: the captions of one photo
+        sit in the same window, so a photo is decoded once there, not once per caption. The stream calls
+        `forget_images` at every new window, so the cache never spans more than a window (nor an epoch)."""
+        if key is None:
+            return self._load(data, path, base)
+        cache_key = (base, key) if not data else key
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            self._cache.move_to_end(cache_key)
+            return hit
+        image = self._load(data, path, base)
+        self._cache[cache_key] = image
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return image
+
+    def forget_images(self) -> None:
+        self._cache.clear()
+
+    def _load(self, data: bytes | None, path: str | None, base: str) -> object | str:
         if not data and path:
-            full = path if ("://" in path or os.path.isabs(path)) else os.path.join(base, path)
             try:
-                with (self.fs.open(full, "rb") if self.fs and "://" not in full else _open(full)) as fh:
-                    data = fh.read()
+                data = self._read(path, base)
             except (OSError, ValueError):
                 return "missing_image_file"
         if not data:
@@ -231,23 +373,24 @@ class SampleBuilder:
             return "undecodable_image"
 
     def build(self, row: dict, base: str, counts: collections.Counter) -> Sample | str:
-        return self.pair(row, base, counts) if self.spec.kind == "pair" else self.interleaved(row, counts)
+        return self.pair(row, base) if self.spec.kind == "pair" else self.interleaved(row, base, counts)
 
-    def pair(self, row, base, counts) -> Sample | str:
+    def pair(self, row, base) -> Sample | str:
         caption = (row.get("caption") or "").strip()
         if not caption:
             return "empty_text"
         tokens = self._encode(caption)
         if not tokens:
             return "empty_text"
-        image = self._image(row.get("image_bytes"), row.get("image_path"), base, counts)
+        image = self._image(row.get("image_bytes"), row.get("image_path"), base, row.get("sha256"))
         if isinstance(image, str):
             return image
         ids = [self.image_id] + tokens[: self.spec.max_seq_len - 2] + [self.eoc_id]
-        return Sample(row_key(row, "pair"), ids, [image])
+        key = row_key(row, "pair")
+        return Sample(key, ids, [image], [key])
 
-    def interleaved(self, row, counts) -> Sample | str:
-        ids, images, text_tokens, have_image = [], [], 0, False
+    def interleaved(self, row, base, counts) -> Sample | str:
+        ids, images, keys, text_tokens, have_image = [], [], [], 0, False
         infos = row.get("image_info") or [None] * len(row["texts"])
         for text, url, info in zip(row["texts"], row["images"], infos):
             if len(ids) >= self.spec.max_seq_len:
@@ -259,26 +402,28 @@ class SampleBuilder:
                 continue
             if len(images) == self.spec.max_images:
                 break
-            image = self._image((info or {}).get("bytes"), None, "", counts)
+            info = info or {}
+            key = image_key(info.get("bytes"), info.get("sha256"), info.get("url") or url, info.get("path"))
+            if self.keep_image is not None and (info.get("bytes") or info.get("path")) and not self.keep_image(key):
+                counts["image_other_split"] += 1
+                continue
+            image = self._image(info.get("bytes"), info.get("path"), base, info.get("sha256"))
             if isinstance(image, str):
                 counts["image_" + image] += 1  # the position is skipped, the document kept
                 continue
             ids += ([self.eoc_id] if have_image else []) + [self.image_id]
             images.append(image)
+            keys.append(key)
             have_image = True
         if have_image:
             ids.append(self.eoc_id)
         ids = ids[: self.spec.max_seq_len]
-        images = images[: ids.count(self.image_id)]
+        n = ids.count(self.image_id)
         if not text_tokens:
             return "empty_text"
-        if not images:
+        if not n:
             return "no_usable_image"
-        return Sample(row_key(row, "interleaved"), ids, images)
-
-
-def _open(path):
-    return open(path, "rb")
+        return Sample(row_key(row, "interleaved"), ids, images[:n], keys[:n])
 
 
 def ensure_special_tokens(tokenizer) -> None:
@@ -294,17 +439,22 @@ def ensure_special_tokens(tokenizer) -> None:
 def collate(samples: list[Sample], max_seq_len: int, pad_id: int, image_id: int) -> dict:
     """Fixed-length batch: input_ids/attention_mask/labels [B, L]; images [B, N, ...] + image_mask [B, N]."""
     b, n = len(samples), max(1, max(len(s.images) for s in samples))
-    ids = torch.full((b, max_seq_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, max_seq_len), dtype=torch.long)
-    first = samples[0].images[0]
-    images = torch.zeros((b, n, *first.shape), dtype=first.dtype)
-    image_mask = torch.zeros((b, n), dtype=torch.bool)
+    counts = [len(s.images) for s in samples]
+    rows = np.full((b, max_seq_len), pad_id, dtype=np.int64)
     for i, s in enumerate(samples):
-        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        mask[i, : len(s.input_ids)] = 1
-        for j, img in enumerate(s.images):
-            images[i, j] = img
-            image_mask[i, j] = True
+        rows[i, : len(s.input_ids)] = s.input_ids
+    ids = torch.from_numpy(rows)
+    lengths = torch.tensor([len(s.input_ids) for s in samples])
+    mask = (torch.arange(max_seq_len)[None] < lengths[:, None]).long()
+    image_mask = torch.arange(n)[None] < torch.tensor(counts)[:, None]
+    if all(c == n for c in counts):  # every sample fills every slot (pairs): one stack, no zero fill
+        images = torch.stack([img for s in samples for img in s.images]).view(b, n, *samples[0].images[0].shape)
+    else:
+        first = samples[0].images[0]
+        images = torch.zeros((b, n, *first.shape), dtype=first.dtype)
+        for i, s in enumerate(samples):
+            if s.images:
+                images[i, : len(s.images)] = torch.stack(s.images)
     labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == image_id, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": images,
             "image_mask": image_mask, "keys": [s.key for s in samples]}
@@ -327,6 +477,10 @@ class ShardStream:
         self.spec, self.builder, self.fs, self.seed, self.split = spec, builder, fs, seed, split
         self.shard, self.world, self.buffer, self.one_pass = shard, world, max(1, shuffle_buffer), one_pass
         builder.fs = fs
+        if split == "eval":  # a held-out document shows only held-out images
+            builder.keep_image = lambda key: holdout_rank([key], key) < spec.holdout
+        elif split == "train":  # and a trained one none (a later image may stand in for a broken one)
+            builder.keep_image = lambda key: holdout_rank([key], key) >= spec.exclude
         if len(units) >= world:  # whole row groups per shard; otherwise every world-th row
             self.units, self.stride = [(f, g, n, 0) for f, g, n in units[shard::world]], 1
         else:
@@ -344,9 +498,12 @@ class ShardStream:
     def _keep(self, row: dict, start: int, r: int) -> bool:
         if self.stride > 1 and (start + r) % self.stride != self.shard:
             return False
-        if self.split == "all" or not self.spec.holdout:
-            return self.split != "eval"
-        return in_holdout(row_key(row, self.spec.kind), self.spec.holdout) == (self.split == "eval")
+        _fill_sha256(row, self.spec.kind)
+        if self.split == "all":
+            return True
+        spec = self.spec
+        rank = holdout_rank(image_keys(row, spec.kind, spec.max_images), str(row.get("doc_id")))
+        return rank < spec.holdout if self.split == "eval" else rank >= spec.exclude
 
     def _unit_rows(self, f: str, g: int, row: int):
         """(row index, row dict) of row group g of file f from `row` on, decoded lazily batch by batch."""
@@ -370,7 +527,7 @@ class ShardStream:
             want = min(n - row, self.buffer - taken)
             for index, r in itertools.islice(gen, want):
                 if self._keep(r, start, index):
-                    rows.append((r, os.path.dirname(f)))
+                    rows.append((r, posixpath.dirname(f)))
             taken += want
             row += want
             self._live = ((epoch, f, g, row), gen) if row < n else None
@@ -390,6 +547,7 @@ class ShardStream:
                 st.update(epoch=st["epoch"] + 1, unit=0, row=0, taken=0)
                 continue
             rows, next_unit, next_row = self._window(st["epoch"], st["unit"], st["row"])
+            self.builder.forget_images()  # reuse is within a window (a photo's captions), never across epochs
             perm = np.random.default_rng([self.seed, self.shard, st["epoch"], st["unit"], st["row"]]).permutation(len(rows))
             counts = collections.Counter()
             while st["taken"] < len(rows):
@@ -435,15 +593,70 @@ class _WorkerShards(torch.utils.data.IterableDataset):
         yield from self.loader._shard_batches((wid + self.loader.rotation) % self.loader.num_workers)
 
 
+class _Receiver:
+    """Takes batches off a DataLoader iterator in a background thread, in order, so the wait for a batch to
+    cross over from its worker process overlaps the training step instead of adding to it."""
+
+    def __init__(self, it, depth: int):
+        self.it, self.queue, self.stop = it, queue.Queue(maxsize=max(1, depth)), threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mmcorpus-loader", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self):
+        try:
+            for item in self.it:
+                if not self._put((True, item)):
+                    return
+            self._put((False, StopIteration()))
+        except Exception as exc:  # a worker's DataError, or its death: raised where the batch was wanted
+            self._put((False, exc))
+
+    def __next__(self):
+        while True:
+            try:
+                ok, value = self.queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise DataError("the loader thread stopped without a batch or an error") from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self):
+        """Stop the thread and the DataLoader's worker processes (they hold no state: every batch carried its own)."""
+        self.stop.set()
+        workers = getattr(self.it, "_workers", None) or []
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+        self.thread.join(timeout=1.0)
+        if workers:
+            self.it._shutdown_workers()
+
+
 class DatasetLoader:
     """Batches of one dataset for rank `rank` of `world_size`, over `num_workers` DataLoader workers."""
 
     def __init__(self, spec: DatasetSpec, tokenizer, transform, seed=0, shuffle_buffer=256, num_workers=0,
-                 rank=0, world_size=1, state: dict | None = None, split="train"):
+                 rank=0, world_size=1, state: dict | None = None, split="train", pin_memory=False,
+                 prefetch_factor=4):
         self.spec, self.tok, self.transform, self.seed = spec, tokenizer, transform, seed
         self.buffer, self.rank, self.world_size, self.split = shuffle_buffer, rank, world_size, split
+        if not 0 <= rank < world_size:
+            raise DataError(f"dataset {spec.name!r}: rank {rank} is not in 0..{world_size - 1}")
         self.num_workers = max(1, num_workers)
         self.use_workers = num_workers > 0
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.fs, self.units = _units(spec)
         ensure_special_tokens(tokenizer)
         state = state or {}
@@ -469,8 +682,9 @@ class DatasetLoader:
         if self._it is None:
             if self.use_workers:
                 dl = torch.utils.data.DataLoader(_WorkerShards(self), batch_size=None, num_workers=self.num_workers,
-                                                 prefetch_factor=4, persistent_workers=False)
-                self._it = iter(dl)
+                                                 prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                                 pin_memory=self.pin_memory)
+                self._it = _Receiver(iter(dl), self.prefetch_factor)
             else:
                 self._it = self._shard_batches(0)
         logical, batch, st = next(self._it)
@@ -481,12 +695,8 @@ class DatasetLoader:
     def close(self) -> None:
         """Stop the worker processes now (they hold no state: every batch carried its own)."""
         it, self._it = self._it, None
-        workers = getattr(it, "_workers", None) or []
-        for w in workers:
-            if w.is_alive():
-                w.terminate()
-        if workers:
-            it._shutdown_workers()
+        if isinstance(it, _Receiver):
+            it.close()
 
     def __del__(self):
         try:
@@ -511,11 +721,16 @@ class MixtureLoader:
     """Per training step, the (dataset, batch) pairs to use: every dataset (flamingo), one in turn
     (round_robin) or one drawn by weight (weighted, drawn from an RNG seeded by the step, so resumable)."""
 
-    def __init__(self, mixture: MixtureSpec, tokenizer, transform, rank=0, world_size=1, state: dict | None = None):
+    def __init__(self, mixture: MixtureSpec, tokenizer, transform, rank=0, world_size=1, state: dict | None = None,
+                 pin_memory=False):
         self.mixture, state = mixture, state or {}
-        self.loaders = {s.name: DatasetLoader(s, tokenizer, transform, mixture.seed, mixture.shuffle_buffer,
-                                              mixture.num_workers, rank, world_size, state.get(s.name))
-                        for s in mixture.datasets}
+        self.loaders = {}
+        for s in mixture.datasets:
+            workers = mixture.workers()
+            if mixture.num_workers == "auto" and state.get(s.name):  # keep the checkpoint's shard layout
+                workers = len(state[s.name]["shards"])
+            self.loaders[s.name] = DatasetLoader(s, tokenizer, transform, mixture.seed, mixture.shuffle_buffer,
+                                                 workers, rank, world_size, state.get(s.name), pin_memory=pin_memory)
 
     def chosen(self, step: int) -> list[DatasetSpec]:
         specs, mode = self.mixture.datasets, self.mixture.mode
@@ -561,5 +776,6 @@ def holdout_samples(spec: DatasetSpec, tokenizer, transform, max_samples: int) -
 
 
 __all__ = ["DatasetSpec", "MixtureSpec", "MixtureLoader", "DatasetLoader", "ShardStream", "SampleBuilder",
-           "Sample", "collate", "image_transform", "holdout_samples", "split_samples", "list_files", "in_holdout", "row_key",
-           "content_hash", "ensure_special_tokens", "IMAGE_TOKEN", "EOC_TOKEN", "DataError", "check_dataset"]
+           "Sample", "collate", "image_transform", "ImageTransform", "holdout_samples", "split_samples",
+           "list_files", "in_holdout", "holdout_rank", "image_key", "image_keys", "row_key", "content_hash",
+           "ensure_special_tokens", "IMAGE_TOKEN", "EOC_TOKEN", "DataError", "check_dataset"]

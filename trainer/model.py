@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults; build() takes the tower's own
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
@@ -106,8 +109,11 @@ class Flamingo(nn.Module):
         for p in list(vision.parameters()) + list(lm.parameters()):
             p.requires_grad_(False)
         self.image_size = _image_size(vision)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
         with torch.no_grad():
-            self.media_dim = vision(torch.zeros(1, 3, self.image_size, self.image_size))[1].shape[-1]
+            _, tokens = vision(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.media_tokens, self.media_dim = tokens.shape[1:]
         emb = lm.get_input_embeddings()
         self.vocab, dim = emb.num_embeddings, emb.embedding_dim
         self.image_token_id, self.eoc_token_id = image_token_id, eoc_token_id
@@ -121,6 +127,7 @@ class Flamingo(nn.Module):
         self.new_out = nn.Parameter(torch.zeros(2, dim))
         self._cond = None
         self._hidden = None
+        self._flops_cache = {}
         for block, i in zip(self.xattn, self.xattn_layers):
             layers[i].register_forward_pre_hook(self._make_hook(block), with_kwargs=True)
         lm.get_output_embeddings().register_forward_hook(self._keep_hidden)
@@ -165,10 +172,20 @@ class Flamingo(nn.Module):
         return {"attn": [float(torch.tanh(b.attn_gate.detach())) for b in self.xattn],
                 "ff": [float(torch.tanh(b.ff_gate.detach())) for b in self.xattn], "layers": self.xattn_layers}
 
+    def set_pixel_stats(self, mean, std) -> None:
+        """Per-channel normalisation of the vision tower, applied to uint8 images (the loader's)."""
+        self.pixel_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
+        self.pixel_std.copy_(torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+
     @torch.no_grad()
     def encode_images(self, images):  # [B, T, 3, H, W] -> patch tokens [B, T, N, media_dim]
+        """uint8 pixels are scaled to [0, 1] and normalised here (on the model's device); float input is
+        taken as already normalised."""
         b, t = images.shape[:2]
-        _, tokens = self.vision(images.flatten(0, 1))
+        images = images.flatten(0, 1)
+        if images.dtype == torch.uint8:
+            images = (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
+        _, tokens = self.vision(images)
         return tokens.reshape(b, t, *tokens.shape[1:])
 
     def embed(self, input_ids):
@@ -214,16 +231,76 @@ class Flamingo(nn.Module):
             result["tokens"] = valid.sum()
         return result
 
-    def flops_per_token(self) -> dict[str, float]:
-        """Training FLOPs per text token / per image (frozen LM: forward + input-gradient pass = 4N;
-        trainables: 6N; frozen vision: forward only). An estimate for MFU, not a measurement."""
-        n_lm = sum(p.numel() for p in self.lm.parameters())
-        n_x = sum(p.numel() for p in self.xattn.parameters())
-        n_res = sum(p.numel() for p in self.resampler.parameters())
-        n_vis = sum(p.numel() for p in self.vision.parameters())
-        patches = (self.image_size // _patch_size(self.vision)) ** 2 + 1
+    def flops(self, seq_len: int, media_per_sample: int) -> dict[str, float]:
+        """Model FLOPs of one training step, per text token and per image (for MFU; not a measurement).
+
+        One multiply-add = 2 FLOPs; only matrix products count (norms, biases, softmax, the loss are left out,
+        as in the PaLM appendix). For a weight matrix of n entries applied to one token:
+        - frozen vision tower, run without grad: forward only, 2n;
+        - frozen LM: forward 2n + the activation-gradient pass 2n = 4n (gradients must flow through it down to
+          the earlier cross-attention blocks and the new token embeddings), no weight gradients;
+        - trainable resampler, cross-attention blocks, new output rows: 6n (forward, input and weight grads).
+        Input and position embeddings are lookups (0 FLOPs); the LM's output matrix counts once as a matmul,
+        tied or not. Attention scores (QK^T and AV) over a context of c keys: forward 4*c*d_attn per query per
+        layer, x3 with backward (the PaLM 12*L*H*Q*T term; frozen or not, q, k and v are activations);
+        forward only (x1) in the vision tower. The context is `seq_len` for the LM (padded length, causal
+        masking not subtracted), `media_per_sample` (image slots x latents) for cross-attention, patches +
+        latents for the resampler, patch tokens for the vision tower. Cross-attention k/v projections run over
+        the media tokens, so they are charged per image.
+        """
+        lm = self.lm
+        emb = {id(m.weight) for m in lm.modules() if isinstance(m, nn.Embedding)}
+        n_lm = sum(p.numel() for p in lm.parameters() if p.ndim >= 2 and id(p) not in emb)
+        out = lm.get_output_embeddings().weight
+        if id(out) in emb:  # tied: the lookup was left out above, the output product still costs
+            n_lm += out.numel()
+        cfg = lm.config
+        heads = cfg.num_attention_heads
+        d_attn = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        n_layers = len(decoder_layers(lm))
         lat = self.resampler.latents.shape[0]
-        return {"per_token": 4 * n_lm + 6 * n_x, "per_image": 2 * n_vis * patches + 6 * n_res * lat}
+        per_token = 4 * n_lm + 12 * n_layers * d_attn * seq_len
+        per_token += 4 * self.new_embed.numel() + 6 * self.new_out.numel()  # new rows: input mask, no grad
+        per_image = 0.0
+        for block in self.xattn:
+            kv = block.attn.to_kv.weight.numel()
+            dense = sum(p.numel() for p in block.parameters() if p.ndim >= 2) - kv
+            per_token += 6 * dense + 12 * media_per_sample * block.attn.to_q.weight.shape[0]
+            per_image += 6 * kv * lat
+        n = self.media_tokens
+        for _, _, attn, ff in self.resampler.layers:
+            per_image += 6 * lat * (attn.to_q.weight.numel() + attn.to_out.weight.numel())
+            per_image += 6 * (n + lat) * attn.to_kv.weight.numel()
+            per_image += 6 * lat * sum(p.numel() for p in ff.parameters() if p.ndim >= 2)
+            per_image += 12 * lat * (n + lat) * attn.to_q.weight.shape[0]
+        return {"per_token": float(per_token), "per_image": float(per_image + _vision_forward_flops(self.vision))}
+
+    def train_flops(self, tokens: int, seq_len: int, images: int, media_per_sample: int) -> float:
+        """Model FLOPs of a training step over `tokens` real text tokens (sequences padded to `seq_len`) and
+        `images` real images, with `media_per_sample` media tokens per sample (see `flops`)."""
+        key = (seq_len, media_per_sample)
+        if key not in self._flops_cache:  # shapes never change: count once per context size
+            self._flops_cache[key] = self.flops(seq_len, media_per_sample)
+        f = self._flops_cache[key]
+        return tokens * f["per_token"] + images * f["per_image"]
+
+
+def _vision_forward_flops(vision) -> float:
+    """Forward FLOPs of one image through an open_clip ViT: patch projection, transformer matrices over
+    patches + class token, attention scores, the pooled projection."""
+    size, patch = _image_size(vision), _patch_size(vision)
+    patches = (size // patch) ** 2
+    tokens = patches + int(getattr(vision, "class_embedding", None) is not None)
+    tower = getattr(vision, "transformer", None)
+    if tower is None:  # not a plain ViT: every matrix over every token
+        return 2.0 * tokens * sum(p.numel() for p in vision.parameters() if p.ndim >= 2)
+    flops = 2 * tokens * sum(p.numel() for p in tower.parameters() if p.ndim >= 2)
+    flops += 2 * patches * vision.conv1.weight.numel()
+    flops += 4 * len(tower.resblocks) * tokens * tokens * tower.width
+    proj = getattr(vision, "proj", None)
+    if proj is not None:
+        flops += 2 * proj.numel()
+    return float(flops)
 
 
 def _image_size(vision) -> int:
@@ -256,4 +333,6 @@ def build(model_cfg: dict, tokenizer, allow_random: bool = False) -> tuple[Flami
     preprocess = clip.extras["preprocess"]
     norm = [t for t in getattr(preprocess, "transforms", []) if type(t).__name__ == "Normalize"]
     stats = {"mean": tuple(norm[0].mean), "std": tuple(norm[0].std)} if norm else {}
+    if stats:
+        model.set_pixel_stats(stats["mean"], stats["std"])
     return model, {"vision": clip.source, "lm": lm.source, "image_size": model.image_size, **stats}

@@ -3,9 +3,11 @@
 For every held-out sample the mean token loss is measured three ways: with its own images ("real"), with
 images shuffled across held-out samples ("shuffled", averaged over `shuffles` permutations) and with a blank
 mean-colour image ("blank"). The image informativeness is the gap shuffled - real (and blank - real), whose
-95% confidence interval comes from a bootstrap over held-out samples. With `eval.kfold: k` the held-out
+95% confidence interval comes from a bootstrap over held-out images (documents for interleaved data): the
+captions of one photo move together. With `eval.kfold: k` the held-out
 losses come from k fresh short trainings on encoded features, each holding one fold of images out, so every
-image is held out once (DESIGN.md: with random or small encoders this is the stable signal).
+image is held out once, each training stopped early on a validation share of its own images (DESIGN.md:
+with random or small encoders this is the stable signal).
 
 Verdict per dataset: "informative" when the CI of gap_shuffled lies above 0 and its mean reaches `eval.min_gap`,
 "not_informative" when the whole CI lies below `min_gap` (no effect, or one too small to matter) and the model
@@ -21,14 +23,19 @@ did learn (held-out loss fell; otherwise "inconclusive" with a `verdict_note`), 
       "method": "holdout" | "kfold", "n_eval": int, "folds": int | null, "fold_gaps": [per fold] (kfold),
       "verdict_note": str (only when the verdict was downgraded),
       "heldout_loss": [[step, loss], ...],                 # real-image held-out loss over training
+      "train_loss": [[step, loss], ...],                   # its own training loss (unscaled), mean per log window
+      "epochs_used": [per fold] (kfold: the early-stopped epoch of each fold),
       "skipped": {reason: n},  # training stream: empty_text, missing_image_bytes, missing_image_file,
-                               # undecodable_image, no_usable_image (rows); image_<reason> (interleaved positions)
+                               # undecodable_image, no_usable_image (rows); image_<reason> (interleaved positions;
+                               # image_other_split: an image of the other split, held out of a trained document
+                               # or trained on and so left out of a held-out one)
       "skipped_eval": {reason: n}, "rows_used": int}},
   "gates": {"layers": [i, ...], "steps": [s, ...], "attn": [[tanh per layer] per step], "ff": [...]},
   "throughput": {"tokens_per_s", "mfu", "data_wait_fraction", "step_time_s", "peak_flops", "peak_source",
                  "device", "precision", ...},
   "sources": {"vision": "pretrained:..." | "random", "lm": ...}, "seed": int, "min_gap": float,
-  "train_loss": [[step, loss], ...], "plots": [file names]
+  "train_loss": [[step, loss], ...] (the step's loss: flamingo's lambda-weighted sum, else the one dataset's),
+  "plots": [file names]
 }
 """
 
@@ -139,11 +146,19 @@ def sample_losses(model, fs: FeatureSet, mode: str, batch_size: int, pad_id: int
     return total / len(variants)
 
 
-def bootstrap_ci(diffs: np.ndarray, n: int = 1000, seed: int = 0) -> dict:
+def bootstrap_ci(diffs: np.ndarray, n: int = 1000, seed: int = 0, groups=None) -> dict:
+    """Mean and 95% bootstrap interval of per-sample differences. With `groups` (one key per sample: its image
+    or document) whole groups are resampled, since the captions of one photo are not independent samples."""
     if len(diffs) == 0:
         return {"mean": None, "ci95": [None, None]}
     rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(n, len(diffs)))].mean(1)
+    if groups is None:
+        means = diffs[rng.integers(0, len(diffs), size=(n, len(diffs)))].mean(1)
+    else:
+        _, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+        sums, counts = np.bincount(inverse, weights=diffs), np.bincount(inverse).astype(float)
+        pick = rng.integers(0, len(sums), size=(n, len(sums)))
+        means = sums[pick].sum(1) / counts[pick].sum(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return {"mean": float(diffs.mean()), "ci95": [float(lo), float(hi)]}
 
@@ -161,27 +176,35 @@ def verdict(gap: dict, min_gap: float) -> str:
 
 def kfold_losses(model, initial: dict, fs: FeatureSet, k: int, epochs: int, batch_size: int, lr: float,
                  pad_id: int, seed: int = 0, shuffles: int = 3, weight_decay: float = 0.01,
-                 gate_lr_mult: float = 1.0) -> dict:
+                 gate_lr_mult: float = 1.0, patience: int = 1, val_fraction: float = 0.15) -> dict:
     """Per-sample held-out losses (real/shuffled/blank) from k short trainings from `initial` trainables, folds
-    split by image/document so every one is held out once. The model's trained state is restored after."""
+    split by image/document so every one is held out once. With `patience` > 0 each fold stops early: a
+    `val_fraction` of its training images (by content) is set aside, the real-image loss on it is measured
+    after every epoch, training stops after `patience` epochs without improvement and the best epoch's
+    weights are the ones tested. The model's trained state is restored after."""
     from trainer.train import make_optimizer
 
     trained = model.trainable_state()
     device = next(model.parameters()).device
     fold_of = np.array([content_hash(f"fold:{seed}:{key}") % k for key in fs.keys])
+    is_val = np.array([bool(patience) and content_hash(f"val:{seed}:{key}") % 1000 < val_fraction * 1000
+                       for key in fs.keys], dtype=bool)
     out = {m: np.zeros(len(fs)) for m in ("real", "shuffled", "blank")}
-    fold_gaps = []
+    fold_gaps, epochs_used = [], []
     try:
         for fold in range(k):
-            test_idx, train_idx = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
+            test_idx = np.flatnonzero(fold_of == fold)
+            train_idx = np.flatnonzero((fold_of != fold) & ~is_val)
+            val = fs.subset(np.flatnonzero((fold_of != fold) & is_val).tolist())
             if not len(test_idx) or not len(train_idx):
                 continue
             model.load_trainable(initial)
             torch.manual_seed(seed * 1000 + fold)
             opt = make_optimizer(model, lr, weight_decay, gate_lr_mult)
             rng = np.random.default_rng([seed, fold])
-            model.train()
-            for _ in range(epochs):
+            best, best_state, best_epoch, since = float("inf"), None, epochs, 0
+            for epoch in range(epochs):
+                model.train()
                 order = train_idx[rng.permutation(len(train_idx))]
                 for start in range(0, len(order), batch_size):
                     loss = _run(model, fs.batch(order[start: start + batch_size].tolist(), pad_id), device)["loss"]
@@ -189,19 +212,31 @@ def kfold_losses(model, initial: dict, fs: FeatureSet, k: int, epochs: int, batc
                     torch.nn.utils.clip_grad_norm_(list(model.trainable_named().values()), 1.0)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                if len(val):
+                    v = float(sample_losses(model, val, "real", 64, pad_id).mean())
+                    if v < best:
+                        best, best_state, best_epoch, since = v, model.trainable_state(), epoch + 1, 0
+                    else:
+                        since += 1
+                        if since >= patience:
+                            break
+            if best_state is not None:
+                model.load_trainable(best_state)
+            epochs_used.append(best_epoch)
             held = fs.subset(test_idx.tolist())
             for m in out:
                 out[m][test_idx] = sample_losses(model, held, m, 64, pad_id, seed + fold, shuffles)
             fold_gaps.append(float((out["shuffled"][test_idx] - out["real"][test_idx]).mean()))
     finally:
         model.load_trainable(trained)
-    return {**out, "folds": k, "fold_gaps": fold_gaps}
+    return {**out, "folds": k, "fold_gaps": fold_gaps, "epochs_used": epochs_used, "keys": list(fs.keys)}
 
 
-def dataset_result(losses: dict, n_boot: int, seed: int, min_gap: float) -> dict:
+def dataset_result(losses: dict, n_boot: int, seed: int, min_gap: float, groups=None) -> dict:
+    """Gaps with their CIs (bootstrap over `groups`, the samples' image/document keys, when given) and the verdict."""
     real, shuf, blank = losses["real"], losses["shuffled"], losses["blank"]
-    gap_s = bootstrap_ci(shuf - real, n_boot, seed)
-    gap_b = bootstrap_ci(blank - real, n_boot, seed + 1)
+    gap_s = bootstrap_ci(shuf - real, n_boot, seed, groups)
+    gap_b = bootstrap_ci(blank - real, n_boot, seed + 1, groups)
     mean = (lambda a: float(a.mean()) if len(a) else None)
     return {"gap_shuffled": gap_s, "gap_blank": gap_b, "verdict": verdict(gap_s, min_gap),
             "loss": {"real": mean(real), "shuffled": mean(shuf), "blank": mean(blank)}, "n_eval": int(len(real))}
@@ -221,12 +256,15 @@ def write_report(out_dir, model, eval_sets, history, skipped, eval_skipped, thro
             losses = {m: sample_losses(model, fs, m, ec["batch_size"], pad_id, seed, ec["shuffles"])
                       for m in ("real", "shuffled", "blank")}
             method, folds = "holdout", None
-        res = dataset_result(losses, ec["bootstrap"], seed, ec["min_gap"])
+        keys = kfold[name]["keys"] if kfold and name in kfold else fs.keys
+        res = dataset_result(losses, ec["bootstrap"], seed, ec["min_gap"], groups=keys)
         res.update(method=method, folds=folds,
                    heldout_loss=[[h["step"], h[name]] for h in history["eval"] if name in h],
                    skipped=skipped.get(name, {}), skipped_eval=eval_skipped.get(name, {}))
+        res["train_loss"] = [[h["step"], h["dataset_loss"][name]] for h in history["train"]
+                             if name in h.get("dataset_loss", {})]
         if kfold and name in kfold:
-            res["fold_gaps"] = kfold[name]["fold_gaps"]
+            res["fold_gaps"], res["epochs_used"] = kfold[name]["fold_gaps"], kfold[name]["epochs_used"]
         elif res["verdict"] == "not_informative" and not _learned(res["heldout_loss"]):
             res["verdict"] = "inconclusive"  # an untrained model shows no gap whatever the data
             res["verdict_note"] = "held-out loss did not improve during training; train longer"

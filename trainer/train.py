@@ -1,23 +1,33 @@
 """Training loop of the compact Flamingo over a weighted mixture, with exact resume.
 
-Config (YAML), every key but the dataset list optional:
+Config (YAML, or TOML for a file ending in .toml), every key but the dataset list optional:
 
     seed: 0
     model: {vision: ViT-B-32 | tiny.json, vision_pretrained: TAG_OR_PATH, lm: HF_ID_OR_PATH,
             tokenizer: ID_OR_PATH (default: lm), allow_random_weights: false, num_latents: 64,
             resampler_depth: 2, cross_attn_every: 1, heads: 4, dim_head: 32}
-    data: {mode: flamingo | round_robin | weighted, shuffle_buffer: 256, num_workers: 0,
+    data: {mode: flamingo | round_robin | weighted, shuffle_buffer: 256, num_workers: auto | N,
            datasets: [{name, path, kind: pair | interleaved, weight, max_seq_len, batch_size, max_images, holdout}]}
     train: {steps: 1000, lr: 1e-4, warmup_steps: 50, weight_decay: 0.01, grad_clip: 1.0, log_every: 10,
             eval_every: 100, checkpoint_every: 200, keep_checkpoints: 2, precision: auto | fp32 | bf16,
             peak_flops: null, gate_lr_mult: 1.0 (learning-rate multiplier of the tanh gates)}
     eval: {max_samples: 256, batch_size: 32, bootstrap: 1000, shuffles: 3, min_gap: 0.01, kfold: 0,
-           kfold_epochs: 4, kfold_max_samples: 2000}
+           kfold_epochs: 4, kfold_max_samples: 2000, kfold_patience: 1}
 
-Flamingo mode sums lambda-weighted losses of one batch from every dataset per step (gradients accumulate
-dataset by dataset); round_robin / weighted take one dataset's batch per step. A checkpoint holds the
-trainable parameters, optimizer, schedule, loader state, history and RNG states; `--resume` continues from
-the newest one and sees the same batches an uninterrupted run would have seen.
+Modes (`MixtureSpec.loss_weights`): flamingo takes one batch from every dataset per step and sums their
+losses weighted by lambda / sum(lambda) (gradients accumulate dataset by dataset); weighted takes one
+dataset's batch per step, drawn with probability lambda / sum(lambda), its loss unscaled; round_robin takes
+the datasets in turn, losses unscaled. The log and the report keep every dataset's own (unscaled) loss.
+
+A checkpoint holds the trainable parameters, optimizer, schedule, loader state, history and RNG states;
+`--resume` continues from the newest one and sees the same batches an uninterrupted run would have seen. It
+refuses a config that changes the trajectory (seed, model, data, train.steps/lr/schedule/clipping/precision,
+rank layout) and names the keys that differ.
+
+Ranks: with RANK / WORLD_SIZE set (torchrun), each rank reads its own disjoint shard of every dataset and
+picks cuda:LOCAL_RANK. Gradients are NOT synchronised (no DistributedDataParallel): every rank trains its own
+replica and writes its own checkpoints and report, rank 0 in DIR, rank r in DIR/rank-r. Multi-rank runs are
+therefore data-parallel reading without data-parallel training; validate a corpus with one process.
 """
 
 from __future__ import annotations
@@ -43,13 +53,15 @@ DEFAULTS = {
     "seed": 0,
     "model": {"allow_random_weights": False, "num_latents": 64, "resampler_depth": 2, "cross_attn_every": 1,
               "heads": 4, "dim_head": 32},
-    "data": {"mode": "flamingo", "shuffle_buffer": 256, "num_workers": 0},
+    "data": {"mode": "flamingo", "shuffle_buffer": 256, "num_workers": "auto"},
     "train": {"steps": 1000, "lr": 1e-4, "warmup_steps": 50, "weight_decay": 0.01, "grad_clip": 1.0,
               "log_every": 10, "eval_every": 100, "checkpoint_every": 200, "keep_checkpoints": 2,
               "precision": "auto", "peak_flops": None, "gate_lr_mult": 1.0},
     "eval": {"max_samples": 256, "batch_size": 32, "bootstrap": 1000, "shuffles": 3, "min_gap": 0.01,
-             "kfold": 0, "kfold_epochs": 4, "kfold_max_samples": 2000},
+             "kfold": 0, "kfold_epochs": 4, "kfold_max_samples": 2000, "kfold_patience": 1},
 }
+# train keys that change what the run computes; a resume must keep them (the rest only log or save)
+TRAJECTORY_KEYS = ("steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "precision", "gate_lr_mult")
 
 
 class ConfigError(ValueError):
@@ -69,6 +81,11 @@ def merge_config(cfg: dict) -> dict:
             out[key] = value
     if "lm" not in out["model"] or "vision" not in out["model"]:
         raise ConfigError("config 'model' needs 'vision' (open_clip name or config JSON) and 'lm' (HF id or path)")
+    steps = out["train"]["steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"train.steps must be an integer >= 1, not {steps!r}")
+    if out["train"]["precision"] not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision {out['train']['precision']!r} is not one of auto, fp32, bf16")
     out["model"].setdefault("tokenizer", out["model"]["lm"])
     out["data"]["seed"] = out["seed"]
     D.MixtureSpec.from_dict(out["data"])  # validates the datasets
@@ -76,15 +93,26 @@ def merge_config(cfg: dict) -> dict:
 
 
 def load_config(path: str) -> dict:
+    """A YAML config, or TOML when the file name ends in .toml."""
+    import tomllib
+
     import yaml
 
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        if path.endswith(".toml"):
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        else:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, not {type(raw).__name__}")
     return merge_config(raw)
 
 
@@ -113,23 +141,35 @@ def make_optimizer(model, lr: float, weight_decay: float, gate_lr_mult: float = 
                              lr=lr, betas=(0.9, 0.95))
 
 
-def peak_flops(device: torch.device, configured) -> tuple[float, str]:
-    """Peak FLOP/s for MFU: configured, a known GPU's dense bf16 figure, or measured fp32 matmul on CPU."""
+# dense peak FLOP/s from the vendors' spec sheets: (bf16 tensor core, tf32 tensor core, plain fp32)
+GPU_PEAKS = (("H200", (989e12, 495e12, 67e12)), ("H100 PCIe", (756e12, 378e12, 51e12)),
+             ("H100", (989e12, 495e12, 67e12)), ("A100", (312e12, 156e12, 19.5e12)),
+             ("L40S", (362e12, 183e12, 91.6e12)), ("L4", (121e12, 60e12, 30.3e12)), ("A10", (125e12, 62.5e12, 31.2e12)))
+
+
+def peak_flops(device: torch.device, configured, precision: str = "fp32") -> tuple[float, str]:
+    """Peak FLOP/s for MFU at the precision the step runs in: configured, a known GPU's dense figure (bf16,
+    else tf32 when torch allows tf32 matmuls, else fp32), or measured fp32 matmul on CPU."""
     if configured:
         return float(configured), "config"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)):
+        kind = ("bf16" if precision == "bf16" else
+                "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+        for key, peaks in GPU_PEAKS:
             if key in name:
-                return value, f"spec sheet bf16 dense ({name})"
+                return peaks[("bf16", "tf32", "fp32").index(kind)], f"spec sheet {kind} dense ({name})"
         return 100e12, f"assumed ({name})"
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     a @ b
-    t, n = time.perf_counter(), 0
-    while time.perf_counter() - t < 0.3:
-        a @ b
-        n += 1
-    return 2 * 512**3 * n / (time.perf_counter() - t), "measured fp32 matmul on this CPU"
+    best = 0.0
+    for _ in range(6):  # the best of short windows: other processes on the machine only ever slow one down
+        t, n = time.perf_counter(), 0
+        while time.perf_counter() - t < 0.05:
+            a @ b
+            n += 1
+        best = max(best, 2 * 512**3 * n / (time.perf_counter() - t))
+    return best, f"measured fp32 matmul on this CPU ({torch.get_num_threads()} threads)"
 
 
 def batch_digest(keys: list[str]) -> str:
@@ -138,6 +178,32 @@ def batch_digest(keys: list[str]) -> str:
 
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(model, parts, optimizer, scheduler, loss_weights: dict, grad_clip: float, device,
+               use_bf16: bool = False) -> dict:
+    """One optimizer step over `parts` [(spec, batch)]: each batch's loss times its `loss_weights` factor,
+    backward per batch (gradients accumulate), clipping, AdamW, schedule. Returns the unscaled per-dataset
+    losses, their weighted sum (the step's loss), token/image counts and model FLOPs."""
+    losses, tokens, images, flops, digests = {}, 0, 0, 0.0, []
+    for spec, batch in parts:
+        batch = _to(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_mask"],
+                        labels=batch["labels"])
+        (out["loss"] * loss_weights[spec.name]).backward()
+        losses[spec.name] = float(out["loss"].detach())
+        n_tok, n_img = int(batch["attention_mask"].sum()), int(batch["image_mask"].sum())
+        media = batch["image_mask"].shape[1] * model.resampler.latents.shape[0]
+        flops += model.train_flops(n_tok, batch["input_ids"].shape[1], n_img, media)
+        tokens, images = tokens + n_tok, images + n_img
+        digests.append((spec.name, batch_digest(batch["keys"])))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(list(model.trainable_named().values()), grad_clip))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"losses": losses, "loss": sum(loss_weights[k] * v for k, v in losses.items()), "tokens": tokens,
+            "images": images, "flops": flops, "grad_norm": grad_norm, "digests": digests}
 
 
 def _checkpoints(out_dir: str) -> list[str]:
@@ -154,16 +220,69 @@ def save_checkpoint(out_dir: str, state: dict, keep: int) -> str:
     return path
 
 
-def _config_key(cfg: dict) -> str:
-    return json.dumps({k: cfg[k] for k in ("seed", "model", "data")}, sort_keys=True, default=str)
+def resume_config(cfg: dict, rank: int, world_size: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint, flattened to dotted keys."""
+    keep = {"seed": cfg["seed"], "model": cfg["model"], "data": cfg["data"],
+            "train": {k: cfg["train"][k] for k in TRAJECTORY_KEYS}, "ranks": {"rank": rank, "world_size": world_size}}
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = json.dumps(value, sort_keys=True, default=str)
+
+    walk("", keep)
+    return flat
 
 
-def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str | None = None) -> dict:
+def _check_resume(path: str, saved: dict | None, now: dict) -> None:
+    if saved is None:
+        raise ConfigError(f"{path} comes from an older mmcorpus without a resume config; start a new output folder")
+    diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in diff[:6])
+        raise ConfigError(f"{path} was written with a different config ({shown}); resume with the same config "
+                          f"(steps included) or use a new output folder")
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) from the torch.distributed environment variables, (0, 1) without them."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError as exc:
+        raise ConfigError(f"RANK / WORLD_SIZE must be integers: {exc}") from exc
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+    return rank, world
+
+
+def _window_mean(rows: list[dict]) -> dict[str, float]:
+    """Mean unscaled loss per dataset over the steps of a logging window that used it."""
+    sums, counts = {}, {}
+    for r in rows:
+        for name, v in r.items():
+            sums[name] = sums.get(name, 0.0) + v
+            counts[name] = counts.get(name, 0) + 1
+    return {k: sums[k] / counts[k] for k in sorted(sums)}
+
+
+def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str | None = None,
+        rank: int | None = None, world_size: int | None = None) -> dict:
     """Train as configured, write checkpoints and DIR/report.json + plots; return the report dict.
-    `on_step(step, info)` is called after every optimizer step (progress display, tests)."""
+    `on_step(step, info)` is called after every optimizer step (progress display, tests). `rank` and
+    `world_size` default to the RANK / WORLD_SIZE environment variables (see the module docstring)."""
     cfg = merge_config(cfg)
     mc, tc, ec = cfg["model"], cfg["train"], cfg["eval"]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env_rank, env_world = dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if world_size > 1 and rank > 0:
+        out_dir = os.path.join(out_dir, f"rank-{rank}")
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     use_bf16 = tc["precision"] == "bf16" or (tc["precision"] == "auto" and device.type == "cuda")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg["seed"])
@@ -181,36 +300,32 @@ def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str
     model, sources = build(mc, tokenizer, allow_random=mc["allow_random_weights"])
     model.to(device).train()
     initial = model.trainable_state()
-    transform = D.image_transform(sources["image_size"], sources.get("mean", D.CLIP_MEAN), sources.get("std", D.CLIP_STD))
-    weights = {s.name: s.weight for s in mixture.datasets}
-    if mixture.mode == "flamingo":  # lambdas normalised so the summed loss stays on the per-dataset scale
-        total = sum(weights.values()) or 1.0
-        weights = {k: v / total for k, v in weights.items()}
+    transform = D.image_transform(sources["image_size"])  # uint8; the model normalises with its tower's stats
+    loss_weights = mixture.loss_weights()
 
     optimizer = make_optimizer(model, tc["lr"], tc["weight_decay"], tc["gate_lr_mult"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc["warmup_steps"], tc["steps"]))
-    start, loader_state = 0, None
+    start, loader_state, window = 0, None, []  # window: per-dataset losses of the steps since the last log
     history = {"train": [], "eval": [], "gates": [], "batches": []}
+    this_config = resume_config(cfg, rank, world_size)
     if resume and ckpts:
         ck = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-        if ck["config_key"] != _config_key(cfg):
-            raise ConfigError(f"{ckpts[-1]} was written with a different seed/model/data config; "
-                              f"resume with the same config or use a new output folder")
+        _check_resume(ckpts[-1], ck.get("resume_config"), this_config)
         model.load_trainable(ck["trainable"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        start, loader_state, history = ck["step"], ck["loader"], ck["history"]
+        start, loader_state, history, window = ck["step"], ck["loader"], ck["history"], ck["window"]
         torch.set_rng_state(ck["rng"])
         log.info("resumed from %s at step %d", ckpts[-1], start)
 
-    loader = D.MixtureLoader(mixture, tokenizer, transform, state=loader_state)
+    loader = D.MixtureLoader(mixture, tokenizer, transform, rank=rank, world_size=world_size, state=loader_state,
+                             pin_memory=device.type == "cuda")
     eval_sets, eval_skipped = {}, {}
     for spec in mixture.datasets:
         samples, skipped = D.holdout_samples(spec, tokenizer, transform, ec["max_samples"])
         eval_sets[spec.name] = R.FeatureSet.encode(model, samples, spec.max_seq_len, tokenizer, device)
         eval_skipped[spec.name] = skipped
-    peak, peak_source = peak_flops(device, tc["peak_flops"])
-    fl = model.flops_per_token()
+    peak, peak_source = peak_flops(device, tc["peak_flops"], "bf16" if use_bf16 else "fp32")
     pad_id = tokenizer.pad_token_id
 
     def evaluate(step):
@@ -225,65 +340,62 @@ def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str
 
     if start == 0 and not history["eval"]:
         evaluate(0)
-    step_times, wait_times, step_tokens, flops_done = [], [], [], 0.0
-    for step in range(start, tc["steps"]):
-        t0 = time.perf_counter()
-        parts = loader.step(step)
-        t1 = time.perf_counter()
-        losses, n_tokens, n_images = {}, 0, 0
-        for spec, batch in parts:
-            batch = _to(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_mask"],
-                            labels=batch["labels"])
-            (out["loss"] * weights[spec.name]).backward()
-            losses[spec.name] = float(out["loss"].detach())
-            n_tokens += int(batch["attention_mask"].sum())
-            n_images += int(batch["image_mask"].sum())
-            history["batches"].append([step, spec.name, batch_digest(batch["keys"])])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(model.trainable_named().values()), tc["grad_clip"]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        step_times.append(t2 - t0)
-        wait_times.append(t1 - t0)
-        step_tokens.append(n_tokens)
-        flops_done += n_tokens * fl["per_token"] + n_images * fl["per_image"]
-        done = step + 1
-        info = {"step": done, "loss": sum(weights[k] * v for k, v in losses.items()), "losses": losses,
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-        if done % tc["log_every"] == 0 or done == tc["steps"]:
-            span = sum(step_times[-tc["log_every"]:])
-            info.update(tokens_per_s=sum(step_tokens[-tc["log_every"]:]) / max(span, 1e-9),
-                        data_wait=sum(wait_times[-tc["log_every"]:]) / max(span, 1e-9),
-                        mfu=flops_done / max(sum(step_times), 1e-9) / peak)
-            history["train"].append(info)
-            log.info("step %d loss %.4f lr %.2e tok/s %.0f data-wait %.1f%% MFU %.2f%%", done, info["loss"],
-                     info["lr"], info["tokens_per_s"], 100 * info["data_wait"], 100 * info["mfu"])
-        if done % tc["eval_every"] == 0 or done == tc["steps"]:
-            evaluate(done)
-        if done % tc["checkpoint_every"] == 0 or done == tc["steps"]:
-            save_checkpoint(out_dir, {"step": done, "trainable": model.trainable_state(),
-                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                      "loader": loader.state(), "history": history, "rng": torch.get_rng_state(),
-                                      "config_key": _config_key(cfg), "sources": sources}, tc["keep_checkpoints"])
-        if on_step is not None:
-            on_step(done, info)
+    step_times, wait_times, step_tokens, step_flops = [], [], [], []
+    try:
+        for step in range(start, tc["steps"]):
+            t0 = time.perf_counter()
+            parts = loader.step(step)
+            t1 = time.perf_counter()
+            res = train_step(model, parts, optimizer, scheduler, loss_weights, tc["grad_clip"], device, use_bf16)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t2 = time.perf_counter()
+            step_times.append(t2 - t0)
+            wait_times.append(t1 - t0)
+            step_tokens.append(res["tokens"])
+            step_flops.append(res["flops"])
+            window.append(res["losses"])
+            history["batches"] += [[step, name, digest] for name, digest in res["digests"]]
+            done = step + 1
+            info = {"step": done, "loss": res["loss"], "losses": res["losses"], "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": res["grad_norm"]}
+            if done % tc["log_every"] == 0 or done == tc["steps"]:
+                n = min(len(window), len(step_times))  # timed steps of this window (this process's share)
+                span = sum(step_times[-n:])
+                info.update(dataset_loss=_window_mean(window),
+                            tokens_per_s=sum(step_tokens[-n:]) / max(span, 1e-9),
+                            data_wait=sum(wait_times[-n:]) / max(span, 1e-9),
+                            mfu=sum(step_flops[-n:]) / max(span, 1e-9) / peak)
+                window = []
+                history["train"].append(info)
+                log.info("step %d loss %.4f (%s) lr %.2e tok/s %.0f data-wait %.1f%% MFU %.2f%%", done, info["loss"],
+                         " ".join(f"{k} {v:.4f}" for k, v in info["dataset_loss"].items()), info["lr"],
+                         info["tokens_per_s"], 100 * info["data_wait"], 100 * info["mfu"])
+            if done % tc["eval_every"] == 0 or done == tc["steps"]:
+                evaluate(done)
+            if done % tc["checkpoint_every"] == 0 or done == tc["steps"]:
+                save_checkpoint(out_dir, {"step": done, "trainable": model.trainable_state(),
+                                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                          "loader": loader.state(), "history": history, "rng": torch.get_rng_state(),
+                                          "resume_config": this_config, "sources": sources, "window": window},
+                                tc["keep_checkpoints"])
+            if on_step is not None:
+                on_step(done, info)
+    finally:
+        loader.close()
 
     skip = 1 if len(step_times) > 2 else 0  # the first step pays for loader start-up (workers, first window)
-    step_times, wait_times, step_tokens = step_times[skip:], wait_times[skip:], step_tokens[skip:]
-    flops_done *= len(step_times) / max(1, len(step_times) + skip)
-    loader.close()
+    step_times, wait_times = step_times[skip:], wait_times[skip:]
+    step_tokens, step_flops = step_tokens[skip:], step_flops[skip:]
     total_time = sum(step_times)
     throughput = {"steps_timed": len(step_times), "tokens_per_s": sum(step_tokens) / max(total_time, 1e-9),
                   "step_time_s": total_time / max(1, len(step_times)),
                   "data_wait_fraction": sum(wait_times) / max(total_time, 1e-9),
-                  "mfu": flops_done / max(total_time, 1e-9) / peak, "peak_flops": peak, "peak_source": peak_source,
-                  "flops_per_token": fl["per_token"], "flops_per_image": fl["per_image"], "device": str(device),
-                  "precision": "bf16" if use_bf16 else "fp32"}
+                  "mfu": sum(step_flops) / max(total_time, 1e-9) / peak, "peak_flops": peak, "peak_source": peak_source,
+                  "flops_per_step": sum(step_flops) / max(1, len(step_flops)), "device": str(device),
+                  "precision": "bf16" if use_bf16 else "fp32", "num_workers": {n: l.num_workers if l.use_workers else 0
+                                                                             for n, l in loader.loaders.items()},
+                  "rank": rank, "world_size": world_size}
     kfold = None
     if ec["kfold"]:
         kfold = {}
@@ -292,7 +404,7 @@ def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str
             fs = R.FeatureSet.encode(model, samples, spec.max_seq_len, tokenizer, device)
             kfold[spec.name] = R.kfold_losses(model, initial, fs, ec["kfold"], ec["kfold_epochs"], spec.batch_size,
                                               tc["lr"], pad_id, seed=cfg["seed"], shuffles=ec["shuffles"],
-                                              gate_lr_mult=tc["gate_lr_mult"])
+                                              gate_lr_mult=tc["gate_lr_mult"], patience=ec["kfold_patience"])
     result = R.write_report(out_dir, model, eval_sets, history, loader.skipped(), eval_skipped, throughput, ec,
                             pad_id, sources=sources, seed=cfg["seed"], kfold=kfold,
                             rows_used={n: l.rows_ok() for n, l in loader.loaders.items()})
