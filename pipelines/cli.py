@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged (main() may run in-process, under a test's or a
+    notebook's replaced stderr that is closed later)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 ARGV: list[str] | None = None  # the command line of the running command, as stats.json records it
 
 
@@ -72,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(given)
     ARGV = ["mmcorpus", *(sys.argv[1:] if argv is None else map(str, argv))]
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[_CurrentStderr()],
                         force=True)  # a library's import-time logging.warning() may have configured root already
     if args.log_level != "DEBUG":  # Beam and Dask log every bundle and worker at INFO: keep them to warnings
         for name in ("apache_beam", "distributed"):
