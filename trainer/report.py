@@ -302,10 +302,15 @@ def plot(out_dir: str, report: dict) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = np.arange(len(names))
-    for j, cond in enumerate(("real", "shuffled", "blank")):
-        axes[0].bar(x + (j - 1) * 0.27, [report["datasets"][n]["loss"][cond] or 0 for n in names], 0.27, label=cond)
-    axes[0].set(xticks=x, xticklabels=names, ylabel="held-out loss", title="Loss by image condition")
-    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.2)  # room for the legend above the bars
+    for j, (cond, marker) in enumerate((("real", "o"), ("shuffled", "s"), ("blank", "^"))):
+        values = [report["datasets"][n]["loss"][cond] for n in names]
+        axes[0].plot(x + (j - 1) * 0.2, [np.nan if v is None else v for v in values], marker, ms=8, ls="none",
+                     label=cond)  # points, not bars: the conditions differ by far less than the loss itself
+    axes[0].set(xticks=x, xticklabels=names, xlim=(-0.6, len(names) - 0.4), ylabel="held-out loss (nats/token)",
+                title="Loss by image condition")
+    axes[0].grid(axis="y", alpha=0.3)
+    lo, hi = axes[0].get_ylim()
+    axes[0].set_ylim(lo, hi + 0.3 * (hi - lo))  # room for the legend above the points
     axes[0].legend(ncol=3, loc="upper center")
     for j, key in enumerate(("gap_shuffled", "gap_blank")):
         means = [report["datasets"][n][key]["mean"] or 0 for n in names]
