@@ -4,10 +4,14 @@
 zero-byte, unreadable, truncated or corrupt bytes are `image_decode_failed`; more pixels than `max_pixels`
 (decompression bomb, read from the header before any pixel is decoded) is `image_too_large`. CMYK, 16-bit,
 palette, alpha and animated images are accepted: `to_rgb` turns them into plain 8-bit RGB (first frame, EXIF
-orientation applied, alpha composited on white), and the pHash is computed on that RGB image (with
-`transforms=True` also the pHashes of its horizontal flip and 90/180/270-degree rotations, so dedup can
-catch flipped and rotated copies, which plain pHash cannot). `decode_rgb(data, max_pixels)` is the same
-size guard and RGB conversion for callers that need the pixels (CapFilt).
+orientation applied, alpha composited on white). The pHash (imagehash's 64-bit pHash) is computed, for every
+format alike, on that image in grey, first reduced by 2, 4 or 8 while both sides stay >= PHASH_MIN_SIDE: a
+JPEG is decoded at that scale (PIL draft: libjpeg's DCT scaling, which still reads the whole entropy-coded
+stream, so truncation is still found, and skips most of the IDCT, colour conversion and resize work), other
+formats are decoded fully and box-reduced. With `transforms=True` also the pHashes of its horizontal flip and
+90/180/270-degree rotations, so dedup can catch flipped and rotated copies, which plain pHash cannot.
+`decode_rgb(data, max_pixels)` is the same size guard and full-size RGB conversion for callers that need the
+pixels (CapFilt).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from filters.reasons import Reject
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb warning limit
 TRANSFORMS = ("hflip", "rot90", "rot180", "rot270")  # order of ImageInfo.phash_transforms
+PHASH_MIN_SIDE = 64  # pHash input is reduced while both sides stay >= this: twice its 32x32 grid
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class ImageInfo:
     format: str  # PIL format name: JPEG, PNG, WEBP, GIF, ...
     mode: str  # mode as stored: RGB, L, CMYK, I;16, P, RGBA, ...
     sha256: str  # hex of the raw bytes
-    phash: str  # 16 hex digits (imagehash 64-bit pHash of the RGB image)
+    phash: str  # 16 hex digits (imagehash 64-bit pHash of the reduced grey image, see above)
     n_frames: int
     phash_transforms: tuple[str, ...] = ()  # pHashes of the TRANSFORMS of the image, when asked for
 
@@ -41,13 +46,19 @@ def _open(data: bytes):
     return Image.open(io.BytesIO(data))
 
 
-def _rgb(img):
-    """First frame of an opened image as 8-bit RGB, EXIF orientation applied."""
-    from PIL import Image, ImageOps
+def _oriented(img):
+    """First frame of an opened image, EXIF orientation applied."""
+    from PIL import ImageOps
 
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
-    img = ImageOps.exif_transpose(img) or img
+    return ImageOps.exif_transpose(img) or img
+
+
+def _as_rgb(img):
+    """An image of any mode as 8-bit RGB."""
+    from PIL import Image
+
     mode = img.mode
     if mode == "RGB":
         return img
@@ -74,6 +85,11 @@ def _rgb(img):
         background.paste(img, mask=img.getchannel("A"))
         return background
     return img.convert("RGB")  # CMYK (with its ICC-less naive conversion), L, 1, P, YCbCr, LAB, HSV
+
+
+def _rgb(img):
+    """First frame of an opened image as 8-bit RGB, EXIF orientation applied."""
+    return _as_rgb(_oriented(img))
 
 
 def to_rgb(data: bytes):
@@ -149,8 +165,39 @@ def _hash_hex(pixels) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
+def phash_scale(width: int, height: int) -> int:
+    """The reduction (1, 2, 4 or 8) a width x height image's pHash is computed at: the largest that keeps both
+    sides >= PHASH_MIN_SIDE."""
+    fit = min(width, height) // PHASH_MIN_SIDE
+    return next((s for s in (8, 4, 2) if fit >= s), 1)
+
+
+def _phash_input(img):
+    """(grey image the pHash is computed on, (width, height) of the full image after EXIF orientation) of an
+    opened, not yet loaded image. First frame, EXIF orientation applied, reduced by `phash_scale`: a JPEG by
+    its decoder (DCT scaling; colour JPEGs decoded straight to their Y channel), which still reads the whole
+    entropy-coded stream, so truncated data still raises; other formats are decoded fully and box-reduced."""
+    from PIL import JpegImagePlugin
+
+    width, height = img.size
+    scale, done = phash_scale(width, height), 1
+    if scale > 1 and isinstance(img, JpegImagePlugin.JpegImageFile):
+        drafted = img.draft("L" if img.mode == "RGB" else None, (PHASH_MIN_SIDE, PHASH_MIN_SIDE))
+        if drafted is not None:
+            done = round(width / drafted[1][2])
+    img.load()
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # what exif_transpose turns by 90 degrees
+        width, height = height, width
+    img = _oriented(img)
+    grey = img if img.mode == "L" else _as_rgb(img).convert("L")
+    if scale > done:
+        grey = grey.reduce(scale // done)
+    return grey, (width, height)
+
+
 def phash_hexes(rgb, transforms: bool = False) -> tuple[str, tuple[str, ...]]:
-    """(pHash, pHashes of TRANSFORMS or ()) of an RGB image: imagehash.phash, on one 32x32 grey resize."""
+    """(pHash, pHashes of TRANSFORMS or ()) of an RGB or grey image: imagehash.phash, on one 32x32 grey
+    resize."""
     import numpy as np
     from PIL import Image
 
@@ -173,13 +220,15 @@ def inspect_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, transforms: bool =
     mode = img.mode
     n_frames = int(getattr(img, "n_frames", 1) or 1)
     try:
-        rgb = _decoded_rgb(img)
-        phash, variants = phash_hexes(rgb, transforms)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            grey, (width, height) = _phash_input(img)
+        phash, variants = phash_hexes(grey, transforms)
     except Image.DecompressionBombError as exc:
         return Reject("image_too_large", f"decompression bomb: {exc}")
     except Exception as exc:  # noqa: BLE001
         return Reject("image_decode_failed", f"{fmt} {width}x{height}: {type(exc).__name__}: {exc}")
-    return ImageInfo(width=rgb.width, height=rgb.height, format=fmt, mode=mode,
+    return ImageInfo(width=width, height=height, format=fmt, mode=mode,
                      sha256=hashlib.sha256(bytes(data)).hexdigest(), phash=phash, n_frames=n_frames,
                      phash_transforms=variants)
 

@@ -1,5 +1,7 @@
 """filters.imageinfo on real photos: every format of imagededup-ukbench, its corrupt copies, coco-mini, and
-bad images built from real photos (truncated, CMYK, 16-bit, animated, decompression bomb)."""
+bad images built from real photos (truncated, CMYK, 16-bit, animated, decompression bomb). The pHash is
+computed on a reduced decode (JPEG DCT scaling, box reduce otherwise): checked against imagehash on PIL's own
+draft decode, and against imagehash at full resolution for how good a near-duplicate signal it stays."""
 
 import hashlib
 import io
@@ -10,15 +12,27 @@ import zlib
 import imagehash
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from filters.imageinfo import ImageInfo, inspect_image, phash_distance, to_rgb
+from filters.imageinfo import PHASH_MIN_SIDE, ImageInfo, inspect_image, phash_distance, phash_scale, to_rgb
 from filters.reasons import Reject
 
 
 @pytest.fixture(scope="module")
 def ukbench(shared_data):
     return shared_data / "imagededup-ukbench"
+
+
+def reduced_reference(data):
+    """imagehash.phash of the image reduced as filters.imageinfo documents it, built with PIL's public API:
+    a JPEG through Image.draft, anything else decoded fully (to_rgb) and box-reduced."""
+    img = Image.open(io.BytesIO(data))
+    scale = phash_scale(*img.size)
+    if img.format in ("JPEG", "MPO") and scale > 1:
+        img.draft("L" if img.mode == "RGB" else None, (PHASH_MIN_SIDE, PHASH_MIN_SIDE))
+        return str(imagehash.phash(ImageOps.exif_transpose(img)))  # RGB or L JPEGs here
+    grey = to_rgb(data).convert("L")
+    return str(imagehash.phash(grey.reduce(scale) if scale > 1 else grey))
 
 
 def image_files(root):
@@ -44,7 +58,8 @@ def test_ukbench_all_formats(ukbench):
         assert len(info.phash) == 16 and int(info.phash, 16) >= 0
         rgb = to_rgb(data)
         assert rgb.mode == "RGB" and rgb.size == (info.width, info.height)
-        assert info.phash == str(imagehash.phash(rgb))
+        assert info.phash == reduced_reference(data), rel
+        assert phash_distance(info.phash, str(imagehash.phash(rgb))) <= 4, rel  # vs full resolution
     assert seen >= 30
 
 
@@ -70,16 +85,35 @@ def test_ukbench_copies_have_close_hashes(ukbench):
 def test_coco_photos(coco):
     paths = sorted((coco / "images").glob("*.jpg"))
     assert len(paths) >= 100
-    hashes = []
+    hashes, full = [], []
     for path in paths:
         data = path.read_bytes()
         info = inspect_image(data)
         assert isinstance(info, ImageInfo), path
         ref = Image.open(path)
         assert (info.width, info.height) == ref.size and info.n_frames == 1
-        assert info.phash == str(imagehash.phash(ref))  # plain RGB JPEG: same as imagehash on the file
+        assert info.phash == reduced_reference(data), path
         hashes.append(info.phash)
+        full.append(str(imagehash.phash(ref)))  # imagehash at full resolution
     assert len(set(hashes)) == len(hashes)
+    to_full = [phash_distance(a, b) for a, b in zip(hashes, full)]
+    assert max(to_full) <= 4 and sum(d == 0 for d in to_full) >= len(hashes) // 2
+    # distinct photos stay as far apart as at full resolution: well beyond the dedup threshold (10)
+    apart = [phash_distance(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]]
+    apart_full = [phash_distance(a, b) for i, a in enumerate(full) for b in full[i + 1:]]
+    assert min(apart) > 10 and min(apart) >= min(apart_full) - 2
+
+
+def test_reencoded_resized_and_other_format_copies_stay_close(coco):
+    paths = sorted((coco / "images").glob("*.jpg"))[:24]
+    for path in paths:
+        data = path.read_bytes()
+        base = inspect_image(data).phash
+        rgb = Image.open(io.BytesIO(data)).convert("RGB")
+        half = rgb.resize((rgb.width // 2, rgb.height // 2), Image.Resampling.LANCZOS)
+        for copy in (encode(half, "JPEG", quality=60), encode(rgb, "PNG"), encode(rgb, "WEBP")):
+            info = inspect_image(copy)
+            assert isinstance(info, ImageInfo) and phash_distance(info.phash, base) <= 4, path
 
 
 def photo(coco):
@@ -96,11 +130,32 @@ def test_zero_truncated_garbage(coco):
     data = photo(coco)
     assert inspect_image(b"").reason == "image_decode_failed"
     assert inspect_image(b"not an image at all").reason == "image_decode_failed"
-    for cut in (10, len(data) // 3, len(data) - 200):
-        r = inspect_image(data[:cut])
-        assert isinstance(r, Reject) and r.reason == "image_decode_failed", cut
+    rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    big = rgb.resize((3000, 2000), Image.Resampling.BICUBIC)  # decoded at 1/8 for the pHash
+    jpegs = {"photo": data, "progressive": encode(rgb, "JPEG", quality=85, progressive=True),
+             "grey": encode(rgb.convert("L"), "JPEG"), "3000x2000": encode(big, "JPEG", quality=90)}
+    for name, jpeg in jpegs.items():
+        assert isinstance(inspect_image(jpeg), ImageInfo), name
+        for cut in (10, len(jpeg) // 3, len(jpeg) * 9 // 10, len(jpeg) - 200, len(jpeg) - 2):
+            r = inspect_image(jpeg[:cut])
+            assert isinstance(r, Reject) and r.reason == "image_decode_failed", (name, cut)
     png = encode(Image.open(io.BytesIO(data)), "PNG")
     assert inspect_image(png[: len(png) // 2]).reason == "image_decode_failed"
+
+
+def test_large_and_tiny_images(coco):
+    data = photo(coco)
+    rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    base = inspect_image(data).phash
+    big = rgb.resize((3000, 2000), Image.Resampling.BICUBIC)
+    for fmt in ("JPEG", "PNG"):
+        info = inspect_image(encode(big, fmt))
+        assert (info.width, info.height) == (3000, 2000) and phash_distance(info.phash, base) <= 4, fmt
+    for size in ((40, 30), (120, 90)):  # below 2 * PHASH_MIN_SIDE: not reduced, same as imagehash on the file
+        small = encode(rgb.resize(size, Image.Resampling.LANCZOS), "JPEG")
+        info = inspect_image(small)
+        assert (info.width, info.height) == size
+        assert info.phash == str(imagehash.phash(Image.open(io.BytesIO(small))))
 
 
 def test_cmyk_16bit_animated_alpha_exif(coco):
@@ -127,6 +182,9 @@ def test_cmyk_16bit_animated_alpha_exif(coco):
     anim = inspect_image(gif)
     assert isinstance(anim, ImageInfo) and anim.n_frames == 3 and anim.format == "GIF"
     assert phash_distance(anim.phash, base.phash) <= 10  # first frame
+    mpo = inspect_image(encode(rgb, "MPO", save_all=True, append_images=[frames[2]]))  # camera multi-picture JPEG
+    assert isinstance(mpo, ImageInfo) and mpo.n_frames == 2 and mpo.format == "MPO"
+    assert phash_distance(mpo.phash, base.phash) <= 4
 
     rgba = rgb.convert("RGBA")
     rgba.putalpha(128)
@@ -137,6 +195,8 @@ def test_cmyk_16bit_animated_alpha_exif(coco):
     exif[0x0112] = 6  # rotate 90 degrees on display
     rotated = inspect_image(encode(rgb, "JPEG", exif=exif.tobytes()))
     assert (rotated.width, rotated.height) == (rgb.height, rgb.width)
+    turned = inspect_image(encode(rgb.transpose(Image.Transpose.ROTATE_270), "JPEG"))
+    assert phash_distance(rotated.phash, turned.phash) <= 4 and phash_distance(rotated.phash, base.phash) > 10
     assert to_rgb(encode(rgb, "JPEG", exif=exif.tobytes())).size == (rgb.height, rgb.width)
 
 

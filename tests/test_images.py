@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from filters.imageinfo import phash_distance
 from filters.urls import url_refusal
 from pipelines.images import (IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, download_batch, fetch_images, image_url_rows,
                               run_img2dataset)
@@ -167,7 +168,8 @@ def check_result(stats, kept, rejects, docs, ok, bad, base, files):
             assert info["url"] == url and info["bytes"] == data
             assert (info["width"], info["height"]) == img.size
             assert info["sha256"] == hashlib.sha256(data).hexdigest()
-            assert info["phash"] == str(imagehash.phash(img))
+            # pHash of a reduced decode (filters.imageinfo.phash_scale): within a few bits of full-size imagehash
+            assert phash_distance(info["phash"], str(imagehash.phash(img))) <= 4
     image_rejects = [r for r in rejects if r["stage"] == STAGE_FETCH]
     got = {(r["source"], r["detail"].split(": ", 1)[0]): r["reason"] for r in image_rejects}
     expected = {(f"test:{doc_id}", url): reasons for doc_id, urls in bad.items() for url, reasons in urls.items()}
