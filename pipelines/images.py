@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from filters.reasons import Reject
 from filters.urls import url_refusal
+from pipelines.childenv import child_env
 from pipelines.dedup import events_to_tags, key_by_doc_id, source_of
 from pipelines.fetch import HostResolver
 from pipelines.sink import stable_hash
@@ -156,7 +157,7 @@ def download_batch(urls: list[str], cfg: FetchConfig, allow_private: bool = Fals
     output, so a worker holds one record batch of images at a time, not the whole batch. When img2dataset
     exits non-zero or runs past its time budget, the URLs it gave no result for get a failed row naming why
     (each becomes an image_fetch_failed reject); the run goes on. Redirects img2dataset follows are checked with
-    the URL rules (private addresses refused unless `allow_private`; see img2dataset_site/sitecustomize.py)."""
+    the URL rules (private addresses refused unless `allow_private`; see child-site/sitecustomize.py)."""
     with tempfile.TemporaryDirectory(prefix="mmcorpus-img2dataset-") as tmp:
         url_list = os.path.join(tmp, "urls.txt")
         with open(url_list, "w", encoding="utf-8") as f:
@@ -188,15 +189,10 @@ def batch_budget(n: int, cfg: FetchConfig) -> float:
     return 300 + (n // cfg.threads + 1) * cfg.timeout * (cfg.retries + 1) * 2
 
 
-REDIRECT_CHECK_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "img2dataset_site")
-
-
 def run_img2dataset(options: str, cwd: str, budget: float, allow_private: bool = False) -> str | None:
     """Run img2dataset on an options file in its own process group; None on success, else why it failed
     (exit status or time-out, with the last lines it printed). On time-out the whole group is killed."""
-    path = os.pathsep.join(p for p in (REDIRECT_CHECK_SITE, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=path,
-               MMCORPUS_IMG_REDIRECTS="any" if allow_private else "public")
+    env = child_env(NO_ALBUMENTATIONS_UPDATE="1", MMCORPUS_IMG_REDIRECTS="any" if allow_private else "public")
     proc = subprocess.Popen([sys.executable, "-c", _RUN_IMG2DATASET, options], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True)
     try:

@@ -14,6 +14,7 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.childenv import children_started_with
 from pipelines.errors import UserError
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
@@ -64,7 +65,9 @@ def pipeline_options(args):
         mode = "in_memory" if workers == 1 else "multi_processing"
         flags = ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}",
                  f"--default_sdk_harness_log_level={_harness_level(args)}"]
-        yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
+        quiet = {"MMCORPUS_QUIET_BEAM_WORKER": "1"} if _harness_level(args) == "ERROR" else {}
+        with children_started_with(**quiet):  # Beam starts its worker processes with this process's environment
+            yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
         return
     if runner in ("dask", DASK_RUNNER, "DaskRunner"):
         if getattr(args, "log_level", "WARNING") != "DEBUG":  # a notice per run about Beam's own partitioning
