@@ -3,7 +3,7 @@
 import logging
 
 
-class _BeamOptionalGcpNotice(logging.Filter):
+class BeamOptionalGcpNotice(logging.Filter):
     """Beam logs on the root logger at import that its optional BigQuery clients are missing; no mmcorpus command
     uses them, so the line would only precede every command's output."""
 
@@ -11,4 +11,4 @@ class _BeamOptionalGcpNotice(logging.Filter):
         return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
 
 
-logging.getLogger().addFilter(_BeamOptionalGcpNotice())
+logging.getLogger().addFilter(BeamOptionalGcpNotice())

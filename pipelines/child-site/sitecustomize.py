@@ -22,11 +22,6 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class _DropBeamGcpNotice(logging.Filter):
-    def filter(self, record):
-        return not str(record.msg).startswith("apitools not found")
-
-
 class _AtLeastWarning(logging.Filter):
     """Beam's harness sets the root logger to INFO while it starts; keep stderr to warnings and errors."""
 
@@ -35,8 +30,10 @@ class _AtLeastWarning(logging.Filter):
 
 
 def _quiet_beam_worker() -> None:
+    from pipelines import BeamOptionalGcpNotice  # the filter the command's own process uses
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_DropBeamGcpNotice())
+    handler.addFilter(BeamOptionalGcpNotice())
     handler.addFilter(_AtLeastWarning())
     logging.getLogger().addHandler(handler)
 
