@@ -743,7 +743,7 @@ def _card_plots(path: str) -> set[str]:
             text = f.read()
     except OSError:
         return set()
-    return {m for m in re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", text)}
+    return set(re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", text))
 
 
 def parse_card(path: str) -> tuple[dict, str]:

@@ -22,13 +22,14 @@ TOP_OPTIONS = ("-h", "--help", "--log-level")
 def _misplaced_option(argv: list[str]) -> str | None:
     """The first option before the command that `mmcorpus` itself does not take (argparse would only say that
     COMMAND is missing)."""
-    for item in argv:
+    items = iter(argv)
+    for item in items:
         if not item.startswith("-"):
             return None
         if item.split("=", 1)[0] not in TOP_OPTIONS:
             return item
         if item == "--log-level":
-            return None  # its value follows; argparse checks the rest
+            next(items, None)  # its value (argparse checks it)
     return None
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized option {bad!r} before the command; command options go after it "
                      "(mmcorpus COMMAND --help lists them)")
     args = parser.parse_args(given)
-    ARGV = ["mmcorpus", *(sys.argv[1:] if argv is None else map(str, argv))]
+    ARGV = ["mmcorpus", *given]
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=[_CurrentStderr()],
                         force=True)  # a library's import-time logging.warning() may have configured root already

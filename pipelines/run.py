@@ -115,8 +115,8 @@ def prepare_output(spec: RunSpec, fp: str) -> str:
         with open(run_file) as f:
             previous = json.load(f).get("fingerprint")
         if previous != fp:
-            raise UserError(f"output {out!r} holds an unfinished run with another command, config, input or shard count "
-                            f"(fingerprint {previous} vs {fp}); pass --overwrite to replace it")
+            raise UserError(f"output {out!r} holds an unfinished run with another command, config, input or shard "
+                            f"count (fingerprint {previous} vs {fp}); pass --overwrite to replace it")
         state = "resumed"
     try:
         os.makedirs(out, exist_ok=True)

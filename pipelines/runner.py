@@ -63,9 +63,10 @@ def pipeline_options(args):
     runner = args.runner
     if runner == "direct":
         mode = "in_memory" if workers == 1 else "multi_processing"
+        level = _harness_level(args)
         flags = ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}",
-                 f"--default_sdk_harness_log_level={_harness_level(args)}"]
-        quiet = {"MMCORPUS_QUIET_BEAM_WORKER": "1"} if _harness_level(args) == "ERROR" else {}
+                 f"--default_sdk_harness_log_level={level}"]
+        quiet = {"MMCORPUS_QUIET_BEAM_WORKER": "1"} if level == "ERROR" else {}
         with children_started_with(**quiet):  # Beam starts its worker processes with this process's environment
             yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
         return

@@ -4,14 +4,16 @@ All outputs of a run (kept rows, rejects, stat counters, ...) travel as `(kind, 
 PCollection, because the DaskRunner computes only the last leaf of a graph. Rows go to a deterministic shard
 (`hash(key) % shards`), each shard is sorted by key and written once to `_tmp/`, then renamed atomically to
 `OUT/<dir>/part-SSSSS-of-NNNNN.parquet`. A worker holds one shard's rows at a time (written one row group at a
-time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the same files under every runner, and a rerun
-into a killed run's folder skips the shards that are already there.
+time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the
+same files under every runner, and a rerun into a killed run's folder skips the shards that are already there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import operator
 import os
 import uuid
 from dataclasses import dataclass
@@ -48,16 +50,10 @@ def _row_digest(row: dict) -> bytes:
 def ordered(items) -> list[tuple[str, dict]]:
     """`(key, row)` items sorted by key; rows that share a key are ordered by a digest of their content, so the
     order never depends on the runner. Only rows with equal keys are serialised for that."""
-    items = sorted(items, key=lambda item: item[0])
     out: list[tuple[str, dict]] = []
-    start = 0
-    while start < len(items):
-        end = start + 1
-        while end < len(items) and items[end][0] == items[start][0]:
-            end += 1
-        group = items[start:end]
+    for _, same_key in itertools.groupby(sorted(items, key=operator.itemgetter(0)), key=operator.itemgetter(0)):
+        group = list(same_key)
         out.extend(sorted(group, key=lambda item: _row_digest(item[1])) if len(group) > 1 else group)
-        start = end
     return out
 
 
@@ -94,7 +90,8 @@ class _WriteShard(beam.DoFn):
         with pq.ParquetWriter(tmp, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
             for start in range(0, len(rows), step):  # one row group at a time: no second copy of the whole shard
                 try:
-                    chunk = schemas.to_table([row for _, row in rows[start:start + step]], spec.schema, self.fingerprint)
+                    chunk = schemas.to_table([row for _, row in rows[start:start + step]], spec.schema,
+                                             self.fingerprint)
                 except schemas.SchemaError as exc:
                     raise schemas.SchemaError(f"{final}: rows {start}-{start + step - 1} of the shard: {exc}") from exc
                 w.write_table(chunk, row_group_size=step)

@@ -1,7 +1,8 @@
 """Versioned pyarrow schemas of everything mmcorpus writes, and their validation.
 
-Every writer and reader goes through `SCHEMAS` and `validate` (`validate_stats` for a run's `stats.json`). Types are plain Arrow types (strings, ints,
-lists, structs, binary) so pyarrow, DuckDB and Hugging Face `datasets` read the files without custom code.
+Every writer and reader goes through `SCHEMAS` and `validate` (`validate_stats` for a run's `stats.json`).
+Types are plain Arrow types (strings, ints, lists, structs, binary) so pyarrow, DuckDB and Hugging Face
+`datasets` read the files without custom code.
 """
 
 from __future__ import annotations
@@ -220,6 +221,11 @@ def to_table(rows: list[dict], name: str, fingerprint: str = "") -> pa.Table:
     return validate(table, name)
 
 
+def compatible(version: str) -> bool:
+    """Whether files written with schema `version` can be read by this one (same major version)."""
+    return version.split(".")[0] == SCHEMA_VERSION.split(".")[0]
+
+
 def validate_stats(stats: dict, where: str = "stats.json") -> dict:
     """Return a run's stats if they have the keys and types of `RUN_STATS_KEYS`, a compatible schema version
     and stages that match `RUN_STAGE` with rejects by reason adding up; else raise SchemaError naming the key
@@ -230,7 +236,7 @@ def validate_stats(stats: dict, where: str = "stats.json") -> dict:
         if not isinstance(stats.get(key), types):
             got = "missing" if key not in stats else f"a {type(stats[key]).__name__}"
             raise SchemaError(f"{where}: key {key!r} is {got}")
-    if stats["schema_version"].split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+    if not compatible(stats["schema_version"]):
         raise SchemaError(f"{where}: schema version {stats['schema_version']} is not compatible with {SCHEMA_VERSION}")
     try:
         table = pa.Table.from_pylist(stats["stages"], schema=RUN_STAGE)
@@ -259,7 +265,7 @@ def read_table(path: str, name: str, columns: list[str] | None = None) -> pa.Tab
     found, version = read_schema_name(path)
     if found != name:
         raise SchemaError(f"{path}: holds {found!r} rows, expected {name!r}")
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+    if not compatible(version):
         raise SchemaError(f"{path}: schema version {version} is not compatible with {SCHEMA_VERSION}")
     table = pq.read_table(path, columns=columns)
     return table if columns else validate(table, name)

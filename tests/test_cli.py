@@ -59,3 +59,8 @@ def test_missing_input_and_bad_beam_option_are_one_line_errors(tmp_path):
                      "--beam-option", "novalue")
     assert result.returncode == 2 and "--beam-option 'novalue': expected KEY=VALUE" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_option_after_log_level_value_is_still_named():
+    result = run_cli("--log-level", "INFO", "--no-such-option", "card", "out")
+    assert result.returncode == 2 and "unrecognized option '--no-such-option'" in result.stderr
