@@ -40,9 +40,7 @@ def run(args) -> int:
     try:
         cfg = T.load_config(args.config)
         if args.steps is not None:
-            if args.steps < 1:
-                raise T.ConfigError(f"--steps must be >= 1, not {args.steps}")
-            cfg["train"]["steps"] = args.steps
+            cfg["train"]["steps"] = args.steps  # checked by T.run (merge_config): train.steps >= 1
         if args.allow_random_weights:
             cfg["model"]["allow_random_weights"] = True
 

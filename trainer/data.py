@@ -73,8 +73,8 @@ class DatasetSpec:
     batch_size: int = 8
     max_images: int = 5
     holdout: float = 0.1  # fraction of images (by content hash) held out for the report (a document: any of its)
-    # images ranked below this are never trained on; a mixture sets it to its largest `holdout`, so an
-    # image held out by one dataset is not trained on through another that holds the same photo
+    # images ranked below this are never trained on: its own `holdout`, or in a mixture the largest one, so
+    # an image held out by one dataset is not trained on through another that holds the same photo
     exclude: float = field(default=-1.0, init=False)
 
     def __post_init__(self):
@@ -85,7 +85,7 @@ class DatasetSpec:
             self.max_seq_len = 32 if self.kind == "pair" else 256
         if self.weight < 0 or self.batch_size < 1 or not 0 <= self.holdout < 1:
             raise DataError(f"dataset {self.name!r}: need weight >= 0, batch_size >= 1, 0 <= holdout < 1")
-        self.exclude = max(self.exclude, self.holdout)
+        self.exclude = self.holdout
 
 
 @dataclass
@@ -222,13 +222,22 @@ def image_keys(row: dict, kind: str, max_images: int = 5) -> list[str]:
     keys = []
     infos = row.get("image_info") or [None] * len(row["images"])
     for url, info in zip(row["images"], infos):
-        info = info or {}
-        if not (info.get("bytes") or info.get("path")):
-            continue  # a text position, or an image that cannot be loaded (skipped and counted later)
-        keys.append(image_key(info.get("bytes"), info.get("sha256"), info.get("url") or url, info.get("path")))
+        key = _position_key(url, info)
+        if key is None:
+            continue
+        keys.append(key)
         if len(keys) == max_images:
             break
     return keys
+
+
+def _position_key(url: str | None, info: dict | None) -> str | None:
+    """Key of a document's image position (see image_key); None for a position with neither bytes nor path:
+    a text position, or an image that cannot be loaded (skipped and counted when the sample is built)."""
+    info = info or {}
+    if not (info.get("bytes") or info.get("path")):
+        return None
+    return image_key(info.get("bytes"), info.get("sha256"), info.get("url") or url, info.get("path"))
 
 
 def row_key(row: dict, kind: str) -> str:
@@ -242,10 +251,6 @@ def holdout_rank(keys: list[str], fallback: str) -> float:
     """Position in [0, 1) of a row on the held-out scale: the lowest rank of its images (by content), so a row
     is held out as soon as one of its images is; `fallback` (the document id) for a row without images."""
     return min(content_hash("holdout:" + k) % 1_000_000 for k in keys or [fallback]) / 1_000_000
-
-
-def in_holdout(key: str, fraction: float) -> bool:
-    return holdout_rank([key], key) < fraction
 
 
 # ---------------------------------------------------------------- rows -> samples
@@ -267,8 +272,7 @@ class ImageTransform:
         side = min(w, h)
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
         img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
-        return pixels.permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # one copy; collate's stack makes it contiguous
 
 
 def image_transform(size: int) -> ImageTransform:
@@ -307,13 +311,14 @@ def _fill_sha256(row: dict, kind: str) -> None:
 
 class SampleBuilder:
     """Turns schema rows into Flamingo samples; returns a skip reason string for a bad row. With `keep_image`
-    (a predicate on image keys) a document keeps only the image positions it accepts (the held-out split
-    keeps only held-out images, the training split none; the others are counted as image_other_split)."""
+    set (a predicate on image keys; ShardStream sets it) a document keeps only the image positions it accepts
+    (the held-out split keeps only held-out images, the training split none; the others are counted as
+    image_other_split)."""
 
     CACHE_BYTES = 64 << 20  # at most this much of the window's decoded images kept per builder (per worker)
 
-    def __init__(self, tokenizer, transform, spec: DatasetSpec, fs=None, keep_image=None):
-        self.tok, self.transform, self.spec, self.fs, self.keep_image = tokenizer, transform, spec, fs, keep_image
+    def __init__(self, tokenizer, transform, spec: DatasetSpec, fs=None):
+        self.tok, self.transform, self.spec, self.fs, self.keep_image = tokenizer, transform, spec, fs, None
         ensure_special_tokens(tokenizer)
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.eoc_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
@@ -403,8 +408,8 @@ class SampleBuilder:
             if len(images) == self.spec.max_images:
                 break
             info = info or {}
-            key = image_key(info.get("bytes"), info.get("sha256"), info.get("url") or url, info.get("path"))
-            if self.keep_image is not None and (info.get("bytes") or info.get("path")) and not self.keep_image(key):
+            key = _position_key(url, info)
+            if self.keep_image is not None and key is not None and not self.keep_image(key):
                 counts["image_other_split"] += 1
                 continue
             image = self._image(info.get("bytes"), info.get("path"), base, info.get("sha256"))
@@ -477,10 +482,9 @@ class ShardStream:
         self.spec, self.builder, self.fs, self.seed, self.split = spec, builder, fs, seed, split
         self.shard, self.world, self.buffer, self.one_pass = shard, world, max(1, shuffle_buffer), one_pass
         builder.fs = fs
-        if split == "eval":  # a held-out document shows only held-out images
-            builder.keep_image = lambda key: holdout_rank([key], key) < spec.holdout
-        elif split == "train":  # and a trained one none (a later image may stand in for a broken one)
-            builder.keep_image = lambda key: holdout_rank([key], key) >= spec.exclude
+        if split in ("eval", "train"):  # a held-out document shows only held-out images, a trained one none
+            # (a later image may stand in for a broken one)
+            builder.keep_image = lambda key: self._in_split(holdout_rank([key], key))
         if len(units) >= world:  # whole row groups per shard; otherwise every world-th row
             self.units, self.stride = [(f, g, n, 0) for f, g, n in units[shard::world]], 1
         else:
@@ -502,8 +506,11 @@ class ShardStream:
         if self.split == "all":
             return True
         spec = self.spec
-        rank = holdout_rank(image_keys(row, spec.kind, spec.max_images), str(row.get("doc_id")))
-        return rank < spec.holdout if self.split == "eval" else rank >= spec.exclude
+        return self._in_split(holdout_rank(image_keys(row, spec.kind, spec.max_images), str(row.get("doc_id"))))
+
+    def _in_split(self, rank: float) -> bool:
+        """Whether a row or image of this holdout rank belongs to this stream's split ("eval" or "train")."""
+        return rank < self.spec.holdout if self.split == "eval" else rank >= self.spec.exclude
 
     def _unit_rows(self, f: str, g: int, row: int):
         """(row index, row dict) of row group g of file f from `row` on, decoded lazily batch by batch."""
@@ -777,5 +784,5 @@ def holdout_samples(spec: DatasetSpec, tokenizer, transform, max_samples: int) -
 
 __all__ = ["DatasetSpec", "MixtureSpec", "MixtureLoader", "DatasetLoader", "ShardStream", "SampleBuilder",
            "Sample", "collate", "image_transform", "ImageTransform", "holdout_samples", "split_samples",
-           "list_files", "in_holdout", "holdout_rank", "image_key", "image_keys", "row_key", "content_hash",
+           "list_files", "holdout_rank", "image_key", "image_keys", "row_key", "content_hash",
            "ensure_special_tokens", "IMAGE_TOKEN", "EOC_TOKEN", "DataError", "check_dataset"]

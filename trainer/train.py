@@ -68,7 +68,11 @@ class ConfigError(ValueError):
     """The training config is wrong; the message names the key."""
 
 
-def merge_config(cfg: dict) -> dict:
+def merge_config(cfg: dict, source: str = "") -> dict:
+    """DEFAULTS updated by `cfg`, validated. `source` (the config file, if any) prefixes the error for a non-mapping."""
+    if cfg is not None and not isinstance(cfg, dict):
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}the config must be a mapping of sections, not {type(cfg).__name__}")
     out = copy.deepcopy(DEFAULTS)
     for key, value in (cfg or {}).items():
         if key not in out:
@@ -111,9 +115,7 @@ def load_config(path: str) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections, not {type(raw).__name__}")
-    return merge_config(raw)
+    return merge_config(raw, source=path)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -184,8 +186,8 @@ def train_step(model, parts, optimizer, scheduler, loss_weights: dict, grad_clip
                use_bf16: bool = False) -> dict:
     """One optimizer step over `parts` [(spec, batch)]: each batch's loss times its `loss_weights` factor,
     backward per batch (gradients accumulate), clipping, AdamW, schedule. Returns the unscaled per-dataset
-    losses, their weighted sum (the step's loss), token/image counts and model FLOPs."""
-    losses, tokens, images, flops, digests = {}, 0, 0, 0.0, []
+    losses, their weighted sum (the step's loss), the token count and model FLOPs."""
+    losses, tokens, flops, digests = {}, 0, 0.0, []
     for spec, batch in parts:
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -196,14 +198,14 @@ def train_step(model, parts, optimizer, scheduler, loss_weights: dict, grad_clip
         n_tok, n_img = int(batch["attention_mask"].sum()), int(batch["image_mask"].sum())
         media = batch["image_mask"].shape[1] * model.resampler.latents.shape[0]
         flops += model.train_flops(n_tok, batch["input_ids"].shape[1], n_img, media)
-        tokens, images = tokens + n_tok, images + n_img
+        tokens += n_tok
         digests.append((spec.name, batch_digest(batch["keys"])))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(list(model.trainable_named().values()), grad_clip))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"losses": losses, "loss": sum(loss_weights[k] * v for k, v in losses.items()), "tokens": tokens,
-            "images": images, "flops": flops, "grad_norm": grad_norm, "digests": digests}
+            "flops": flops, "grad_norm": grad_norm, "digests": digests}
 
 
 def _checkpoints(out_dir: str) -> list[str]:
