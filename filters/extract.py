@@ -16,6 +16,7 @@ from urllib.parse import urljoin
 
 from lxml import html as lxml_html
 
+from filters.images import pixels
 from filters.reasons import Reject
 
 LAZY_ATTRS = ("data-src", "data-lazy-src", "data-original", "data-lazy", "data-url")
@@ -48,20 +49,6 @@ def largest_candidate(srcset: str) -> tuple[str | None, int | None]:
         if size > best_size:
             best, best_size, best_w = bits[0], size, width
     return best, best_w
-
-
-def largest_srcset(srcset: str) -> str | None:
-    """The URL of `largest_candidate`."""
-    return largest_candidate(srcset)[0]
-
-
-_PIXELS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:px)?\s*", re.I)
-
-
-def _int(value) -> int | None:
-    """A declared size in pixels ("300", "300px", "300.5"); None for "100%", "auto", "20em", ..."""
-    m = _PIXELS.fullmatch(value or "")
-    return int(float(m.group(1))) if m else None
 
 
 def _join(base: str, src: str) -> str | None:
@@ -110,7 +97,7 @@ def normalise_images(tree, page_url: str) -> dict[str, list]:
         for attr in (*LAZY_ATTRS, "srcset", "data-srcset"):  # trafilatura would prefer these, unresolved
             if attr in img.attrib:
                 del img.attrib[attr]
-        size = declared_size(_int(img.get("width")), _int(img.get("height")), src_w, swapped)
+        size = declared_size(pixels(img.get("width")), pixels(img.get("height")), src_w, swapped)
         if size:
             declared[absolute] = size
     return declared

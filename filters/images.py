@@ -4,9 +4,10 @@ image count, and decoded size/aspect/format after fetching. Dropping an image re
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from filters.reasons import Reject
+from filters.urls import split_url
 
 # Words in the URL (path, file name or host) that mark site furniture rather than content images. Matched
 # as whole tokens: "logo" in "site-logo_2x.png" but not "logos" inside "ecologos"; digits may touch them.
@@ -39,11 +40,9 @@ def url_reject(url: str, cfg) -> Reject | None:
     low = url.strip().lower()
     if low.startswith("data:"):
         return Reject("image_url_pattern", "data: URI")
-    try:
-        parts = urlsplit(low)
-        parts.hostname, parts.port  # noqa: B018  (raise on a malformed host or port)
-    except ValueError as exc:
-        return Reject("url_not_allowed", f"malformed URL: {exc}")
+    parts, malformed = split_url(low)
+    if malformed:
+        return Reject("url_not_allowed", malformed)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return Reject("url_not_allowed", f"scheme {parts.scheme or '(relative)'!r} is not http(s)")
     path = unquote(parts.path)
@@ -87,13 +86,19 @@ def size_problem(width, height, cfg) -> tuple[str, str] | None:
 _DECODED_REASONS = {"small": "image_too_small", "large": "image_too_large", "aspect": "image_aspect_ratio"}
 
 
+_PIXELS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:px)?\s*", re.I)
+
+
+def pixels(value) -> int | None:
+    """A declared size in pixels (300, "300", "300px", "300.5"); None for "100%", "auto", "20em", None, ..."""
+    m = _PIXELS.fullmatch("" if value is None else str(value))
+    return int(float(m.group(1))) if m else None
+
+
 def _declared(value) -> tuple[int | None, int | None]:
     def side(v):
-        try:
-            v = int(float(str(v).strip().lower().removesuffix("px")))
-        except (TypeError, ValueError):
-            return None
-        return v if v > 0 else None
+        v = pixels(v)
+        return v if v is not None and v > 0 else None
 
     if isinstance(value, dict):
         return side(value.get("width")), side(value.get("height"))

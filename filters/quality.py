@@ -484,25 +484,23 @@ def clean_paragraphs(doc: dict, cfg) -> tuple[dict, int]:
                         lines.append(line)
                 blocks.append(numbers)
         layout.append((blocks, image, info))
-    candidates: list[str] = []
-    slot: dict[int, int] = {}  # line number -> index in candidates
-    for i, (line, chars) in enumerate(zip(lines, CharCounts.of_lines(lines))):
+    keep = []  # per line number: the line passed every rule so far
+    for line, chars in zip(lines, CharCounts.of_lines(lines)):
         reason = paragraph_reject_reason(line, language, p, chars_check=False, chars=chars)
-        if reason is None:
-            slot[i] = len(candidates)
-            candidates.append(line)
-        else:
+        keep.append(reason is None)
+        if reason is not None:
             removed[reason] += 1
-    positions = [(None if blocks is None else [[slot[i] for i in b if i in slot] for b in blocks], image, info)
-                 for blocks, image, info in layout]
     # pass 2: character repetition of all remaining paragraphs at once
-    ok = char_repetition_ratios(candidates, p.char_repetition_n) <= p.max_char_repetition
+    candidates = [i for i, k in enumerate(keep) if k]
+    ok = char_repetition_ratios([lines[i] for i in candidates], p.char_repetition_n) <= p.max_char_repetition
     removed["character_repetition"] += int(len(candidates) - ok.sum())
+    for i, passed in zip(candidates, ok):
+        keep[i] = bool(passed)
     texts, images, infos = [], [], []
-    for blocks, image, info in positions:
+    for blocks, image, info in layout:
         text = None
         if blocks is not None:
-            parts = ["\n".join(candidates[i] for i in kept if ok[i]) for kept in blocks]
+            parts = ["\n".join(lines[i] for i in block if keep[i]) for block in blocks]
             text = "\n\n".join(x for x in parts if x)
             if not text:
                 continue

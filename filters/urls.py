@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 ALLOWED_SCHEMES = ("http", "https")
 
@@ -20,6 +20,16 @@ def address_refusal(address: str) -> str | None:
     return None
 
 
+def split_url(url: str) -> tuple[SplitResult | None, str | None]:
+    """(urlsplit parts, None), or (None, "malformed URL: ...") when the host or port cannot be parsed."""
+    try:
+        parts = urlsplit(url)
+        parts.hostname, parts.port  # noqa: B018  (raise on a malformed host or port)
+    except ValueError as exc:
+        return None, f"malformed URL: {exc}"
+    return parts, None
+
+
 def url_refusal(url: str, allow_private: bool = False, resolve=None) -> str | None:
     """Why a URL is not fetched (None: fetch it): empty or with whitespace/control characters, malformed, not
     http(s), no host, or (unless `allow_private`) a host that is or resolves to a non-global address.
@@ -27,12 +37,10 @@ def url_refusal(url: str, allow_private: bool = False, resolve=None) -> str | No
     literal addresses and localhost names are checked."""
     if not url or any(ch.isspace() or ord(ch) < 32 for ch in url):
         return "empty URL or whitespace/control characters in URL"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018  (raises on a bad port)
-    except ValueError as exc:
-        return f"malformed URL: {exc}"
+    parts, malformed = split_url(url)
+    if malformed:
+        return malformed
+    host = parts.hostname
     if parts.scheme.lower() not in ALLOWED_SCHEMES:
         return f"scheme {parts.scheme or '(none)'!r} is not http(s)"
     if not host:

@@ -20,8 +20,10 @@ def child_env(base: dict | None = None, **hooks: str) -> dict:
 @contextlib.contextmanager
 def children_started_with(**hooks: str):
     """Within the block, processes started from this one (by libraries that pass os.environ on) get child_env."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", *hooks)}
-    os.environ.update(child_env(**hooks))
+    names = ("PYTHONPATH", *hooks)
+    saved = {k: os.environ.get(k) for k in names}
+    env = child_env(**hooks)
+    os.environ.update({k: env[k] for k in names})
     try:
         yield
     finally:

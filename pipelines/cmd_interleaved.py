@@ -229,7 +229,7 @@ def build(p, items, opts):
         x = fetch_images(c, x, fetch_cfg, allow_private=opts["allow_private"])
     x = c.stage(x, STAGE_IMAGE_COUNT, DocStep(STAGE_IMAGE_COUNT, doc_cfg), source_of)
     x = dedup_documents(c, x, dedup_cfg)
-    if dedup_cfg.images:
+    if STAGE_IMAGE_RECOUNT in document_stages(dedup_cfg):  # the stats stage list decides
         x = c.stage(x, STAGE_IMAGE_RECOUNT, DocStep(STAGE_IMAGE_RECOUNT, doc_cfg), source_of)
     c.add(x | "Rows" >> beam.Map(to_row))
     return c.finish()

@@ -178,7 +178,7 @@ class FetchGroup(beam.DoFn):
 
     def process(self, element):
         from filters.urls import url_refusal
-        from pipelines.fetch import HostResolver
+        from pipelines.hosts import HostResolver
         from pipelines.images import FetchConfig, download_batch
 
         _, rows = element

@@ -11,7 +11,6 @@ one thread. (A redirect to another host is fetched by the thread of the original
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 import urllib.robotparser
@@ -23,6 +22,7 @@ from urllib.parse import urljoin
 import apache_beam as beam
 
 from filters.urls import host_of, redirect_problem, url_refusal
+from pipelines.hosts import HostResolver
 
 USER_AGENT = "mmcorpus/0.1 (+https://github.com/mmcorpus; research crawler)"
 
@@ -41,28 +41,6 @@ class PageFetchConfig:
     def __post_init__(self):
         if self.groups < 1 or self.threads < 1:
             raise ValueError("pages groups and threads must be at least 1")
-
-
-def resolve(host: str) -> list[str]:
-    """Addresses of `host`; [] when it does not resolve (the request then fails with its own error)."""
-    try:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-    except (OSError, UnicodeError):
-        return []
-
-
-class HostResolver:
-    """`resolve` with a per-instance cache (one lookup per host, not per URL), cleared past `limit` hosts."""
-
-    def __init__(self, limit: int = 100_000):
-        self.limit, self._hosts = limit, {}
-
-    def __call__(self, host: str) -> list[str]:
-        if host not in self._hosts:
-            if len(self._hosts) > self.limit:
-                self._hosts.clear()
-            self._hosts[host] = resolve(host)
-        return self._hosts[host]
 
 
 class Fetcher:

@@ -36,7 +36,7 @@ from filters.reasons import Reject
 from filters.urls import url_refusal
 from pipelines.childenv import child_env
 from pipelines.dedup import events_to_tags, key_by_doc_id, source_of
-from pipelines.fetch import HostResolver
+from pipelines.hosts import HostResolver
 from pipelines.sink import stable_hash
 from pipelines.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
 
@@ -230,13 +230,11 @@ class _FetchGroup(beam.DoFn):
         urls = sorted(set(urls))
         for start in range(0, len(urls), self.cfg.batch_size):
             batch = urls[start:start + self.cfg.batch_size]
-            pending = set(batch)
+            pending = set(batch)  # download_batch answers every URL of the batch; a second answer is skipped
             for url, row in download_batch(batch, self.cfg, self.allow_private):
                 if url in pending:
                     pending.discard(url)
                     yield from _outcome_tags(url, row, self.cfg)
-            for url in sorted(pending):
-                yield from _outcome_tags(url, {"status": None, "error_message": "no result from img2dataset"}, self.cfg)
 
 
 def _outcome_tags(url: str, row: dict, cfg: FetchConfig):

@@ -135,7 +135,7 @@ def warc_records(fh, path: str, max_bytes: int):
                 yield bad(path, "warc_invalid_record", "no WARC record in the file")
             return
         begin = last + 1 if got else start  # the first byte that may hold what could not be read
-        resume, skipped = _resume_point(fh, begin if got else start + 1, gz)
+        resume, skipped = _resume_point(fh, begin if got else begin + 1, gz)
         if resume is None:
             what = "no WARC record" if n == 0 else f"nothing readable after the record at byte {last}"
             yield bad(f"{path}:{begin}", "warc_invalid_record" if n == 0 else "warc_file_truncated",
@@ -164,9 +164,9 @@ def _resume_point(fh, offset: int, gz: bool, chunk: int = 1 << 20) -> tuple[int 
     marker = _GZIP_MAGIC if gz else _WARC_LINE
     skip = 0 if gz else 1  # a WARC line starts after its newline
     skipped: list[int] = []
-    pos = offset - skip if not gz else offset
+    pos = max(offset - skip, 0)
     while True:
-        fh.seek(max(pos, 0))
+        fh.seek(pos)
         data = fh.read(chunk + len(marker))
         at = data.find(marker)
         if at < 0:
@@ -174,12 +174,11 @@ def _resume_point(fh, offset: int, gz: bool, chunk: int = 1 << 20) -> tuple[int 
                 return None, skipped
             pos += chunk
             continue
-        candidate = max(pos, 0) + at + skip
-        if candidate >= offset and _parses_at(fh, candidate):
+        candidate = pos + at + skip
+        if _parses_at(fh, candidate):
             return candidate, skipped
-        if candidate >= offset:
-            skipped.append(candidate)
-        pos = max(pos, 0) + at + 1
+        skipped.append(candidate)
+        pos += at + 1
 
 
 def _parses_at(fh, offset: int) -> bool:
@@ -261,14 +260,19 @@ _CONTROL_BYTES = bytes(b for b in range(32) if b < 9 or b > 13)
 _NOT_CONTROL = bytes(b for b in range(256) if b not in _CONTROL_BYTES)
 
 
-def looks_binary(raw: bytes) -> bool:
-    """Image/archive magic, or more than 5% control characters in the first 4 KiB (UTF-16 text decoded first)."""
+_UNKNOWN = object()  # utf16_order(raw) not yet computed by the caller
+
+
+def looks_binary(raw: bytes, order=_UNKNOWN) -> bool:
+    """Image/archive magic, or more than 5% control characters in the first 4 KiB (UTF-16 text decoded first).
+    `order`: utf16_order(raw), when the caller has it."""
     head = raw[:4096]
     if not head:
         return False
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"%PDF", b"PK\x03\x04", b"\x1f\x8b")):
         return True
-    order = utf16_order(raw)
+    if order is _UNKNOWN:
+        order = utf16_order(raw)
     if order:
         text = head[: len(head) // 2 * 2].decode(order, "replace").lstrip("\ufeff")
         controls = sum(1 for c in text if c < "\t" or "\r" < c < " ")
@@ -286,9 +290,10 @@ def decode_page(rec: dict):
     raw = rec["payload"]
     if not raw.strip():
         return Reject("extraction_empty", "empty payload")
-    if looks_binary(raw):
+    order = utf16_order(raw)
+    if looks_binary(raw, order):
         return Reject("binary_payload", f"labelled {ctype or 'html'} but holds binary bytes")
-    text = decode_bytes(raw, rec.get("charset"))
+    text = decode_bytes(raw, rec.get("charset"), order)
     if isinstance(text, Reject):
         return text
     out = {k: v for k, v in rec.items() if k not in ("payload", "status", "content_type", "charset")}
@@ -359,24 +364,26 @@ def _mostly_utf8(raw: bytes) -> bool:
     return len(_NON_ASCII.findall(text)) - invalid > 2 * invalid
 
 
-def decode_bytes(raw: bytes, declared: str | None) -> str | Reject:
+def decode_bytes(raw: bytes, declared: str | None, order=_UNKNOWN) -> str | Reject:
     """Page bytes -> text. Order: a byte-order mark; UTF-16 when the bytes are laid out so (a UTF-16/32 label
     on bytes that are not is ignored);
     a declared 7-bit encoding (ISO-2022, UTF-7); valid UTF-8 (whatever the labels say: legacy text with
     non-ASCII bytes is practically never valid UTF-8, while servers labelling UTF-8 pages ISO-8859-1 are
     common); mostly-UTF-8 with stray windows-1252 bytes; the labels (HTTP charset, then <meta charset>, then
-    <?xml encoding>) that decode the bytes; charset_normalizer detection."""
+    <?xml encoding>) that decode the bytes; charset_normalizer detection. `order`: utf16_order(raw), when the
+    caller has it."""
     for bom, enc in _BOMS:
         if raw.startswith(bom):
             return raw.decode(enc, "replace")
+    if order is _UNKNOWN:
+        order = utf16_order(raw)
+    if order:  # labelled or not: ASCII markup with every other byte NUL is UTF-16
+        return raw.decode(order, "replace")
     head = raw[:65536]  # pages put <meta charset> after long inline scripts (one bundled page at 58 kB)
     m = _META_CHARSET.search(head)
     x = _XML_ENCODING.search(head)
     labels = list(dict.fromkeys(c for c in (codec_of(declared), codec_of(m and m.group(1).decode("ascii")),
                                              codec_of(x and x.group(1).decode("ascii"))) if c))
-    order = utf16_order(raw)  # labelled or not: ASCII markup with every other byte NUL is UTF-16
-    if order:
-        return raw.decode(order, "replace")
     labels = [c for c in labels if c not in _WIDE]  # a UTF-16/32 claim the bytes do not fit
     seven_bit = [c for c in labels[:1] if c in _SEVEN_BIT]
     if b"\x1b$" in head:  # ISO-2022 escape sequences, labelled or not

@@ -11,7 +11,7 @@ import pytest
 from lxml import etree
 from lxml import html as lxml_html
 
-from filters.extract import declared_size, extract, largest_srcset, normalise_images
+from filters.extract import declared_size, extract, largest_candidate, normalise_images
 from filters.m3w import END_OF_CHUNK, IMAGE, render_m3w
 from filters.reasons import Reject
 
@@ -134,7 +134,7 @@ def test_lazy_srcset_picture_base_figure():
         else:
             seq += [w for w in (line.split()[0] for line in t.split("\n")) if w.endswith(".")]
     assert seq == ["First.", "IMG", "Second.", "IMG", "Third.", "IMG", "Fourth.", "IMG", "Fifth."]
-    assert largest_srcset("a.jpg 2x, b.jpg 3x, c.jpg 1x") == "b.jpg"
+    assert largest_candidate("a.jpg 2x, b.jpg 3x, c.jpg 1x")[0] == "b.jpg"
     m3w = render_m3w(texts, images)
     assert m3w.count(IMAGE) == 4 and m3w.count(END_OF_CHUNK) == 4
 

@@ -13,7 +13,6 @@ MMCORPUS_IMG_REDIRECTS=public|any: every redirect urllib follows (img2dataset do
 import importlib
 import logging
 import os
-import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -22,46 +21,32 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class _AtLeastWarning(logging.Filter):
-    """Beam's harness sets the root logger to INFO while it starts; keep stderr to warnings and errors."""
-
-    def filter(self, record):
-        return record.levelno >= logging.WARNING
-
-
 def _quiet_beam_worker() -> None:
-    from pipelines import BeamOptionalGcpNotice  # the filter the command's own process uses
+    import pipelines  # noqa: F401 - the import installs BeamOptionalGcpNotice on the root logger
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(BeamOptionalGcpNotice())
-    handler.addFilter(_AtLeastWarning())
+    handler.setLevel(logging.WARNING)  # Beam's harness sets the root logger to INFO while it starts
     logging.getLogger().addHandler(handler)
 
 
-def _addresses(host: str) -> list:
-    try:
-        return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-    except (OSError, UnicodeError):
-        return []
-
-
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    allow_private = False
+    def __init__(self, allow_private: bool):
+        super().__init__()
+        self.allow_private = allow_private
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         from filters.urls import url_refusal
+        from pipelines.hosts import resolve
 
         target = urllib.parse.urljoin(req.full_url, newurl)
-        why = url_refusal(target, self.allow_private, _addresses)
+        why = url_refusal(target, self.allow_private, resolve)
         if why:
             raise urllib.error.HTTPError(target, code, f"redirect to {target} refused: {why}", headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _check_redirects(policy: str) -> None:
-    handler = _CheckedRedirects()
-    handler.allow_private = policy == "any"
-    urllib.request.install_opener(urllib.request.build_opener(handler))
+    urllib.request.install_opener(urllib.request.build_opener(_CheckedRedirects(allow_private=policy == "any")))
 
 
 def _chain() -> None:
