@@ -92,14 +92,18 @@ def _rgb(img):
     return _as_rgb(_oriented(img))
 
 
-def to_rgb(data: bytes):
-    """The image as an 8-bit RGB `PIL.Image.Image` (first frame, EXIF orientation applied). Raises on bad bytes;
-    call `inspect_image` first to get a reason instead."""
-    img = _open(data)
+def _loaded_rgb(img):
+    """Decode an opened image to 8-bit RGB, pixels loaded (raises on truncated/corrupt data)."""
     img.load()
     out = _rgb(img)
     out.load()
     return out
+
+
+def to_rgb(data: bytes):
+    """The image as an 8-bit RGB `PIL.Image.Image` (first frame, EXIF orientation applied). Raises on bad bytes;
+    call `inspect_image` first to get a reason instead. PIL's warnings are left to the caller."""
+    return _loaded_rgb(_open(data))
 
 
 def _open_checked(data, max_pixels: int):
@@ -130,13 +134,10 @@ def _open_checked(data, max_pixels: int):
 
 
 def _decoded_rgb(img):
-    """Decode an opened image to 8-bit RGB (raises on truncated/corrupt data; LOAD_TRUNCATED_IMAGES stays False)."""
+    """`_loaded_rgb` with PIL's warnings silenced (LOAD_TRUNCATED_IMAGES stays False: truncation still raises)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img.load()
-        rgb = _rgb(img)
-        rgb.load()
-    return rgb
+        return _loaded_rgb(img)
 
 
 def decode_rgb(data, max_pixels: int = DEFAULT_MAX_PIXELS):

@@ -213,10 +213,11 @@ class Duplicates:
     winner: np.ndarray  # ... each with one better-ranked item within k
     distance: np.ndarray
     via: np.ndarray  # 0: plain hashes within k; v > 0: a variant of kind v (of either item) matched
-    marks: np.ndarray | None  # per item: bit g set when a duplicate (either way) belongs to group g != its own
+    marks: np.ndarray | None  # (items, words) uint64: bit g % 64 of word g // 64 set when a duplicate (either
+    # way) belongs to group g != the item's own
 
 
-def duplicates(hashes: np.ndarray, rank: np.ndarray, k: int, p: Plan | None = None, combos=None,
+def duplicates(hashes: np.ndarray, rank: np.ndarray, k: int, p: Plan | None = None, share: tuple[int, int] = (0, 1),
                groups: np.ndarray | None = None, variants: tuple[np.ndarray, np.ndarray] | None = None,
                exact: bool = True, flush: int = 4_000_000) -> Duplicates:
     """Every item that has a better-ranked item within distance k (lower `rank` is better; distinct ints),
@@ -224,9 +225,9 @@ def duplicates(hashes: np.ndarray, rank: np.ndarray, k: int, p: Plan | None = No
     C both go).
 
     Identical hashes collapse first: within a group the best-ranked item wins at distance 0, and only the
-    groups' distinct hashes are searched (`p`: plan, default `plan(k, distinct)`; `combos`: the share of the
-    keys to search, for splitting the work over workers; `exact=False`: leave the identical-hash losers to
-    another worker). `groups` (ints < 64, e.g. the dataset of each item) asks for cross-group marks.
+    groups' distinct hashes are searched (`p`: plan, default `plan(k, distinct)`; `share` = (part, parts): this
+    worker's share of the plan's keys, combos part, part + parts, ...; `exact=False`: leave the identical-hash
+    losers to another worker). `groups` (ints >= 0, e.g. the dataset of each item) asks for cross-group marks.
     `variants` = (owner item, hash[, kind > 0]) of transformed copies (flips, rotations): a variant of A within
     k of B's hash makes A and B duplicates (variants of each identical-hash group's best item are used).""" 
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
@@ -241,12 +242,14 @@ def duplicates(hashes: np.ndarray, rank: np.ndarray, k: int, p: Plan | None = No
     group_of[order] = gid
     uh = sh[first]
     p = p or plan(k, len(uh))
-    marks = gmask = None
+    combos = range(share[0], len(p.combos), share[1])
+    marks = gmask = own_bit = None
     if groups is not None:
-        bit = np.left_shift(np.uint64(1), np.asarray(groups, dtype=np.uint64))
-        gmask = np.zeros(len(uh), dtype=np.uint64)
-        np.bitwise_or.at(gmask, gid, bit[order])
-        marks = np.zeros(n, dtype=np.uint64)
+        groups = np.asarray(groups, dtype=np.int64)
+        own_bit = np.zeros((n, int(groups.max(initial=0)) // 64 + 1), dtype=np.uint64)  # each item's group's bit
+        own_bit[np.arange(n), groups // 64] = np.left_shift(np.uint64(1), (groups % 64).astype(np.uint64))
+        gmask = np.bitwise_or.reduceat(own_bit[order], np.flatnonzero(first), axis=0) if n else own_bit
+        marks = np.zeros_like(own_bit)
         if exact:
             marks[order] = gmask[gid]
     acc: list = []  # (loser, winner, distance, via) chunks, reduced to one witness per loser now and then
@@ -263,10 +266,10 @@ def duplicates(hashes: np.ndarray, rank: np.ndarray, k: int, p: Plan | None = No
         keep = np.r_[True, lo[1:] != lo[:-1]]
         return lo[keep], wi[keep], di[keep], vi[keep]
 
-    pending = [0]  # rows in acc since the last reduce
+    pending = 0  # rows in acc since the last reduce
 
     def found(ga, gb, d, via):
-        nonlocal acc
+        nonlocal acc, pending
         keep = ga != gb
         ga, gb, d = ga[keep], gb[keep], d[keep].astype(np.int64)
         via = via[keep] if np.ndim(via) else np.full(len(ga), via, dtype=np.int64)
@@ -278,10 +281,10 @@ def duplicates(hashes: np.ndarray, rank: np.ndarray, k: int, p: Plan | None = No
             np.bitwise_or.at(marks, b, gmask[ga])
         worse = rank[a] > rank[b]
         acc.append((np.where(worse, a, b), np.where(worse, b, a), d, via))
-        pending[0] += len(a)
-        if pending[0] > flush:
+        pending += len(a)
+        if pending > flush:
             acc = [reduce(acc)]
-            pending[0] = len(acc[0][0])
+            pending = len(acc[0][0])
 
     for ga, gb in _self_pairs(uh, k, p, combos):
         found(ga, gb, np.bitwise_count(uh[ga] ^ uh[gb]), 0)
@@ -296,20 +299,8 @@ def duplicates(hashes: np.ndarray, rank: np.ndarray, k: int, p: Plan | None = No
     empty = np.empty(0, dtype=np.int64)
     loser, winner, dist, via = reduce(acc) if acc else (empty, empty, empty, empty)
     if marks is not None:
-        marks &= ~np.left_shift(np.uint64(1), np.asarray(groups, dtype=np.uint64))
+        marks &= ~own_bit
     return Duplicates(loser, winner, dist, via, marks)
-
-
-def drop_worse(pairs: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
-    """Indices to drop given all pairs within distance: every item with a better-ranked partner (lower rank
-    value is better; default: the lower index)."""
-    if not len(pairs):
-        return np.empty(0, dtype=np.int64)
-    a, b = pairs[:, 0], pairs[:, 1]
-    if rank is None:
-        return np.unique(np.maximum(a, b))
-    worse = np.where(rank[a] > rank[b], a, np.where(rank[a] < rank[b], b, np.maximum(a, b)))
-    return np.unique(worse)
 
 
 class PHashIndex:
@@ -342,9 +333,3 @@ class PHashIndex:
                     if d <= self.k:
                         out.append((self.ids[i], d))
         return sorted(out, key=lambda t: (t[1], t[0]))
-
-
-def distinct(hashes: np.ndarray) -> int:
-    """Number of distinct values (what `duplicates` searches after collapsing identical hashes)."""
-    s = np.sort(np.asarray(hashes, dtype=np.uint64))
-    return int(len(s) and 1 + np.count_nonzero(s[1:] != s[:-1]))

@@ -35,6 +35,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 
 import schemas
+from filters.imageinfo import DEFAULT_MAX_PIXELS
 from filters.reasons import Reject
 from pipelines.sink import stable_hash
 from pipelines.stage import COUNTS, KEPT, REJECTS, reject_output
@@ -62,7 +63,7 @@ class CapFiltConfig:
     allow_random_weights: bool = False
     device: str = "auto"
     precision: str = "auto"
-    max_pixels: int = 89_478_485  # larger images are rejects (decompression bombs)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejects (decompression bombs)
     extra: dict = field(default_factory=dict)
 
     def caption_config(self):
@@ -150,18 +151,16 @@ def batch_groups(files: list[str], batch_size: int, batches_per_group: int = 4) 
 
 # ---- decoding ---------------------------------------------------------------------------------------------
 
-def load_image(row: dict, max_pixels: int = 89_478_485):
+def load_image(row: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
     """(PIL RGB image, None) or (None, Reject)."""
     from filters.imageinfo import decode_rgb
+    from pipelines.pairs_sources import load_bytes
 
-    data = row.get("image_bytes")
     where = row.get("image_path") or "image_bytes"
-    if data is None and row.get("image_path"):
-        try:
-            with open(row["image_path"], "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            return None, Reject("missing_image", f"{row['image_path']}: {exc.strerror or exc}")
+    try:
+        data = load_bytes(row)
+    except OSError as exc:
+        return None, Reject("missing_image", f"{row['image_path']}: {exc.strerror or exc}")
     if data is None:
         return None, Reject("missing_image", "no image_bytes and no image_path")
     image = decode_rgb(data, max_pixels)
@@ -173,15 +172,15 @@ def load_image(row: dict, max_pixels: int = 89_478_485):
 def first_decodable(rows: list, max_pixels: int):
     """(image, row it came from, None) for the first row of an image group that decodes, else
     (None, None, Reject) with the first row's problem (and how many rows were tried)."""
-    problems = []
+    first = None
     for r in rows:
         image, problem = load_image(r, max_pixels)
         if problem is None:
             return image, r, None
-        problems.append(problem)
-    p = problems[0]
+        if first is None:
+            first = problem
     more = f" ({len(rows)} rows of this image tried, none decodes)" if len(rows) > 1 else ""
-    return None, None, Reject(p.reason, p.detail + more)
+    return None, None, Reject(first.reason, first.detail + more)
 
 
 # ---- the model stage --------------------------------------------------------------------------------------

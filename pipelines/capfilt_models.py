@@ -117,12 +117,19 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+def pick_dtype(precision: str, auto: torch.dtype) -> torch.dtype:
+    """The dtype of a precision name (fp32, fp16, bf16); `auto` is the caller's choice for "auto".
+    Shared with pipelines.clip_score."""
     if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return auto
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """BLIP's "auto" precision: bf16 on CUDA (fp16 where the GPU lacks bf16), fp32 elsewhere."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def load_processor(name_or_path: str):
@@ -166,7 +173,7 @@ class Captioner:
     def __init__(self, model, processor, source: str, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32):
         self.device = pick_device(device)
-        self.dtype = pick_dtype(precision, self.device)
+        self.dtype = pick_dtype(precision, auto_dtype(self.device))
         self.processor = processor
         self.source = source
         self.model = model.to(self.device, self.dtype).eval()
@@ -271,7 +278,7 @@ class Matcher:
     def __init__(self, model, processor, source: str, device: str = "auto", precision: str = "auto",
                  batch_size: int = 128, max_text_tokens: int = 64):
         self.device = pick_device(device)
-        self.dtype = pick_dtype(precision, self.device)
+        self.dtype = pick_dtype(precision, auto_dtype(self.device))
         self.processor = processor
         self.source = source
         self.model = model.to(self.device, self.dtype).eval()

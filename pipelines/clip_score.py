@@ -59,14 +59,6 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(precision: str, cuda: bool):
-    import torch
-
-    if precision == "auto":
-        return torch.float16 if cuda else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-
-
 def load_model(cfg: ClipConfig, device: str = "cpu"):
     """trainer.weights.Loaded for cfg; the random init is seeded so every worker builds the same model."""
     from trainer.weights import load_open_clip, seeded
@@ -88,9 +80,9 @@ def _preprocess_params(preprocess):
     return size, mean, std
 
 
-def jpeg_header(data: bytes):
-    """(mode, EXIF orientation) of a JPEG from its header (no pixel decoded), or None when it is not a JPEG
-    the batched decoder should take (not JPEG, CMYK/YCCK, unreadable header)."""
+def jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation of a JPEG from its header (no pixel decoded), or None when it is not a JPEG the
+    batched decoder should take (not JPEG, CMYK/YCCK, unreadable header)."""
     if data[:3] != b"\xff\xd8\xff":
         return None
     from PIL import Image
@@ -99,7 +91,7 @@ def jpeg_header(data: bytes):
         img = Image.open(io.BytesIO(data))
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):
             return None
-        return img.mode, int(img.getexif().get(0x0112, 1) or 1)
+        return int(img.getexif().get(0x0112, 1) or 1)
     except Exception:  # noqa: BLE001 - PIL decides later
         return None
 
@@ -118,6 +110,8 @@ class ClipScorer:
     def __init__(self, cfg: ClipConfig):
         import torch
 
+        from pipelines.capfilt_models import pick_dtype
+
         if cfg.precision not in PRECISIONS or cfg.decode not in DECODERS:
             raise ValueError(f"precision must be one of {PRECISIONS} and decode one of {DECODERS}")
         self.cfg = cfg
@@ -128,7 +122,7 @@ class ClipScorer:
         self.preprocess = loaded.extras["preprocess"]
         self.tokenizer = loaded.extras["tokenizer"]
         self.cuda = self.device.startswith("cuda")
-        self.dtype = pick_dtype(cfg.precision, self.cuda)
+        self.dtype = pick_dtype(cfg.precision, torch.float16 if self.cuda else torch.float32)
         self.model = self.model.to(self.device, dtype=self.dtype)
         self.on_device = cfg.decode == "device" or (cfg.decode == "auto" and self.cuda)
         self.size, mean, std = _preprocess_params(self.preprocess)
@@ -195,11 +189,11 @@ class ClipScorer:
     def device_tensors(self, images: list[bytes]) -> list:
         """The "device" decoder over one chunk: batched JPEG decode, EXIF orientation, batched resize/crop,
         all on self.device; PIL for the rest. Per image a (3, size, size) tensor or a Reject."""
-        heads = list(self.pool.map(jpeg_header, images))
-        jpeg = [i for i, h in enumerate(heads) if h is not None]
+        turns = list(self.pool.map(jpeg_orientation, images))
+        jpeg = [i for i, t in enumerate(turns) if t is not None]
         out: list = [None] * len(images)
         decoded = self._decode_jpegs([images[i] for i in jpeg]) if jpeg else []
-        ok = [(i, orient(t, heads[i][1])) for i, t in zip(jpeg, decoded) if t is not None]
+        ok = [(i, orient(t, turns[i])) for i, t in zip(jpeg, decoded) if t is not None]
         for (i, _), t in zip(ok, self._resize_crop([t for _, t in ok])):
             out[i] = t
         rest = [i for i in range(len(images)) if out[i] is None]
@@ -253,9 +247,12 @@ class ClipScorer:
         return self.encode_images(pixels), self.encode_texts(captions)
 
     def _shrink(self, step: int) -> int:
-        """The halved chunk size after a CUDA out-of-memory (callers re-raise at 1)."""
+        """The halved chunk size after a CUDA out-of-memory; called in the except block, so at 1 the bare
+        raise re-raises that out-of-memory error."""
         import torch
 
+        if step == 1:
+            raise
         torch.cuda.empty_cache()
         self.batch_size = max(1, step // 2)  # later batches start smaller
         return self.batch_size
@@ -270,8 +267,6 @@ class ClipScorer:
             try:
                 out.append(fn(items[start:start + step]))
             except torch.cuda.OutOfMemoryError:
-                if step == 1:
-                    raise
                 step = self._shrink(step)
                 continue
             start += step
@@ -297,8 +292,6 @@ class ClipScorer:
             try:
                 tensors, done = fut.result()
             except torch.cuda.OutOfMemoryError:
-                if step == 1:
-                    raise
                 step = self._shrink(step)
                 pending = submit(start)
                 continue
@@ -312,8 +305,6 @@ class ClipScorer:
             try:
                 emb = self.encode_images(torch.stack([tensors[j] for j in good])) if good else []
             except torch.cuda.OutOfMemoryError:
-                if step == 1:
-                    raise
                 del tensors
                 if ahead is not None:
                     ahead[2].exception()  # let it finish before retrying with smaller chunks

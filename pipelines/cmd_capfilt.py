@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
+from filters.imageinfo import DEFAULT_MAX_PIXELS
 from pipelines.errors import UserError
 from pipelines.runner import add_runner_args
 
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
-    parser.add_argument("--max-pixels", type=int, default=89_478_485,
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels are rejects (image_too_large: decompression bombs), checked "
                              "from the header before decoding")
     parser.add_argument("--allow-random-weights", action="store_true",

@@ -9,6 +9,7 @@ import os
 
 import apache_beam as beam
 
+from filters.imageinfo import DEFAULT_MAX_PIXELS
 from pipelines.errors import UserError
 from pipelines.runner import add_runner_args
 
@@ -88,7 +89,8 @@ def add_arguments(parser) -> None:
     s.add_argument("--min-words", type=int, default=3, help="caption minimum words (DataComp: more than 2)")
     s.add_argument("--min-chars", type=int, default=6, help="caption minimum characters (DataComp: more than 5)")
     s.add_argument("--max-chars", type=int, default=1000, help="caption maximum characters")
-    s.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images are rejected as decompression bombs")
+    s.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="larger images are rejected as decompression bombs")
     s.add_argument("--allow-private-urls", action="store_true", help="let image URLs point at private/loopback hosts")
     s.add_argument("--fetch-timeout", type=int, default=10, help="seconds per image download (img2dataset)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")

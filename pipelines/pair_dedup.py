@@ -125,8 +125,9 @@ def image_summary(row):
     return row["image_ref"], (rank(row), row["sha256"], row["phash"], row["source_dataset"], row.get("clip_embedding"))
 
 
-def summaries(pairs, label):
-    return pairs | f"{label}_Summary" >> beam.Map(image_summary) | f"{label}_BestPair" >> beam.CombinePerKey(min)
+def summaries(pairs, label, fn=image_summary):
+    """Each image's best pair: `fn(row)` -> (image_ref, summary), the smallest summary per image_ref."""
+    return pairs | f"{label}_Summary" >> beam.Map(fn) | f"{label}_BestPair" >> beam.CombinePerKey(min)
 
 
 class _ApplyDrops(beam.DoFn):
@@ -223,38 +224,37 @@ def phash_part(members, k: int, blocks: int, part: int, parts: int, transforms: 
     hashes = phash_index.to_uint64([m[1][1] for m in members])
     datasets = sorted({m[1][2] for m in members})
     code = {name: i for i, name in enumerate(datasets)}
-    # cross-dataset marks are tracked as bit masks: up to 64 input datasets
-    groups = np.array([code[m[1][2]] for m in members]) if 1 < len(datasets) <= 64 else None
-    p = phash_index.make_plan(k, blocks) if blocks else phash_index.plan(k, phash_index.distinct(hashes))
+    groups = np.array([code[m[1][2]] for m in members]) if len(datasets) > 1 else None  # cross-dataset marks
+    p = phash_index.make_plan(k, blocks) if blocks else None  # None: chosen from the distinct hashes
     variants = None
     if transforms:
         owner = [i for i, m in enumerate(members) for _ in m[1][3]]
         kind = [j + 1 for m in members for j in range(len(m[1][3]))]
         variants = (np.array(owner, dtype=np.int64), phash_index.to_uint64([v for m in members for v in m[1][3]]),
                     np.array(kind, dtype=np.int64))
-    found = phash_index.duplicates(hashes, np.arange(len(members)), k, p, range(part, len(p.combos), parts),
-                                   groups=groups, variants=variants, exact=part == 0)
+    found = phash_index.duplicates(hashes, np.arange(len(members)), k, p, (part, parts), groups=groups,
+                                   variants=variants, exact=part == 0)
     for lo, wi, d, via in zip(found.loser.tolist(), found.winner.tolist(), found.distance.tolist(), found.via.tolist()):
         how = f" ({TRANSFORMS[via - 1]} of one matches the other)" if via else ""
         yield "drop", (members[lo][0], ((d, members[wi][1][0]), "duplicate_phash",
                                         f"pHash distance {d} to image {members[wi][0]}{how}"))
     if found.marks is not None:
-        for i in np.flatnonzero(found.marks).tolist():
-            bits = int(found.marks[i])
+        for i in np.flatnonzero(found.marks.any(axis=1)).tolist():
+            words = found.marks[i].tolist()
             for g, name in enumerate(datasets):
-                if bits >> g & 1:
+                if words[g // 64] >> g % 64 & 1:
                     yield "mark", (members[i][0], name)
 
 
 class _PhashPart(beam.DoFn):
-    def __init__(self, cfg: DedupConfig):
+    def __init__(self, cfg: DedupConfig, parts: int):
         self.cfg = cfg
+        self.parts = parts
 
     def process(self, element):
         part, members = element
         c = self.cfg
-        yield from phash_part(list(members), c.phash_distance, c.phash_blocks, part, max(1, c.phash_parts),
-                              c.phash_transforms)
+        yield from phash_part(list(members), c.phash_distance, c.phash_blocks, part, self.parts, c.phash_transforms)
 
 
 def _to_parts(kv, parts):
@@ -263,9 +263,9 @@ def _to_parts(kv, parts):
 
 
 def phash_dedup(collector, pairs, cfg: DedupConfig):
-    found = (pairs | "Phash_Summary" >> beam.Map(phash_summary) | "Phash_BestPair" >> beam.CombinePerKey(min)
-             | "Phash_ToParts" >> beam.FlatMap(_to_parts, max(1, cfg.phash_parts))
-             | "Phash_Gather" >> beam.GroupByKey() | "Phash_Search" >> beam.ParDo(_PhashPart(cfg)))
+    parts = max(1, cfg.phash_parts)
+    found = (summaries(pairs, "Phash", phash_summary) | "Phash_ToParts" >> beam.FlatMap(_to_parts, parts)
+             | "Phash_Gather" >> beam.GroupByKey() | "Phash_Search" >> beam.ParDo(_PhashPart(cfg, parts)))
     return _apply(collector, pairs, found, "Phash", STAGE_PHASH)
 
 

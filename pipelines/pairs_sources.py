@@ -182,6 +182,16 @@ def _guarded(source: str, make):
         return [_bad(source, f"malformed record: {type(exc).__name__}: {exc}")]
 
 
+def _records_to_pairs(base, records, make, bad_prefix=""):
+    """Pairs of (offset, record or BadRecord) items: a BadRecord is a bad row naming base:offset (just base
+    when the offset is None), a record goes through `make(offset, record)`, guarded."""
+    for offset, rec in records:
+        if isinstance(rec, BadRecord):
+            yield _bad(base if offset is None else f"{base}:{offset}", f"{bad_prefix}{rec}")
+        else:
+            yield from _guarded(f"{base}:{offset}", lambda: make(offset, rec))
+
+
 def parquet_rows(path: str, columns: list[str] | None = None, batch_size: int = 256):
     """(row index, row dict) of a Parquet file, streamed a batch at a time. A row group that breaks off yields
     (index, BadRecord) for each row it could not deliver; the next row groups are still read."""
@@ -232,11 +242,8 @@ def _interleaved_pairs(name, base, doc, include_context):
 
 def read_interleaved(name, path, include_context: bool):
     base = os.path.basename(path)
-    for i, doc in parquet_rows(path, ["doc_id", "url", "texts", "images", "image_info"], batch_size=64):
-        if isinstance(doc, BadRecord):
-            yield _bad(f"{base}:{i}", str(doc))
-        else:
-            yield from _guarded(f"{base}:{i}", lambda: _interleaved_pairs(name, base, doc, include_context))
+    rows = parquet_rows(path, ["doc_id", "url", "texts", "images", "image_info"], batch_size=64)
+    yield from _records_to_pairs(base, rows, lambda i, doc: _interleaved_pairs(name, base, doc, include_context))
 
 
 def _upstream_pair(name, base, i, row):
@@ -259,11 +266,7 @@ def _upstream_pair(name, base, i, row):
 
 def read_pairs(name, path):
     base = os.path.basename(path)
-    for i, row in parquet_rows(path):
-        if isinstance(row, BadRecord):
-            yield _bad(f"{base}:{i}", str(row))
-        else:
-            yield from _guarded(f"{base}:{i}", lambda: _upstream_pair(name, base, i, row))
+    yield from _records_to_pairs(base, parquet_rows(path), lambda i, row: _upstream_pair(name, base, i, row))
 
 
 def _coco_rows(name, path, rec, line_no, root):
@@ -302,32 +305,37 @@ def _json_lines(path):
 
 
 def read_coco(name, path, root):
-    base = os.path.basename(path)
-    for line_no, rec in _json_lines(path):
-        if isinstance(rec, BadRecord):
-            yield _bad(f"{base}:{line_no}", str(rec))
-        else:
-            yield from _guarded(f"{base}:{line_no}", lambda: _coco_rows(name, path, rec, line_no, root))
+    yield from _records_to_pairs(os.path.basename(path), _json_lines(path),
+                                 lambda line_no, rec: _coco_rows(name, path, rec, line_no, root))
 
 
 def _csv_records(path, delimiter):
     """(line number, dict or BadRecord) of a CSV/TSV file with a header row; bad rows (invalid UTF-8, a field
-    over the csv module's limit, more fields than the header) are BadRecords and reading goes on."""
+    over the csv module's limit, more fields than the header) are BadRecords and reading goes on. An unreadable
+    header is a BadRecord, and so is every row after it (its columns are unknown)."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = None
+        no_header = None  # why the header could not be read
         while True:
             try:
                 fields = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield reader.line_num, BadRecord(f"CSV: {exc}")
+                if header is None and no_header is None:
+                    no_header = f"CSV header (line {reader.line_num}) unreadable: {exc}"
+                    yield reader.line_num, BadRecord(no_header)
+                else:
+                    yield reader.line_num, BadRecord(f"CSV: {exc}")
                 continue
-            if header is None:
+            if header is None and no_header is None:
                 header = fields
                 continue
             if not fields:
+                continue
+            if no_header is not None:
+                yield reader.line_num, BadRecord(f"columns unknown: {no_header}")
                 continue
             if any("\udc80" <= ch <= "\udcff" for v in fields for ch in v):
                 yield reader.line_num, BadRecord("not UTF-8")
@@ -382,12 +390,9 @@ def _table_pairs(name, path, root, offset, rec, tag):
 def read_table(name, path, tag: str = ""):
     """Pairs of one table file; `tag` (the file name, for a folder of tables) keeps image_ids apart."""
     root = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    for offset, rec in _table_records(path):
-        if isinstance(rec, BadRecord):
-            yield _bad(f"{base}:{offset}", f"not a record: {rec}")
-        else:
-            yield from _guarded(f"{base}:{offset}", lambda: _table_pairs(name, path, root, offset, rec, tag))
+    yield from _records_to_pairs(os.path.basename(path), _table_records(path),
+                                 lambda offset, rec: _table_pairs(name, path, root, offset, rec, tag),
+                                 bad_prefix="not a record: ")
 
 
 def _img2dataset_row(name, base, i, row):
@@ -429,18 +434,12 @@ def _tar_samples(path):
 def read_img2dataset(name, path):
     base = os.path.basename(path)
     if path.endswith(".parquet"):
-        for i, row in parquet_rows(path, batch_size=64):
-            if isinstance(row, BadRecord):
-                yield _bad(f"{base}:{i}", str(row))
-            else:
-                yield from _guarded(f"{base}:{i}", lambda: _img2dataset_row(name, base, i, row))
+        yield from _records_to_pairs(base, parquet_rows(path, batch_size=64),
+                                     lambda i, row: _img2dataset_row(name, base, i, row))
         return
-    if path.endswith(".tar"):
-        for key, sample in _tar_samples(path):
-            if isinstance(sample, BadRecord):
-                yield _bad(f"{base}", str(sample))
-            else:
-                yield from _guarded(f"{base}:{key}", lambda: [_img2dataset_sample(name, base, key, sample)])
+    if path.endswith(".tar"):  # a break-off BadRecord comes with key None: it names the file
+        yield from _records_to_pairs(base, _tar_samples(path),
+                                     lambda key, sample: [_img2dataset_sample(name, base, key, sample)])
         return
     for img in sorted(glob.glob(os.path.join(path, "*"))):
         stem, ext = os.path.splitext(img)

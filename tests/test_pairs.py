@@ -516,6 +516,20 @@ def test_readers_turn_bad_records_into_rejects_and_account_for_every_row(tmp_pat
     assert "tar unreadable from byte" in out[-1]["_detail"] and "_bad" in out[-1]
 
 
+def test_csv_with_an_unreadable_header_rejects_every_row(tmp_path, coco):
+    """A CSV header the csv module cannot read (a field over its limit): no data row is taken for the header;
+    the header line and every data row after it are rejects saying why."""
+    from pipelines.pairs_sources import detect, read_task, tasks
+
+    photo = sorted((coco / "images").glob("*.jpg"))[0]
+    path = tmp_path / "h.csv"
+    path.write_text('"' + "p" * 200_000 + '",caption\n' + f'{photo},"first data row"\n\n{photo},"second data row"\n')
+    rows = list(read_task(tasks([detect(str(path))])[0]))
+    assert [r.get("_bad") for r in rows] == ["h.csv:1", "h.csv:2", "h.csv:4"]
+    assert "header (line 1) unreadable" in rows[0]["_detail"] and "field limit" in rows[0]["_detail"]
+    assert all("columns unknown" in r["_detail"] for r in rows[1:])
+
+
 def test_top_fraction_is_per_row_even_when_image_ids_repeat():
     """Two rows with the same image_id and the same score: the top-fraction cut keeps exactly one."""
     import apache_beam as beam
@@ -557,6 +571,26 @@ def test_phash_duplicates_collapse_identical_hashes_and_match_transforms():
     via = duplicates(base, np.array([0, 1]), 10, variants=(np.array([0]), np.array([flip]), np.array([1])))
     assert via.loser.tolist() == [1] and via.winner.tolist() == [0] and via.distance.tolist() == [2]
     assert via.via.tolist() == [1]
+
+
+def test_phash_marks_cross_dataset_duplicates_with_more_than_64_datasets():
+    """70 input datasets (more than one 64-bit mark word): every pHash duplicate pair across two datasets marks
+    both images with the other's dataset, as a brute-force comparison finds them."""
+    from pipelines.pair_dedup import phash_part
+
+    rng = np.random.default_rng(11)
+    hashes = rng.integers(0, 2**64 - 1, size=70, dtype=np.uint64, endpoint=True)
+    for a, b, bits in ((0, 69, 0), (3, 66, 0b1011), (64, 65, 0b1), (10, 11, 0b11111)):  # planted copies
+        hashes[b] = hashes[a] ^ np.uint64(bits)
+    members = [(f"img{i:02d}", ((-0.5, f"img{i:02d}", ""), f"{int(h):016x}", f"ds{i:02d}", ()))
+               for i, h in enumerate(hashes)]
+    found = [t for part in range(2) for t in phash_part(members, 10, 0, part, 2, False)]
+    d = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    near = [(int(i), int(j)) for i, j in zip(*np.nonzero(d <= 10)) if i != j]
+    assert {v for tag, v in found if tag == "mark"} == {(f"img{i:02d}", f"ds{j:02d}") for i, j in near}
+    # the two parts' key shares may find one pair twice: compare sets
+    assert {v[0] for tag, v in found if tag == "drop"} == {f"img{max(i, j):02d}" for i, j in near}
+    assert ("img00", "ds69") in {v for tag, v in found if tag == "mark"}
 
 
 def test_pairs_command_on_odd_images_bad_records_and_capfilt_rows(tmp_path, coco, tiny_clip):
