@@ -94,7 +94,7 @@ def compare(baseline, ours, device, repeats):
 
 def caption_bench(cap, proc, ims, n, args, device):
     """Captioning at N captions per image: baseline vs ours, plus the per-image floor (preprocess + vision)."""
-    from pipelines.capfilt_models import CaptionConfig
+    from mmcorpus.pipelines.models.blip import CaptionConfig
 
     b = args.batch
     cfg = CaptionConfig(num_captions=n, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, seed=1)
@@ -174,7 +174,7 @@ def itm_bench(itm, proc, ims, web, synthetic, args, device, dtype):
 
 
 def main():
-    from pipelines.capfilt_models import Captioner, Matcher
+    from mmcorpus.pipelines.models.blip import Captioner, Matcher
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")

@@ -33,9 +33,9 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filters.imageinfo import phash_hexes, to_rgb  # noqa: E402
-from pipelines.clip_score import ClipConfig, ClipScorer  # noqa: E402
-from pipelines.cmd_pairs import ImageStage  # noqa: E402
+from mmcorpus.filters.imageinfo import phash_hexes, to_rgb  # noqa: E402
+from mmcorpus.pipelines.models.clip import ClipConfig, ClipScorer  # noqa: E402
+from mmcorpus.pipelines.pairs.command import ImageStage  # noqa: E402
 
 LARGE = (3000, 2000)
 

@@ -36,12 +36,12 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filters import minhash  # noqa: E402
-from filters.documents import DocumentConfig  # noqa: E402
-from filters.reasons import Reject  # noqa: E402
-from pipelines import cmd_interleaved as ci  # noqa: E402
-from pipelines.dedup import DedupConfig, doc_text  # noqa: E402
-from pipelines.sources import decode_page, read_html_file  # noqa: E402
+from mmcorpus.filters import minhash  # noqa: E402
+from mmcorpus.filters.documents import DocumentConfig  # noqa: E402
+from mmcorpus.filters.reasons import Reject  # noqa: E402
+from mmcorpus.pipelines.interleaved import command as ci  # noqa: E402
+from mmcorpus.pipelines.interleaved.dedup import DedupConfig, doc_text  # noqa: E402
+from mmcorpus.pipelines.interleaved.sources import decode_page, read_html_file  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("MMCORPUS_SHARED", ROOT.parent / "shared")) / "data"
 
@@ -132,7 +132,7 @@ def cli_run(args_extra: list[str], pages_dir: str) -> dict:
     """Run the CLI once; peak RSS from /proc VmHWM of the main process and of every process under it (polled
     every 0.1 s; getrusage's ru_maxrss would carry the parent's peak across fork/exec)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pipelines.cli", "interleaved", pages_dir, "-o", f"{tmp}/out", "--no-images",
+        cmd = [sys.executable, "-m", "mmcorpus.pipelines.cli", "interleaved", pages_dir, "-o", f"{tmp}/out", "--no-images",
                *args_extra]
         log = pathlib.Path(tmp) / "stderr.txt"  # a file, not a pipe: a full pipe would stall the polled CLI
         t = time.time()

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.test_trainer_data import (coco_records, pair_rows, tiny_clip_json, tiny_lm, word_tokenizer,  # noqa: E402
                                      write_parquet)
-from trainer import data as D  # noqa: E402
-from trainer import train as T  # noqa: E402
-from trainer.model import build  # noqa: E402
-from trainer.weights import load_tokenizer  # noqa: E402
+from mmcorpus.trainer import data as D  # noqa: E402
+from mmcorpus.trainer import train as T  # noqa: E402
+from mmcorpus.trainer.model import build, make_optimizer  # noqa: E402
+from mmcorpus.trainer.weights import load_tokenizer  # noqa: E402
 
 
 def loader_rate(spec, tok, transform, workers, batches):
@@ -95,7 +95,7 @@ def main():
     results["loader_samples_per_s"] = {f"workers={w}": loader_rate(spec, tok, transform, w, 20)
                                        for w in sorted({0, args.workers})}
     batch = next(D.DatasetLoader(spec, tok, transform, num_workers=0))
-    opt = T.make_optimizer(model, 1e-3, 0.01)
+    opt = make_optimizer(model, 1e-3, 0.01)
     model.train()
     for i in range(12):
         if i == 2:

@@ -28,8 +28,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filters.phash_index import plan  # noqa: E402
-from pipelines.pair_dedup import phash_part  # noqa: E402
+from mmcorpus.filters.phash_index import plan  # noqa: E402
+from mmcorpus.pipelines.pairs.dedup import phash_part  # noqa: E402
 
 
 def synthetic(n: int, k: int, seed: int = 0):

@@ -21,7 +21,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filters.documents import (  # noqa: E402
+from mmcorpus.filters.documents import (  # noqa: E402
     DocumentConfig,
     check_image_count,
     check_quality,
@@ -29,8 +29,8 @@ from filters.documents import (  # noqa: E402
     filter_image_urls,
     identify_language,
 )
-from filters.extract import extract  # noqa: E402
-from filters.reasons import Reject  # noqa: E402
+from mmcorpus.filters.extract import extract  # noqa: E402
+from mmcorpus.filters.reasons import Reject  # noqa: E402
 
 
 def run_filters(doc: dict, cfg: DocumentConfig) -> str:

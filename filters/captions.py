@@ -14,7 +14,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from filters.reasons import Reject
+from mmcorpus.filters.reasons import Reject
 
 
 @dataclass(frozen=True)

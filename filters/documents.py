@@ -26,9 +26,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from filters.images import check_decoded_image, check_image_count, filter_image_urls
-from filters.language import identify_language
-from filters.quality import check_quality, clean_paragraphs
+from mmcorpus.filters.images import check_decoded_image, check_image_count, filter_image_urls
+from mmcorpus.filters.language import identify_language
+from mmcorpus.filters.quality import check_quality, clean_paragraphs
 
 
 @dataclass

@@ -16,8 +16,8 @@ from urllib.parse import urljoin
 
 from lxml import html as lxml_html
 
-from filters.images import pixels
-from filters.reasons import Reject
+from mmcorpus.filters.images import pixels
+from mmcorpus.filters.reasons import Reject
 
 LAZY_ATTRS = ("data-src", "data-lazy-src", "data-original", "data-lazy", "data-url")
 BLOCK = {"p", "head", "item", "list", "row", "cell", "quote", "code", "table", "div", "lb", "main"}

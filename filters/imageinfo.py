@@ -21,7 +21,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from filters.reasons import Reject
+from mmcorpus.filters.reasons import Reject
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb warning limit
 TRANSFORMS = ("hflip", "rot90", "rot180", "rot270")  # order of ImageInfo.phash_transforms

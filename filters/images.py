@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from filters.reasons import Reject
-from filters.urls import split_url
+from mmcorpus.filters.reasons import Reject
+from mmcorpus.filters.urls import split_url
 
 # Words in the URL (path, file name or host) that mark site furniture rather than content images. Matched
 # as whole tokens: "logo" in "site-logo_2x.png" but not "logos" inside "ecologos"; digits may touch them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from filters.reasons import Reject
+from mmcorpus.filters.reasons import Reject
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,8 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
-from filters.reasons import Reject
-from filters.wordlists import BOILERPLATE, FLAGGED_WORDS, stop_words
+from mmcorpus.filters.reasons import Reject
+from mmcorpus.filters.wordlists import BOILERPLATE, FLAGGED_WORDS, stop_words
 
 _NOSPACE = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _WORD_RE = re.compile(rf"[{_NOSPACE}]|[^\s{_NOSPACE}]+")

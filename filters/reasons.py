@@ -74,6 +74,19 @@ REASONS: dict[str, str] = {
 }
 
 
+MAX_DETAIL = 2000  # characters of a reject's detail that are stored
+
+
+def shorten(text: str, limit: int = MAX_DETAIL) -> str:
+    """`text` cut to `limit` characters in the middle, so both ends survive: an echoed input (a 10,000-character
+    URL) loses its middle, never the reason written before or after it."""
+    if len(text) <= limit:
+        return text
+    marker = f" ...[{len(text) - limit} characters cut]... "
+    keep = max(limit - len(marker), 0)
+    return text[:keep - keep // 2] + marker + text[len(text) - keep // 2:]
+
+
 @dataclass(frozen=True)
 class Reject:
     """Why an item was dropped. `reason` is one of REASONS; `detail` is free text (a measured value)."""

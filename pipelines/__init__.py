@@ -1,4 +1,14 @@
-"""Beam wiring, sources and sinks, and the `mmcorpus` command line."""
+"""Beam wiring, sources and sinks, and the `mmcorpus` command line, in rooms that follow the data flow:
+
+  interleaved/  WARC / URL list / HTML folder -> documents (command, sources, dedup)
+  pairs/        alt texts and caption datasets -> image-text pairs (command, sources, dedup)
+  capfilt/      pairs -> synthetic captions + ITM filter (command, stages)
+  train/        the `mmcorpus train` command (the trainer itself is mmcorpus.trainer)
+  fetching/     network fetching shared by the pipelines: host lookup, page fetching, img2dataset images
+  models/       model runners used by the pipelines: CLIP scoring, BLIP captioning and ITM
+  runtime/      shared run machinery: stages and counters, the sink, runners, run checks, progress
+  outputs/      what reads a finished output: dataset card, plots, inspect
+"""
 
 import logging
 

@@ -1,20 +1,27 @@
-"""The `mmcorpus` command line. Each subcommand lives in its own module `pipelines/cmd_<name>.py`, which
+"""The `mmcorpus` command line. Each subcommand lives in its own module (SUBCOMMANDS), which
 defines `HELP` (one line), `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int`."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import sys
 import time
 
-from pipelines.errors import RunCheckError, UserError
-from trainer.weights import WeightsMissing
+from mmcorpus.pipelines.errors import RunCheckError, UserError
+from mmcorpus.schemas import SchemaError
+from mmcorpus.trainer.weights import WeightsMissing
 
-SUBCOMMANDS = ("interleaved", "pairs", "capfilt", "train", "card", "inspect")
+SUBCOMMANDS = {  # name -> module, in the order `mmcorpus --help` lists them
+    "interleaved": "mmcorpus.pipelines.interleaved.command",
+    "pairs": "mmcorpus.pipelines.pairs.command",
+    "capfilt": "mmcorpus.pipelines.capfilt.command",
+    "train": "mmcorpus.pipelines.train.command",
+    "card": "mmcorpus.pipelines.outputs.card_command",
+    "inspect": "mmcorpus.pipelines.outputs.inspect",
+}
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 TOP_OPTIONS = ("-h", "--help", "--log-level")
 
@@ -47,10 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                         help="logging level (default WARNING; also MMCORPUS_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
-        if importlib.util.find_spec(f"pipelines.cmd_{name}") is None:
-            continue
-        module = importlib.import_module(f"pipelines.cmd_{name}")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION, parents=[common],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
@@ -96,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args._module.run(args) or 0)
         output = getattr(args, "output", None)
         if code == 0 and isinstance(output, str):
-            from pipelines import progress
+            from mmcorpus.pipelines.runtime import progress
 
             progress.print_summary(output, started)
         return code
-    except (UserError, WeightsMissing) as exc:
+    except (UserError, WeightsMissing, SchemaError) as exc:  # SchemaError: a damaged or foreign file, named
         print(f"mmcorpus {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RunCheckError as exc:

@@ -252,9 +252,33 @@ def validate_stats(stats: dict, where: str = "stats.json") -> dict:
     return stats
 
 
+def open_parquet(source, where: str | None = None) -> pq.ParquetFile:
+    """Open one Parquet file (a path or an open binary file; `where` names it in errors). A damaged file (random
+    bytes, truncated, empty) raises SchemaError naming it, never pyarrow's bare error."""
+    try:
+        return pq.ParquetFile(source)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise SchemaError(f"{where or source}: not a readable Parquet file ({_short(exc)})") from None
+
+
+def iter_batches(path: str, **kwargs):
+    """Record batches of one Parquet file (ParquetFile.iter_batches arguments); damage found while reading
+    raises SchemaError naming the file."""
+    pf = open_parquet(path)
+    try:
+        yield from pf.iter_batches(**kwargs)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(f"{path}: damaged Parquet data ({_short(exc)})") from None
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_schema_name(path: str) -> tuple[str, str]:
     """(schema name, version) recorded in a Parquet file written by mmcorpus."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = open_parquet(path).schema_arrow.metadata or {}
     if META_SCHEMA not in meta:
         raise SchemaError(f"{path}: not an mmcorpus file (no {META_SCHEMA.decode()} metadata)")
     return meta[META_SCHEMA].decode(), meta.get(META_VERSION, b"?").decode()
@@ -267,7 +291,10 @@ def read_table(path: str, name: str, columns: list[str] | None = None) -> pa.Tab
         raise SchemaError(f"{path}: holds {found!r} rows, expected {name!r}")
     if not compatible(version):
         raise SchemaError(f"{path}: schema version {version} is not compatible with {SCHEMA_VERSION}")
-    table = pq.read_table(path, columns=columns)
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise SchemaError(f"{path}: damaged Parquet data ({_short(exc)})") from None
     return table if columns else validate(table, name)
 
 

@@ -16,7 +16,7 @@ from lxml import html as lxml_html
 @functools.lru_cache(maxsize=1)
 def eval_pages(root: str) -> dict[str, dict]:
     """name -> {"url", "html", "doc"} for every bundled page trafilatura extracts something from."""
-    from filters.extract import extract
+    from mmcorpus.filters.extract import extract
 
     base = pathlib.Path(root) / "trafilatura-eval"
     meta = json.loads((base / "evaldata.json").read_text())
@@ -49,9 +49,9 @@ def page_image_urls(html: str, url: str) -> list[str]:
 def warc_pages(root: str) -> dict[str, dict]:
     """"DIR/FILE:OFFSET" -> {"url", "doc"} for every page of the bundled WARCs that the pipeline's reader,
     decoder and extractor turn into a document (the same steps `mmcorpus interleaved` runs)."""
-    from filters.extract import extract
-    from filters.reasons import Reject
-    from pipelines.sources import decode_page, expand_sources, read_items
+    from mmcorpus.filters.extract import extract
+    from mmcorpus.filters.reasons import Reject
+    from mmcorpus.pipelines.interleaved.sources import decode_page, expand_sources, read_items
 
     base = pathlib.Path(root)
     pages = {}

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import schemas
-from pipelines import capfilt
-from pipelines.capfilt_models import CaptionConfig, Captioner, Matcher
-from pipelines.cli import main as cli_main
+from mmcorpus import schemas
+from mmcorpus.pipelines.capfilt import stages as capfilt
+from mmcorpus.pipelines.models.blip import CaptionConfig, Captioner, Matcher
+from mmcorpus.pipelines.cli import main as cli_main
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP: [DEC] is the decoder's bos
 
@@ -101,7 +101,7 @@ def test_sampled_ids_match_transformers_greedy_and_prompt_is_stripped(models, co
 
 
 def test_nucleus_sampling_fast_and_full_paths_agree_and_stay_in_the_nucleus():
-    from pipelines.capfilt_models import sample_top_p, top_p_filter
+    from mmcorpus.pipelines.models.blip import sample_top_p, top_p_filter
 
     g = torch.Generator().manual_seed(0)
     logprobs = (torch.randn(400, 50, generator=g) * 3).log_softmax(-1)  # peaked rows: nucleus of a few tokens

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.card import parse_card
-from pipelines.cli import main
+from mmcorpus.pipelines.outputs.card import parse_card
+from mmcorpus.pipelines.cli import main
 from tests.test_capfilt import models  # noqa: F401  (fixture: tiny random BLIP captioner and ITM folders)
 
 TINY_CLIP = {"embed_dim": 32,

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from pipelines.childenv import child_env
+from mmcorpus.pipelines.runtime.childenv import child_env
 
 WORKER_START = """
 import logging

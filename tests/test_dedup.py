@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import trafilatura
 
-import schemas
-from filters import minhash
-from pipelines.dedup import STAGE_EXACT, STAGE_IMAGES, STAGE_NEAR, DedupConfig, dedup_documents, document_stages
-from pipelines.run import RunSpec, execute
-from pipelines.runner import add_runner_args
-from pipelines.sink import Kind
-from pipelines.stage import Collector
+from mmcorpus import schemas
+from mmcorpus.filters import minhash
+from mmcorpus.pipelines.interleaved.dedup import STAGE_EXACT, STAGE_IMAGES, STAGE_NEAR, DedupConfig, dedup_documents, document_stages
+from mmcorpus.pipelines.runtime.run import RunSpec, execute
+from mmcorpus.pipelines.runtime.runner import add_runner_args
+from mmcorpus.pipelines.runtime.sink import Kind
+from mmcorpus.pipelines.runtime.stage import Collector
 
 BOILERPLATE = ["Cookie settings: we use cookies to improve your experience on our website.",
                "Subscribe to our newsletter and never miss a story. All rights reserved."]

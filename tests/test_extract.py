@@ -11,9 +11,9 @@ import pytest
 from lxml import etree
 from lxml import html as lxml_html
 
-from filters.extract import declared_size, extract, largest_candidate, normalise_images
-from filters.m3w import END_OF_CHUNK, IMAGE, render_m3w
-from filters.reasons import Reject
+from mmcorpus.filters.extract import declared_size, extract, largest_candidate, normalise_images
+from mmcorpus.filters.m3w import END_OF_CHUNK, IMAGE, render_m3w
+from mmcorpus.filters.reasons import Reject
 
 WS = re.compile(r"\s+")
 
@@ -148,9 +148,9 @@ def test_empty_and_broken_pages():
 
 def image_rules(doc):
     """The pipeline's image_rules stage on a document: (document, per-image rejects)."""
-    from filters.documents import DocumentConfig
-    from pipelines.cmd_interleaved import STAGE_IMAGE_RULES, DocStep
-    from pipelines.stage import ItemReject
+    from mmcorpus.filters.documents import DocumentConfig
+    from mmcorpus.pipelines.interleaved.command import STAGE_IMAGE_RULES, DocStep
+    from mmcorpus.pipelines.runtime.stage import ItemReject
 
     out = DocStep(STAGE_IMAGE_RULES, DocumentConfig())(doc)
     return out[0], [e.reject for e in out[1:] if isinstance(e, ItemReject)]

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from filters.documents import DocumentConfig, check_decoded_image, check_image_count, filter_image_urls
-from filters.images import url_reject
-from filters.reasons import Reject
+from mmcorpus.filters.documents import DocumentConfig, check_decoded_image, check_image_count, filter_image_urls
+from mmcorpus.filters.images import url_reject
+from mmcorpus.filters.reasons import Reject
 from tests.filter_pages import eval_pages, page_image_urls
 
 
@@ -206,7 +206,7 @@ def _extracted(shared_data, name):
     import gzip
     import json
 
-    from filters.extract import extract
+    from mmcorpus.filters.extract import extract
 
     base = shared_data / "trafilatura-eval"
     url = json.loads((base / "evaldata.json").read_text())[name]["url"]

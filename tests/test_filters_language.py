@@ -5,8 +5,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from filters.documents import DocumentConfig, identify_language
-from filters.reasons import Reject
+from mmcorpus.filters.documents import DocumentConfig, identify_language
+from mmcorpus.filters.reasons import Reject
 from tests.filter_pages import eval_pages
 
 # Pages whose language is known from the site (not from our own output).

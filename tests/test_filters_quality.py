@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from filters import quality
-from filters.documents import DocumentConfig, check_quality, clean_paragraphs, identify_language
-from filters.reasons import REASONS, Reject
+from mmcorpus.filters import quality
+from mmcorpus.filters.documents import DocumentConfig, check_quality, clean_paragraphs, identify_language
+from mmcorpus.filters.reasons import REASONS, Reject
 from tests.filter_pages import eval_pages, warc_pages
 
 ZEIT = "0a12df42d1764095989ab078ee0f940b.html"  # German news article

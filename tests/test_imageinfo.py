@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from filters.imageinfo import PHASH_MIN_SIDE, ImageInfo, inspect_image, phash_distance, phash_scale, to_rgb
-from filters.reasons import Reject
+from mmcorpus.filters.imageinfo import PHASH_MIN_SIDE, ImageInfo, inspect_image, phash_distance, phash_scale, to_rgb
+from mmcorpus.filters.reasons import Reject
 
 
 @pytest.fixture(scope="module")

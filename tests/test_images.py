@@ -18,14 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from filters.imageinfo import phash_distance
-from filters.urls import url_refusal
-from pipelines.images import (IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, download_batch, fetch_images, image_url_rows,
+from mmcorpus.filters.imageinfo import phash_distance
+from mmcorpus.filters.urls import url_refusal
+from mmcorpus.pipelines.fetching.images import (IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, download_batch, fetch_images, image_url_rows,
                               run_img2dataset)
-from pipelines.run import RunSpec, execute
-from pipelines.runner import add_runner_args
-from pipelines.sink import Kind
-from pipelines.stage import Collector
+from mmcorpus.pipelines.runtime.run import RunSpec, execute
+from mmcorpus.pipelines.runtime.runner import add_runner_args
+from mmcorpus.pipelines.runtime.sink import Kind
+from mmcorpus.pipelines.runtime.stage import Collector
 from tests.test_dedup import doc_row, make_doc
 
 SLOW_SECONDS = 4

@@ -7,8 +7,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from filters.m3w import END_OF_CHUNK, IMAGE
-from pipelines.cli import main
+from mmcorpus.filters.m3w import END_OF_CHUNK, IMAGE
+from mmcorpus.pipelines.cli import main
 from tests.test_card import real_run
 
 

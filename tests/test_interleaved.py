@@ -18,8 +18,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-import schemas
-from pipelines.cli import main
+from mmcorpus import schemas
+from mmcorpus.pipelines.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WARCS = ("warcio-samples", "resiliparse-warcs", "cc-whirlwind/whirlwind.warc.gz", "dolma-cc-warc")
@@ -283,7 +283,7 @@ class _TimedHandler(http.server.BaseHTTPRequestHandler):
 def test_url_lists_fetch_hosts_in_parallel_and_each_host_politely(tmp_path):
     """Two hosts (127.0.0.1 and 127.0.0.2): each host's URLs in list order with the per-host delay between
     requests, the two hosts at once, every URL answered exactly once; URL tasks of several lists meet by host."""
-    from pipelines.fetch import FetchHostGroup, PageFetchConfig, host_group, url_tasks
+    from mmcorpus.pipelines.fetching.pages import FetchHostGroup, PageFetchConfig, host_group, url_tasks
 
     log: list = []
     servers = []
@@ -336,7 +336,7 @@ def test_private_address_refused_without_flag(server, tmp_path):
 
 def test_killed_run_resumes_with_every_document_once(shared_data, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.cli", "interleaved", str(shared_data / "trafilatura-eval" / "pages"),
+    cmd = [sys.executable, "-m", "mmcorpus.pipelines.cli", "interleaved", str(shared_data / "trafilatura-eval" / "pages"),
            str(shared_data / "dolma-cc-warc"), "-o", str(out), "--no-images", "--workers", "1", "--num-shards", "16"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-import schemas
-from filters.captions import check_caption, clean_caption
-from filters.imageinfo import to_rgb
-from filters.phash_index import PHashIndex, make_plan, near_pairs, plan, to_uint64
-from filters.reasons import Reject
-from pipelines.cli import main
-from pipelines.clip_score import ClipConfig, load_model
-from pipelines.pair_dedup import semantic_duplicates
+from mmcorpus import schemas
+from mmcorpus.filters.captions import check_caption, clean_caption
+from mmcorpus.filters.imageinfo import to_rgb
+from mmcorpus.filters.phash_index import PHashIndex, make_plan, near_pairs, plan, to_uint64
+from mmcorpus.filters.reasons import Reject
+from mmcorpus.pipelines.cli import main
+from mmcorpus.pipelines.models.clip import ClipConfig, load_model
+from mmcorpus.pipelines.pairs.dedup import semantic_duplicates
 from tests.test_images import site  # noqa: F401  (fixture: real files served on 127.0.0.1)
 
 TINY = {"embed_dim": 32,
@@ -110,7 +110,7 @@ def test_captions_on_coco_and_boilerplate(coco):
 
 
 def test_phash_index_exact_against_brute_force(coco, ukbench):
-    from filters.imageinfo import ImageInfo, inspect_image
+    from mmcorpus.filters.imageinfo import ImageInfo, inspect_image
 
     hexes = []
     for p in sorted((coco / "images").glob("*.jpg")) + sorted(ukbench.rglob("*.jpg")):
@@ -346,7 +346,7 @@ def test_device_decode_path_prefetch_and_oom_retry_on_cpu(coco, ukbench, tiny_cl
     device='cpu') gives the tensors of open_clip's PIL preprocess; its prefetch chunking gives the scores of
     one big batch; a CUDA out-of-memory in the model or in the decode halves the chunk and gives the same
     scores; bf16 works."""
-    from pipelines.clip_score import ClipScorer
+    from mmcorpus.pipelines.models.clip import ClipScorer
 
     pil = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=32))
     dev = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=32, decode="device"))
@@ -408,7 +408,7 @@ def test_device_decode_path_prefetch_and_oom_retry_on_cpu(coco, ukbench, tiny_cl
 
 def test_captions_of_one_image_share_one_image_embedding(coco, tiny_clip):
     """Pairs keyed by the same image are decoded and embedded once, with the scores of pair-by-pair scoring."""
-    from pipelines.clip_score import ClipScorer
+    from mmcorpus.pipelines.models.clip import ClipScorer
 
     scorer = ClipScorer(ClipConfig(model=tiny_clip, allow_random=True, device="cpu", batch_size=64))
     recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()[:6]]
@@ -459,7 +459,7 @@ def test_readers_turn_bad_records_into_rejects_and_account_for_every_row(tmp_pat
     import pyarrow as pa
     import tarfile
 
-    from pipelines.pairs_sources import detect, read_task, tasks
+    from mmcorpus.pipelines.pairs.sources import detect, read_task, tasks
 
     photo = sorted((coco / "images").glob("*.jpg"))[0]
     folder = tmp_path / "tables"
@@ -519,7 +519,7 @@ def test_readers_turn_bad_records_into_rejects_and_account_for_every_row(tmp_pat
 def test_csv_with_an_unreadable_header_rejects_every_row(tmp_path, coco):
     """A CSV header the csv module cannot read (a field over its limit): no data row is taken for the header;
     the header line and every data row after it are rejects saying why."""
-    from pipelines.pairs_sources import detect, read_task, tasks
+    from mmcorpus.pipelines.pairs.sources import detect, read_task, tasks
 
     photo = sorted((coco / "images").glob("*.jpg"))[0]
     path = tmp_path / "h.csv"
@@ -535,8 +535,8 @@ def test_top_fraction_is_per_row_even_when_image_ids_repeat():
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipelines.pair_dedup import keep_top_fraction
-    from pipelines.stage import Collector
+    from mmcorpus.pipelines.pairs.dedup import keep_top_fraction
+    from mmcorpus.pipelines.runtime.stage import Collector
 
     rows = [{"image_id": "same#0", "row_key": f"t/{f}:000000000", "clip_score": 0.5, "source": f"{f}:0"}
             for f in ("a.jsonl", "b.jsonl")]
@@ -549,7 +549,7 @@ def test_top_fraction_is_per_row_even_when_image_ids_repeat():
 
 
 def test_phash_duplicates_collapse_identical_hashes_and_match_transforms():
-    from filters.phash_index import duplicates
+    from mmcorpus.filters.phash_index import duplicates
 
     rng = np.random.default_rng(5)
     distinct = rng.integers(0, 2**64 - 1, size=300, dtype=np.uint64, endpoint=True)
@@ -576,7 +576,7 @@ def test_phash_duplicates_collapse_identical_hashes_and_match_transforms():
 def test_phash_marks_cross_dataset_duplicates_with_more_than_64_datasets():
     """70 input datasets (more than one 64-bit mark word): every pHash duplicate pair across two datasets marks
     both images with the other's dataset, as a brute-force comparison finds them."""
-    from pipelines.pair_dedup import phash_part
+    from mmcorpus.pipelines.pairs.dedup import phash_part
 
     rng = np.random.default_rng(11)
     hashes = rng.integers(0, 2**64 - 1, size=70, dtype=np.uint64, endpoint=True)
@@ -642,7 +642,7 @@ def test_device_exif_orientation_matches_pil_for_all_eight():
     """nvJPEG ignores EXIF orientation, so the device path turns the tensor itself: like PIL's exif_transpose."""
     from PIL import ImageOps
 
-    from pipelines.clip_score import orient
+    from mmcorpus.pipelines.models.clip import orient
 
     pixels = np.random.default_rng(0).integers(0, 255, (5, 7, 3)).astype(np.uint8)
     for orientation in range(1, 9):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from pipelines import progress
+from mmcorpus.pipelines.runtime import progress
 
 
 def pages(shared_data, n=None):
@@ -42,7 +42,7 @@ def watch(proc, out_dir, read_fd=None, timeout=240):
 
 
 def command(out, inputs, *extra):
-    return [sys.executable, "-m", "pipelines.cli", "interleaved", *inputs, "-o", str(out), "--no-images", *extra]
+    return [sys.executable, "-m", "mmcorpus.pipelines.cli", "interleaved", *inputs, "-o", str(out), "--no-images", *extra]
 
 
 def test_terminal_run_shows_progress_from_worker_processes_and_cleans_up(tmp_path, shared_data):

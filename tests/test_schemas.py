@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import schemas
+from mmcorpus import schemas
 
 
 def coco_pairs(coco, n=6):
@@ -122,9 +122,9 @@ def test_reader_refuses_files_of_another_schema(tmp_path, coco):
 
 
 def test_run_stats_validate_names_the_bad_key_or_stage(tmp_path, coco):
-    from pipelines.run import RunSpec, execute
+    from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from tests.test_sink import build_for, caption_rows, run_args
-    from pipelines.sink import Kind
+    from mmcorpus.pipelines.runtime.sink import Kind
 
     spec = RunSpec(command="test-stats", out_dir=str(tmp_path), config={}, inputs=[],
                    kinds={"data": Kind("pair", "data", 1)}, stages=["read", "length"])

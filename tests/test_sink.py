@@ -11,13 +11,13 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 
-import schemas
-from filters.reasons import Reject
-from pipelines.errors import RunCheckError, UserError
-from pipelines.run import RunSpec, execute
-from pipelines.runner import add_runner_args
-from pipelines.sink import Kind
-from pipelines.stage import Collector
+from mmcorpus import schemas
+from mmcorpus.filters.reasons import Reject
+from mmcorpus.pipelines.errors import RunCheckError, UserError
+from mmcorpus.pipelines.runtime.run import RunSpec, execute
+from mmcorpus.pipelines.runtime.runner import add_runner_args
+from mmcorpus.pipelines.runtime.sink import Kind
+from mmcorpus.pipelines.runtime.stage import Collector
 
 MIN_WORDS = 10
 
@@ -103,9 +103,9 @@ def test_finished_output_is_refused_then_overwritten(tmp_path, coco):
 KILLED_RUN = """
 import os, signal, sys
 import pyarrow.parquet as pq
-from pipelines import sink
+from mmcorpus.pipelines.runtime import sink
 from tests.test_sink import build_for, caption_rows, run_args, spec
-from pipelines.run import execute
+from mmcorpus.pipelines.runtime.run import execute
 import pathlib
 
 out, coco = sys.argv[1], pathlib.Path(sys.argv[2])

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 from fastwarc.warc import ArchiveIterator
 
-from pipelines.errors import UserError
-from pipelines.sources import decode_bytes, decode_page, dechunk, expand_sources, looks_binary, read_items, warc_record
+from mmcorpus.pipelines.errors import UserError
+from mmcorpus.pipelines.interleaved.sources import decode_bytes, decode_page, dechunk, expand_sources, looks_binary, read_items, warc_record
 
 WARC_DIRS = ("warcio-samples", "resiliparse-warcs", "cc-whirlwind", "dolma-cc-warc")
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import schemas
-from trainer import data as D
+from mmcorpus import schemas
+from mmcorpus.trainer import data as D
 
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
                                              "head_width": 32},
@@ -129,7 +129,7 @@ def assets(coco, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer_assets")
     recs = coco_records(coco)
     tok_dir = word_tokenizer(recs, root / "tok")
-    from trainer.weights import load_tokenizer
+    from mmcorpus.trainer.weights import load_tokenizer
 
     vocab = len(load_tokenizer(tok_dir))
     return {"root": root, "records": recs, "tokenizer": tok_dir, "lm": tiny_lm(root / "lm", vocab),
@@ -137,7 +137,7 @@ def assets(coco, tmp_path_factory):
 
 
 def load_tok(assets):
-    from trainer.weights import load_tokenizer
+    from mmcorpus.trainer.weights import load_tokenizer
 
     tok = load_tokenizer(assets["tokenizer"])
     D.ensure_special_tokens(tok)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.test_trainer_data import assets, load_tok, one_torch_thread, pair_rows, write_parquet  # noqa: F401
-from trainer import data as D
-from trainer.model import build
+from mmcorpus.trainer import data as D
+from mmcorpus.trainer.model import build, make_optimizer
 
 
 def _model(assets, lm="lm", **kw):
@@ -89,7 +89,7 @@ def test_only_resampler_xattn_and_new_embeddings_train(assets):
     mixture) leave every frozen weight bit-identical, to the copy taken before and to the LM file on disk."""
     from transformers import AutoModelForCausalLM
 
-    from trainer import train as T
+    from mmcorpus.trainer import train as T
 
     model, tok, _ = _model(assets)
     trainable = set(model.trainable_named())
@@ -101,7 +101,7 @@ def test_only_resampler_xattn_and_new_embeddings_train(assets):
         {"name": "p", "path": str(path), "kind": "pair", "batch_size": 8, "holdout": 0, "weight": 2.0},
         {"name": "q", "path": str(path), "kind": "pair", "batch_size": 4, "holdout": 0, "weight": 1.0}]})
     loader = D.MixtureLoader(mixture, tok, D.image_transform(model.image_size))
-    opt = T.make_optimizer(model, 1e-2, weight_decay=0.5, gate_lr_mult=10)
+    opt = make_optimizer(model, 1e-2, weight_decay=0.5, gate_lr_mult=10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_factor(s, 1, 3))
     model.train()
     for step in range(3):
@@ -158,7 +158,7 @@ def test_config_only_lm_needs_allow_random(tmp_path):
     """A folder with only config.json: a clear WeightsMissing naming it, or a random model when allowed."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from trainer.weights import WeightsMissing, load_hf
+    from mmcorpus.trainer.weights import WeightsMissing, load_hf
 
     GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32).save_pretrained(tmp_path / "lm")
     with pytest.raises(WeightsMissing, match=str(tmp_path / "lm")):

@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
-from pipelines.cli import main
+from mmcorpus.pipelines.cli import main
 from tests.test_trainer_data import (assets, interleaved_rows, load_tok, one_torch_thread, pair_rows,  # noqa: F401
                                      tiny_lm, write_parquet)
-from trainer import data as D
-from trainer import report as R
-from trainer import train as T
-from trainer.model import build
+from mmcorpus.trainer import data as D
+from mmcorpus.trainer import report as R
+from mmcorpus.trainer import train as T
+from mmcorpus.trainer.model import build
 
 
 @pytest.fixture(scope="module")

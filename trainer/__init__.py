@@ -1,2 +1,2 @@
 """Mixture loader, compact Flamingo model, training loop and data-validation report. Reads Parquet only;
-never imports `pipelines`."""
+never imports `mmcorpus.pipelines`."""

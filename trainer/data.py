@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-import schemas
+from mmcorpus import schemas
 
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
@@ -180,7 +180,10 @@ def _units(spec: DatasetSpec) -> tuple[object, list[tuple[str, int, int]]]:
     units = []
     for f in files:
         with fs.open(f, "rb") as fh:
-            pf = pq.ParquetFile(fh)
+            try:
+                pf = schemas.open_parquet(fh, where=f)
+            except schemas.SchemaError as exc:
+                raise DataError(f"dataset {spec.name!r}: {exc}") from None
             meta = pf.schema_arrow.metadata or {}
             found = meta.get(schemas.META_SCHEMA, b"").decode()
             if found != spec.kind:

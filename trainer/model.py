@@ -318,8 +318,8 @@ def build(model_cfg: dict, tokenizer, allow_random: bool = False) -> tuple[Flami
     Returns the model and the weight sources, which every run records."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.data import EOC_TOKEN, IMAGE_TOKEN, ensure_special_tokens
-    from trainer.weights import load_hf, load_open_clip
+    from mmcorpus.trainer.data import EOC_TOKEN, IMAGE_TOKEN, ensure_special_tokens
+    from mmcorpus.trainer.weights import load_hf, load_open_clip
 
     ensure_special_tokens(tokenizer)
     clip = load_open_clip(model_cfg["vision"], model_cfg.get("vision_pretrained"), allow_random)
@@ -336,3 +336,20 @@ def build(model_cfg: dict, tokenizer, allow_random: bool = False) -> tuple[Flami
     if stats:
         model.set_pixel_stats(stats["mean"], stats["std"])
     return model, {"vision": clip.source, "lm": lm.source, "image_size": model.image_size, **stats}
+
+
+def make_optimizer(model, lr: float, weight_decay: float, gate_lr_mult: float = 1.0):
+    """AdamW; no decay on gates, norms, biases and the new token rows; gates may learn faster (`gate_lr_mult`):
+    they start at 0, and until they open the cross-attention weights behind them barely matter."""
+    groups = {"decay": [], "no_decay": [], "gates": []}
+    for name, p in model.trainable_named().items():
+        if name.endswith("_gate"):
+            groups["gates"].append(p)
+        elif p.ndim >= 2 and not name.startswith("new_"):
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    return torch.optim.AdamW([{"params": groups["decay"], "weight_decay": weight_decay},
+                              {"params": groups["no_decay"], "weight_decay": 0.0},
+                              {"params": groups["gates"], "weight_decay": 0.0, "lr": lr * gate_lr_mult}],
+                             lr=lr, betas=(0.9, 0.95))

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.data import content_hash
+from mmcorpus.trainer.data import content_hash
 
 
 @dataclass
@@ -182,7 +182,7 @@ def kfold_losses(model, initial: dict, fs: FeatureSet, k: int, epochs: int, batc
     `val_fraction` of its training images (by content) is set aside, the real-image loss on it is measured
     after every epoch, training stops after `patience` epochs without improvement and the best epoch's
     weights are the ones tested. The model's trained state is restored after."""
-    from trainer.train import make_optimizer
+    from mmcorpus.trainer.model import make_optimizer
 
     trained = model.trainable_state()
     device = next(model.parameters()).device

@@ -43,9 +43,9 @@ import time
 
 import torch
 
-from trainer import data as D
-from trainer import report as R
-from trainer.model import build
+from mmcorpus.trainer import data as D
+from mmcorpus.trainer import report as R
+from mmcorpus.trainer.model import build, make_optimizer
 
 log = logging.getLogger("mmcorpus.train")
 
@@ -124,23 +124,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model, lr: float, weight_decay: float, gate_lr_mult: float = 1.0):
-    """AdamW; no decay on gates, norms, biases and the new token rows; gates may learn faster (`gate_lr_mult`):
-    they start at 0, and until they open the cross-attention weights behind them barely matter."""
-    groups = {"decay": [], "no_decay": [], "gates": []}
-    for name, p in model.trainable_named().items():
-        if name.endswith("_gate"):
-            groups["gates"].append(p)
-        elif p.ndim >= 2 and not name.startswith("new_"):
-            groups["decay"].append(p)
-        else:
-            groups["no_decay"].append(p)
-    return torch.optim.AdamW([{"params": groups["decay"], "weight_decay": weight_decay},
-                              {"params": groups["no_decay"], "weight_decay": 0.0},
-                              {"params": groups["gates"], "weight_decay": 0.0, "lr": lr * gate_lr_mult}],
-                             lr=lr, betas=(0.9, 0.95))
 
 
 # dense peak FLOP/s from the vendors' spec sheets: (bf16 tensor core, tf32 tensor core, plain fp32)
@@ -296,7 +279,7 @@ def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str
     for spec in mixture.datasets:
         D.check_dataset(spec)  # fail on a wrong path or schema before any model is built
 
-    from trainer.weights import load_tokenizer
+    from mmcorpus.trainer.weights import load_tokenizer
 
     tokenizer = load_tokenizer(mc["tokenizer"])
     model, sources = build(mc, tokenizer, allow_random=mc["allow_random_weights"])

@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass, field
 import apache_beam as beam
 import pyarrow.parquet as pq
 
-import schemas
-from filters.imageinfo import DEFAULT_MAX_PIXELS
-from filters.reasons import Reject
-from pipelines.sink import stable_hash
-from pipelines.stage import COUNTS, KEPT, REJECTS, reject_output
+from mmcorpus import schemas
+from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
+from mmcorpus.filters.reasons import Reject, shorten
+from mmcorpus.pipelines.runtime.sink import stable_hash
+from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, reject_output
 
 log = logging.getLogger("mmcorpus.capfilt")
 
@@ -67,7 +67,7 @@ class CapFiltConfig:
     extra: dict = field(default_factory=dict)
 
     def caption_config(self):
-        from pipelines.capfilt_models import CaptionConfig
+        from mmcorpus.pipelines.models.blip import CaptionConfig
 
         return CaptionConfig(num_captions=self.num_captions, top_p=self.top_p,
                              repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
@@ -79,7 +79,7 @@ class CapFiltConfig:
 def read_pair_file(path: str):
     """Rows of one pairs Parquet file, streamed, each with `_row` = "file:index" (unique in the run); a row that
     cannot be read comes as {"_row", "_bad": why} (a reject), and the file goes on."""
-    from pipelines.pairs_sources import BadRecord, parquet_rows
+    from mmcorpus.pipelines.pairs.sources import BadRecord, parquet_rows
 
     schemas.read_table(path, "pair", columns=["image_id"])  # checks the schema name and version
     base = os.path.basename(path)
@@ -145,7 +145,7 @@ def group_images(item):
 
 
 def batch_groups(files: list[str], batch_size: int, batches_per_group: int = 4) -> int:
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    rows = sum(schemas.open_parquet(f).metadata.num_rows for f in files)
     return max(1, -(-rows // (batch_size * batches_per_group)))
 
 
@@ -153,8 +153,8 @@ def batch_groups(files: list[str], batch_size: int, batches_per_group: int = 4) 
 
 def load_image(row: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
     """(PIL RGB image, None) or (None, Reject)."""
-    from filters.imageinfo import decode_rgb
-    from pipelines.pairs_sources import load_bytes
+    from mmcorpus.filters.imageinfo import decode_rgb
+    from mmcorpus.pipelines.pairs.sources import load_bytes
 
     where = row.get("image_path") or "image_bytes"
     try:
@@ -165,7 +165,7 @@ def load_image(row: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
         return None, Reject("missing_image", "no image_bytes and no image_path")
     image = decode_rgb(data, max_pixels)
     if isinstance(image, Reject):
-        return None, Reject(image.reason, f"{where}: {image.detail}"[:300])
+        return None, Reject(image.reason, shorten(f"{where}: {image.detail}", 300))
     return image, None
 
 
@@ -216,7 +216,7 @@ class CapFiltFn(beam.DoFn):
         self.cfg = cfg
 
     def setup(self):
-        from pipelines.capfilt_models import Captioner, Matcher
+        from mmcorpus.pipelines.models.blip import Captioner, Matcher
 
         c = self.cfg
         self.captioner = Captioner.load(c.captioner, c.allow_random_weights, c.device, c.precision, c.batch_size) \
@@ -328,7 +328,7 @@ def to_data(item):
 
 def build_capfilt(pipeline, files: list[str], cfg: CapFiltConfig):
     """The CapFilt graph; returns the sink tuples (for `Collector`-style `finish`)."""
-    from pipelines.stage import Collector, split_tags
+    from mmcorpus.pipelines.runtime.stage import Collector, split_tags
 
     c = Collector()
     read = (pipeline | "ListFiles" >> beam.Create(sorted(files))

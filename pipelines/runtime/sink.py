@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 import pyarrow.parquet as pq
 
-import schemas
+from mmcorpus import schemas
 
 TMP_DIR = "_tmp"
 
@@ -125,4 +125,4 @@ def shard_files(out_dir: str, kind: Kind) -> list[str]:
 
 
 def count_rows(out_dir: str, kind: Kind) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(out_dir, kind))
+    return sum(schemas.open_parquet(f).metadata.num_rows for f in shard_files(out_dir, kind))

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _quiet_beam_worker() -> None:
-    import pipelines  # noqa: F401 - the import installs BeamOptionalGcpNotice on the root logger
+    import mmcorpus.pipelines  # noqa: F401 - the import installs BeamOptionalGcpNotice on the root logger
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)  # Beam's harness sets the root logger to INFO while it starts
@@ -35,8 +35,8 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         self.allow_private = allow_private
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        from filters.urls import url_refusal
-        from pipelines.hosts import resolve
+        from mmcorpus.filters.urls import url_refusal
+        from mmcorpus.pipelines.fetching.hosts import resolve
 
         target = urllib.parse.urljoin(req.full_url, newurl)
         why = url_refusal(target, self.allow_private, resolve)

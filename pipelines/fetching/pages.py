@@ -21,8 +21,9 @@ from urllib.parse import urljoin
 
 import apache_beam as beam
 
-from filters.urls import host_of, redirect_problem, url_refusal
-from pipelines.hosts import HostResolver
+from mmcorpus.filters.reasons import shorten
+from mmcorpus.filters.urls import host_of, redirect_problem, url_refusal
+from mmcorpus.pipelines.fetching.hosts import HostResolver
 
 USER_AGENT = "mmcorpus/0.1 (+https://github.com/mmcorpus; research crawler)"
 
@@ -115,7 +116,7 @@ class Fetcher:
 
     def fetch(self, url: str, source: str) -> dict:
         """A page record for pipelines.sources.decode_page, or a bad marker."""
-        from pipelines.sources import bad
+        from mmcorpus.pipelines.interleaved.sources import bad
 
         chain = [url]
         current = url
@@ -128,7 +129,7 @@ class Fetcher:
             try:
                 r, body = self._get(current)
             except Exception as exc:
-                return bad(source, "fetch_failed", f"{current}: {type(exc).__name__}: {exc}"[:500])
+                return bad(source, "fetch_failed", shorten(f"{current}: {type(exc).__name__}: {exc}", 500))
             if r.is_redirect or r.status_code in (301, 302, 303, 307, 308):
                 nxt = urljoin(current, r.headers.get("Location", ""))
                 chain.append(nxt)
@@ -166,7 +167,7 @@ def _charset(headers) -> str | None:
 def url_tasks(path: str):
     """Fetch tasks of one URL list, {"source": "PATH:LINE", "_url": URL, "_order": (PATH, LINE)} per URL line
     (blank lines and # comments skipped), or one bad marker when the file cannot be read."""
-    from pipelines.sources import bad
+    from mmcorpus.pipelines.interleaved.sources import bad
 
     try:
         fh = open(path, encoding="utf-8", errors="replace")
@@ -182,7 +183,7 @@ def url_tasks(path: str):
 
 def host_group(task: dict, groups: int):
     """(group, task): the URLs of one host share a group; bad markers go to group 0 and pass through."""
-    from pipelines.sink import stable_hash
+    from mmcorpus.pipelines.runtime.sink import stable_hash
 
     url = task.get("_url")
     return (stable_hash(host_of(url)) % groups if url else 0), task

@@ -21,12 +21,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
-import schemas
-from pipelines import plots
-from pipelines.errors import UserError
+from mmcorpus import schemas
+from mmcorpus.pipelines.outputs import plots
+from mmcorpus.pipelines.errors import UserError
 
 CARD = "README.md"
 DATA_GLOB = "data/part-*.parquet"
@@ -162,7 +161,7 @@ def _non_null_in_column(files: list[str], path: str) -> int:
     """Non-null values of a leaf column from the Parquet metadata alone (never reads the values)."""
     total = 0
     for f in files:
-        md = pq.ParquetFile(f).metadata
+        md = schemas.open_parquet(f).metadata
         for rg in range(md.num_row_groups):
             group = md.row_group(rg)
             for c in range(group.num_columns):
@@ -177,7 +176,7 @@ def profile_interleaved(files: list[str]) -> Profile:
     cols = ["url", "language", "texts", "images", "image_info.list.element.width",
             "image_info.list.element.height", "image_info.list.element.sha256"]
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=cols):
+        for batch in schemas.iter_batches(f, batch_size=1024, columns=cols):
             for row in batch.to_pylist():
                 p.rows += 1
                 p.counters["language"][row["language"] or "(unknown)"] += 1
@@ -198,13 +197,13 @@ def profile_interleaved(files: list[str]) -> Profile:
 
 
 def profile_pairs(files: list[str]) -> Profile:
-    from filters.language import detect
+    from mmcorpus.filters.language import detect
 
     p = Profile()
     cols = ["url", "caption", "caption_source", "clip_score", "itm_score", "width", "height", "sha256",
             "source_dataset"]
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=cols):
+        for batch in schemas.iter_batches(f, batch_size=4096, columns=cols):
             d = batch.to_pydict()
             p.rows += batch.num_rows
             p.counters["caption_source"].update(d["caption_source"])
@@ -266,14 +265,14 @@ def load_run(out_dir: str) -> Run:
     reject_files = data_files(out_dir, "rejects")
     by: collections.Counter = collections.Counter()
     for f in reject_files:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["stage", "reason"]):
+        for batch in schemas.iter_batches(f, columns=["stage", "reason"]):
             d = batch.to_pydict()
             by.update(zip(d["stage"], d["reason"]))
     return Run(out_dir, stats, names.pop(), files, reject_files, dict(by))
 
 
 def rows_in(files: list[str]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(schemas.open_parquet(f).metadata.num_rows for f in files)
 
 
 def check_counts(run: Run) -> dict:
@@ -343,8 +342,8 @@ def front_matter(run: Run, profile: Profile, name: str, license_id: str) -> dict
 
 def _info(config: str, schema: pa.Schema, files: list[str]) -> dict:
     rows = rows_in(files)
-    mem = sum(pq.ParquetFile(f).metadata.row_group(i).total_byte_size
-              for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups))
+    metas = [schemas.open_parquet(f).metadata for f in files]
+    mem = sum(md.row_group(i).total_byte_size for md in metas for i in range(md.num_row_groups))
     disk = sum(os.path.getsize(f) for f in files)
     return {"config_name": config, "features": hf_features(schema),
             "splits": [{"name": "train", "num_bytes": int(mem), "num_examples": int(rows)}],

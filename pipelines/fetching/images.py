@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import pyarrow.parquet as pq
 
-from filters.reasons import Reject
-from filters.urls import url_refusal
-from pipelines.childenv import child_env
-from pipelines.dedup import events_to_tags, key_by_doc_id, source_of
-from pipelines.hosts import HostResolver
-from pipelines.sink import stable_hash
-from pipelines.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
+from mmcorpus.filters.reasons import Reject, shorten
+from mmcorpus.filters.urls import url_refusal
+from mmcorpus.pipelines.runtime.childenv import child_env
+from mmcorpus.pipelines.interleaved.dedup import events_to_tags, key_by_doc_id, source_of
+from mmcorpus.pipelines.fetching.hosts import HostResolver
+from mmcorpus.pipelines.runtime.sink import stable_hash
+from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
 
 STAGE_FETCH = "fetch_images"
 IMAGE_URL_KIND = "image_urls"  # sink kind for the URL list: Kind("url", "image_urls", shards)
@@ -99,15 +99,15 @@ def group_of(url: str, groups: int) -> int:
 def _rules(cfg: FetchConfig):
     if cfg.rules is not None:
         return cfg.rules
-    from filters.documents import DocumentConfig
+    from mmcorpus.filters.documents import DocumentConfig
 
     return DocumentConfig()
 
 
 def assess(url: str, row: dict, cfg: FetchConfig) -> dict:
     """Outcome of one img2dataset result row: {"info": image_info} or {"reason", "detail"}."""
-    from filters.documents import check_decoded_image
-    from filters.imageinfo import inspect_image
+    from mmcorpus.filters.documents import check_decoded_image
+    from mmcorpus.filters.imageinfo import inspect_image
 
     status = row.get("status")
     if status != "success":
@@ -209,7 +209,7 @@ def run_img2dataset(options: str, cwd: str, budget: float, allow_private: bool =
 
 def _tail(output: str | None) -> str:
     lines = [line for line in (output or "").strip().splitlines() if line.strip()][-3:]
-    return (": " + " | ".join(lines))[:500] if lines else ""
+    return shorten(": " + " | ".join(lines), 500) if lines else ""
 
 
 def iter_rows(path: str, rows_per_batch: int = 64):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import glob
 import os
 
-from filters.imageinfo import DEFAULT_MAX_PIXELS
-from pipelines.errors import UserError
-from pipelines.runner import add_runner_args
+from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
+from mmcorpus.pipelines.errors import UserError
+from mmcorpus.pipelines.runtime.runner import add_runner_args
 
 HELP = "BLIP CapFilt: add synthetic captions to a pairs dataset and drop web/synthetic captions the ITM head rejects"
 DESCRIPTION = (
@@ -70,7 +70,7 @@ def input_files(path: str) -> list[str]:
 
 
 def check_inputs(files: list[str]) -> None:
-    import schemas
+    from mmcorpus import schemas
 
     for f in files:
         try:
@@ -81,7 +81,7 @@ def check_inputs(files: list[str]) -> None:
 
 def model_sources(cfg) -> dict:
     """Load both models once here: a clear error before the pipeline starts, and their source for stats."""
-    from pipelines.capfilt_models import Captioner, Matcher
+    from mmcorpus.pipelines.models.blip import Captioner, Matcher
 
     out = {}
     if cfg.num_captions > 0:
@@ -91,9 +91,9 @@ def model_sources(cfg) -> dict:
 
 
 def run(args) -> int:
-    from pipelines import capfilt
-    from pipelines.run import STATS, RunSpec, _write_json, execute
-    from pipelines.sink import Kind
+    from mmcorpus.pipelines.capfilt import stages as capfilt
+    from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
+    from mmcorpus.pipelines.runtime.sink import Kind
 
     if args.num_captions < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserError("--num-captions must be >= 0, --top-p in (0, 1], --max-new-tokens and --batch-size >= 1")

@@ -16,8 +16,8 @@ import os
 import pathlib
 import re
 
-from filters.reasons import Reject
-from pipelines.errors import UserError
+from mmcorpus.filters.reasons import Reject, shorten
+from mmcorpus.pipelines.errors import UserError
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz", ".xhtml.gz")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -117,7 +117,7 @@ def warc_records(fh, path: str, max_bytes: int):
             except StopIteration:
                 break
             except Exception as exc:  # fastwarc raises OSError/ValueError on bad headers and broken gzip
-                error = f"{type(exc).__name__}: {exc}"[:300]
+                error = shorten(f"{type(exc).__name__}: {exc}", 300)
                 break
             n, got = n + 1, got + 1
             pos = rec.stream_pos
@@ -127,7 +127,7 @@ def warc_records(fh, path: str, max_bytes: int):
             try:
                 item = warc_record(rec, source, max_bytes)
             except Exception as exc:  # a record whose headers or payload cannot be read
-                item = bad(source, "warc_invalid_record", f"{type(exc).__name__}: {exc}"[:500])
+                item = bad(source, "warc_invalid_record", shorten(f"{type(exc).__name__}: {exc}", 500))
             last_failed = item.get("_reject", ("",))[0] == "warc_invalid_record"
             yield item
         if error is None:

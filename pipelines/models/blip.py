@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.weights import HUB_HINT, WeightsMissing, load_hf
+from mmcorpus.trainer.weights import HUB_HINT, WeightsMissing, load_hf
 
 log = logging.getLogger("mmcorpus.capfilt")
 

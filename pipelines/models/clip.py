@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 
-from filters.reasons import Reject
-from pipelines.stage import COUNTS, KEPT, REJECTS, reject_output
+from mmcorpus.filters.reasons import Reject
+from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, reject_output
 
 STAGE_CLIP = "clip_score"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -61,7 +61,7 @@ def pick_device(device: str) -> str:
 
 def load_model(cfg: ClipConfig, device: str = "cpu"):
     """trainer.weights.Loaded for cfg; the random init is seeded so every worker builds the same model."""
-    from trainer.weights import load_open_clip, seeded
+    from mmcorpus.trainer.weights import load_open_clip, seeded
 
     with seeded(cfg.seed):
         return load_open_clip(cfg.model, cfg.pretrained, allow_random=cfg.allow_random, device=device)
@@ -110,7 +110,7 @@ class ClipScorer:
     def __init__(self, cfg: ClipConfig):
         import torch
 
-        from pipelines.capfilt_models import pick_dtype
+        from mmcorpus.pipelines.models.blip import pick_dtype
 
         if cfg.precision not in PRECISIONS or cfg.decode not in DECODERS:
             raise ValueError(f"precision must be one of {PRECISIONS} and decode one of {DECODERS}")
@@ -135,7 +135,7 @@ class ClipScorer:
 
     # -- images -> tensors --------------------------------------------------------------------------------
     def _cpu_tensor(self, data: bytes):
-        from filters.imageinfo import to_rgb
+        from mmcorpus.filters.imageinfo import to_rgb
 
         try:
             return self.preprocess(to_rgb(data))

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-import schemas
-from pipelines.errors import UserError
+from mmcorpus.filters.reasons import shorten
+from mmcorpus import schemas
+from mmcorpus.pipelines.errors import UserError
 
 KINDS = ("interleaved", "pairs", "coco", "img2dataset", "table")
 TABLE_EXTS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -62,9 +63,13 @@ def parse_source(text: str) -> tuple[str, str]:
 
 
 def _parquet_schema_name(path: str) -> str | None:
+    """The mmcorpus schema a Parquet file holds, None for a readable file of someone else's; a damaged file is a
+    UserError naming it."""
     try:
         return schemas.read_schema_name(path)[0]
-    except Exception:  # noqa: BLE001 - not an mmcorpus file
+    except schemas.SchemaError as exc:
+        if "not a readable Parquet file" in str(exc):
+            raise UserError(f"source {exc}") from None
         return None
 
 
@@ -131,7 +136,7 @@ def _pair(name, ref, idx, caption, source, url=None, path=None, data=None, meta=
 
 
 def _bad(source: str, detail: str) -> dict:
-    return {"_bad": source, "_detail": detail[:500]}
+    return {"_bad": source, "_detail": shorten(detail)}
 
 
 class BadRecord(ValueError):
@@ -195,7 +200,7 @@ def _records_to_pairs(base, records, make, bad_prefix=""):
 def parquet_rows(path: str, columns: list[str] | None = None, batch_size: int = 256):
     """(row index, row dict) of a Parquet file, streamed a batch at a time. A row group that breaks off yields
     (index, BadRecord) for each row it could not deliver; the next row groups are still read."""
-    f = pq.ParquetFile(path)
+    f = schemas.open_parquet(path)
     start = 0
     for g in range(f.num_row_groups):
         n = f.metadata.row_group(g).num_rows
@@ -206,7 +211,7 @@ def parquet_rows(path: str, columns: list[str] | None = None, batch_size: int = 
                     yield start + done, row
                     done += 1
         except Exception as exc:  # noqa: BLE001 - corrupt pages, missing columns: the rows are rejects
-            why = BadRecord(f"row group {g} unreadable: {type(exc).__name__}: {exc}"[:400])
+            why = BadRecord(shorten(f"row group {g} unreadable: {type(exc).__name__}: {exc}", 400))
             for i in range(start + done, start + n):
                 yield i, why
         start += n
@@ -495,7 +500,7 @@ def row_key_prefix(task) -> str:
 def read_task(task, include_context: bool = False):
     """Raw pairs of one read task, each with a unique `row_key`; unreadable rows come as
     {"_bad": source, "_detail": why}. A repeated image_id within the file gets "~ORDINAL" appended."""
-    from pipelines.sink import stable_hash
+    from mmcorpus.pipelines.runtime.sink import stable_hash
 
     prefix = row_key_prefix(task)
     seen: set[int] = set()

@@ -14,8 +14,8 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.childenv import children_started_with
-from pipelines.errors import UserError
+from mmcorpus.pipelines.runtime.childenv import children_started_with
+from mmcorpus.pipelines.errors import UserError
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 

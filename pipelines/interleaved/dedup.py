@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 
-from filters import minhash
-from filters.reasons import Reject
-from pipelines.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, reject_output, split_tags
+from mmcorpus.filters import minhash
+from mmcorpus.filters.reasons import Reject
+from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, reject_output, split_tags
 
 STAGE_EXACT = "dedup_exact"
 STAGE_NEAR = "dedup_near"

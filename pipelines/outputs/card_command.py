@@ -28,8 +28,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import os
 
-    from pipelines.card import write_card
-    from pipelines.errors import UserError
+    from mmcorpus.pipelines.outputs.card import write_card
+    from mmcorpus.pipelines.errors import UserError
 
     if args.train_report and not os.path.isfile(args.train_report):
         raise UserError(f"--train-report {args.train_report!r} does not exist")

@@ -7,8 +7,8 @@ import os
 
 import apache_beam as beam
 
-from pipelines.errors import UserError
-from pipelines.runner import add_runner_args
+from mmcorpus.pipelines.errors import UserError
+from mmcorpus.pipelines.runtime.runner import add_runner_args
 
 HELP = "build interleaved image-text web documents (M3W/OBELICS style) from WARCs, HTML folders or URL lists"
 DESCRIPTION = (
@@ -66,7 +66,7 @@ def source_of(item) -> str:
 
 
 def read_record(rec):
-    from filters.reasons import Reject
+    from mmcorpus.filters.reasons import Reject
 
     if "_reject" in rec:
         return Reject(*rec["_reject"])
@@ -74,7 +74,7 @@ def read_record(rec):
 
 
 def decode_record(rec):
-    from pipelines.sources import decode_page
+    from mmcorpus.pipelines.interleaved.sources import decode_page
 
     return decode_page(rec)
 
@@ -84,7 +84,7 @@ def doc_id_of(url: str | None, source: str) -> str:
 
 
 def extract_record(rec):
-    from filters.extract import extract
+    from mmcorpus.filters.extract import extract
 
     result = extract(rec["html"], rec.get("url"))
     if not isinstance(result, tuple):
@@ -105,9 +105,9 @@ class DocStep:
         self.cfg = cfg
 
     def __call__(self, doc):
-        from filters import documents as d
-        from filters.reasons import Reject
-        from pipelines.stage import Count, ItemReject
+        from mmcorpus.filters import documents as d
+        from mmcorpus.filters.reasons import Reject
+        from mmcorpus.pipelines.runtime.stage import Count, ItemReject
 
         if self.name == STAGE_LANGUAGE:
             return d.identify_language(doc, self.cfg)
@@ -129,7 +129,7 @@ class DocStep:
 
 
 def to_row(doc) -> tuple[str, str, dict]:
-    import schemas
+    from mmcorpus import schemas
 
     meta = {k: v for k, v in (doc.get("metadata") or {}).items() if not k.startswith("_")}
     infos = [None if i is None else {k: i.get(k) for k in INFO_KEYS} for i in doc["image_info"]]
@@ -146,10 +146,10 @@ def load_config(path: str | None):
     """YAML -> (DocumentConfig, DedupConfig, FetchConfig, PageFetchConfig); UserError naming the file on any problem."""
     import dataclasses
 
-    from filters.documents import DocumentConfig
-    from pipelines.dedup import DedupConfig
-    from pipelines.fetch import PageFetchConfig
-    from pipelines.images import FetchConfig
+    from mmcorpus.filters.documents import DocumentConfig
+    from mmcorpus.pipelines.interleaved.dedup import DedupConfig
+    from mmcorpus.pipelines.fetching.pages import PageFetchConfig
+    from mmcorpus.pipelines.fetching.images import FetchConfig
 
     raw: dict = {}
     if path:
@@ -195,7 +195,7 @@ def document_stages(dedup_cfg) -> list[str]:
     """Document-level stages in order. Every stage that drops images is followed by an image count, so a
     document written always holds images.min_per_doc..max_per_doc images: image_count after the URL rules and
     the fetch (failures, decoded-size rules), image_count_after_dedup after dedup_images."""
-    from pipelines.dedup import document_stages as dedup_stages
+    from mmcorpus.pipelines.interleaved.dedup import document_stages as dedup_stages
 
     recount = [STAGE_IMAGE_RECOUNT] if dedup_cfg.images else []
     return [STAGE_READ, STAGE_DECODE, STAGE_EXTRACT, STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY,
@@ -203,11 +203,11 @@ def document_stages(dedup_cfg) -> list[str]:
 
 
 def build(p, items, opts):
-    from pipelines.dedup import dedup_documents
-    from pipelines.fetch import fetch_url_lists
-    from pipelines.images import fetch_images
-    from pipelines.sources import read_items
-    from pipelines.stage import Collector
+    from mmcorpus.pipelines.interleaved.dedup import dedup_documents
+    from mmcorpus.pipelines.fetching.pages import fetch_url_lists
+    from mmcorpus.pipelines.fetching.images import fetch_images
+    from mmcorpus.pipelines.interleaved.sources import read_items
+    from mmcorpus.pipelines.runtime.stage import Collector
 
     doc_cfg, dedup_cfg, fetch_cfg = opts["doc"], opts["dedup"], opts["fetch"]
     c = Collector()
@@ -241,8 +241,8 @@ def write_m3w(out_dir: str, kind) -> int:
 
     import pyarrow.parquet as pq
 
-    from filters.m3w import render_m3w
-    from pipelines.sink import shard_files
+    from mmcorpus.filters.m3w import render_m3w
+    from mmcorpus.pipelines.runtime.sink import shard_files
 
     folder = os.path.join(out_dir, "m3w")
     os.makedirs(folder, exist_ok=True)
@@ -259,9 +259,9 @@ def write_m3w(out_dir: str, kind) -> int:
 
 
 def run(args) -> int:
-    from pipelines.run import RunSpec, execute
-    from pipelines.sink import Kind
-    from pipelines.sources import expand_sources
+    from mmcorpus.pipelines.runtime.run import RunSpec, execute
+    from mmcorpus.pipelines.runtime.sink import Kind
+    from mmcorpus.pipelines.interleaved.sources import expand_sources
 
     if args.num_shards < 1:
         raise UserError("--num-shards must be at least 1")

@@ -9,9 +9,9 @@ import os
 
 import apache_beam as beam
 
-from filters.imageinfo import DEFAULT_MAX_PIXELS
-from pipelines.errors import UserError
-from pipelines.runner import add_runner_args
+from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
+from mmcorpus.pipelines.errors import UserError
+from mmcorpus.pipelines.runtime.runner import add_runner_args
 
 HELP = "build image-text pairs (ALIGN/LTIP style), CLIP-score, filter and dedupe them"
 DESCRIPTION = (
@@ -101,7 +101,7 @@ def add_arguments(parser) -> None:
 # ---- stage functions (module level: workers import them by name) ----------------------------------------
 
 def to_candidate(row):
-    from filters.reasons import Reject
+    from mmcorpus.filters.reasons import Reject
 
     if "_bad" in row:
         return Reject("read_failed", row["_detail"])
@@ -119,7 +119,7 @@ class CaptionStage:
         self.cfg = cfg
 
     def __call__(self, row):
-        from filters.captions import check_caption
+        from mmcorpus.filters.captions import check_caption
 
         result = check_caption(row["caption"], self.cfg)
         return result if not isinstance(result, str) else dict(row, caption=result)
@@ -131,9 +131,9 @@ class ImageStage:
         self.transforms = transforms
 
     def __call__(self, row):
-        from filters.imageinfo import inspect_image
-        from filters.reasons import Reject
-        from pipelines.pairs_sources import load_bytes
+        from mmcorpus.filters.imageinfo import inspect_image
+        from mmcorpus.filters.reasons import Reject
+        from mmcorpus.pipelines.pairs.sources import load_bytes
 
         if row.get("_fetch_error"):
             return Reject(row["_fetch_reason"], row["_fetch_error"])
@@ -159,7 +159,7 @@ class Threshold:
         self.minimum = minimum
 
     def __call__(self, row):
-        from filters.reasons import Reject
+        from mmcorpus.filters.reasons import Reject
 
         if row["clip_score"] >= self.minimum:
             return row
@@ -179,9 +179,9 @@ class FetchGroup(beam.DoFn):
         self.allow_private = allow_private
 
     def process(self, element):
-        from filters.urls import url_refusal
-        from pipelines.hosts import HostResolver
-        from pipelines.images import FetchConfig, download_batch
+        from mmcorpus.filters.urls import url_refusal
+        from mmcorpus.pipelines.fetching.hosts import HostResolver
+        from mmcorpus.pipelines.fetching.images import FetchConfig, download_batch
 
         _, rows = element
         rows = sorted(rows, key=lambda r: (r["image_ref"], r["row_key"]))
@@ -211,7 +211,7 @@ class FetchGroup(beam.DoFn):
 
 
 def _group_of(row, groups):
-    from pipelines.sink import stable_hash
+    from mmcorpus.pipelines.runtime.sink import stable_hash
 
     return stable_hash(row["url"]) % groups, row
 
@@ -227,7 +227,7 @@ def _remote_only(row):
 
 
 def output_row(row, store_embeddings: bool):
-    import schemas
+    from mmcorpus import schemas
 
     out = {
         "image_id": row["image_id"], "url": row.get("url"), "image_bytes": row["_data"],
@@ -242,7 +242,7 @@ def output_row(row, store_embeddings: bool):
 
 
 def _batch_key(row, groups):
-    from pipelines.sink import stable_hash
+    from mmcorpus.pipelines.runtime.sink import stable_hash
 
     return stable_hash(row["image_ref"]) % groups, row  # an image's captions share a group: embedded once
 
@@ -262,9 +262,10 @@ def _score_bins(row):
 # ---- wiring ---------------------------------------------------------------------------------------------
 
 def build(p, opts: dict):
-    from pipelines import pair_dedup, pairs_sources
-    from pipelines.clip_score import ScoreBatches
-    from pipelines.stage import Collector
+    from mmcorpus.pipelines.pairs import dedup as pair_dedup
+    from mmcorpus.pipelines.pairs import sources as pairs_sources
+    from mmcorpus.pipelines.models.clip import ScoreBatches
+    from mmcorpus.pipelines.runtime.stage import Collector
 
     c = Collector()
     raw = (p | "Tasks" >> beam.Create(opts["tasks"])
@@ -302,7 +303,7 @@ def build(p, opts: dict):
 
 def eval_references(folder: str, max_pixels: int) -> tuple[list[tuple[str, str, str]], int]:
     """(name, sha256, phash) of every decodable image under `folder`, and how many files were skipped."""
-    from filters.imageinfo import ImageInfo, inspect_image
+    from mmcorpus.filters.imageinfo import ImageInfo, inspect_image
 
     if not os.path.isdir(folder):
         raise UserError(f"--decontaminate {folder!r} is not a folder")
@@ -341,11 +342,12 @@ def histogram(stages: list[dict], kept_scores: list[float]) -> dict:
 def run(args) -> int:
     import pyarrow.parquet as pq
 
-    from filters.captions import CaptionConfig
-    from pipelines import pair_dedup, pairs_sources
-    from pipelines.clip_score import STAGE_CLIP, ClipConfig, load_model
-    from pipelines.run import STATS, RunSpec, _write_json, execute
-    from pipelines.sink import Kind, shard_files
+    from mmcorpus.filters.captions import CaptionConfig
+    from mmcorpus.pipelines.pairs import dedup as pair_dedup
+    from mmcorpus.pipelines.pairs import sources as pairs_sources
+    from mmcorpus.pipelines.models.clip import STAGE_CLIP, ClipConfig, load_model
+    from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
+    from mmcorpus.pipelines.runtime.sink import Kind, shard_files
 
     if args.keep_top_fraction is not None and not 0 < args.keep_top_fraction <= 1:
         raise UserError("--keep-top-fraction must be in (0, 1]")

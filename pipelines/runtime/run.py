@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 import pyarrow.parquet as pq
 
-import schemas
-from pipelines import progress
-from pipelines.errors import RunCheckError, UserError
-from pipelines.runner import pipeline_options
-from pipelines.sink import TMP_DIR, Kind, WriteAll, count_rows, shard_files, shard_name
+from mmcorpus import schemas
+from mmcorpus.pipelines.runtime import progress
+from mmcorpus.pipelines.errors import RunCheckError, UserError
+from mmcorpus.pipelines.runtime.runner import pipeline_options
+from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind, WriteAll, count_rows, shard_files, shard_name
 
 RUN_FILE = "_run.json"
 SUCCESS = "_SUCCESS"
@@ -263,7 +263,7 @@ def execute(spec: RunSpec, args, build) -> dict:
 
 def command_line() -> list[str]:
     """The command as typed (`mmcorpus ...`) when run through the CLI, else the process's argv."""
-    cli = sys.modules.get("pipelines.cli")
+    cli = sys.modules.get("mmcorpus.pipelines.cli")
     return list(getattr(cli, "ARGV", None) or sys.argv)
 
 

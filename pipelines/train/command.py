@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from pipelines.errors import UserError
+from mmcorpus.pipelines.errors import UserError
 
 HELP = "train a small Flamingo on a mixture of pair/interleaved datasets and write report.json + plots"
 DESCRIPTION = (
@@ -34,8 +34,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from trainer import train as T
-    from trainer.data import DataError
+    from mmcorpus.trainer import train as T
+    from mmcorpus.trainer.data import DataError
 
     try:
         cfg = T.load_config(args.config)

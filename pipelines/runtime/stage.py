@@ -14,8 +14,8 @@ from typing import Any
 
 import apache_beam as beam
 
-from filters.reasons import Reject
-from pipelines import progress
+from mmcorpus.filters.reasons import Reject, shorten
+from mmcorpus.pipelines.runtime import progress
 
 KEPT = "kept"
 REJECTS = "rejects"
@@ -23,7 +23,7 @@ COUNTS = "counts"
 
 
 def reject_row(stage: str, reject: Reject, source: str) -> dict:
-    return {"stage": stage, "reason": reject.reason, "source": source, "detail": reject.detail[:2000]}
+    return {"stage": stage, "reason": reject.reason, "source": source, "detail": shorten(reject.detail)}
 
 
 def reject_output(stage: str, reject: Reject, source: str) -> tuple[str, str, dict]:

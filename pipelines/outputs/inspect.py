@@ -25,8 +25,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipelines.card import data_files
-    from pipelines.errors import UserError
+    from mmcorpus.pipelines.outputs.card import data_files
+    from mmcorpus.pipelines.errors import UserError
 
     if not os.path.isdir(args.out):
         raise UserError(f"{args.out!r} is not a folder")
@@ -43,13 +43,13 @@ def run(args) -> int:
 
 
 def _schema(files):
-    import schemas
+    from mmcorpus import schemas
 
     return schemas.read_schema_name(files[0])[0] if files else None
 
 
 def kept_rows(files: list[str], n: int, max_chars: int) -> str:
-    import pyarrow.parquet as pq
+    from mmcorpus import schemas
 
     kind = _schema(files)
     if kind is None:
@@ -60,11 +60,11 @@ def kept_rows(files: list[str], n: int, max_chars: int) -> str:
     else:
         cols = ["image_id", "url", "image_path", "caption", "caption_source", "clip_score", "itm_score", "width",
                 "height", "source_dataset"]
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    total = sum(schemas.open_parquet(f).metadata.num_rows for f in files)
     out = [f"== {min(n, total)} of {total:,} kept {'documents' if kind == 'interleaved' else 'pairs'} ==", ""]
     shown = 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=max(n, 1), columns=cols):
+        for batch in schemas.iter_batches(f, batch_size=max(n, 1), columns=cols):
             for row in batch.to_pylist():
                 if shown >= n:
                     return "\n".join(out)
@@ -74,7 +74,7 @@ def kept_rows(files: list[str], n: int, max_chars: int) -> str:
 
 
 def document(row: dict, max_chars: int) -> list[str]:
-    from filters.m3w import render_m3w
+    from mmcorpus.filters.m3w import render_m3w
 
     infos = [i for i in row["image_info"] or [] if i is not None]
     n_img = sum(i is not None for i in row["images"])
@@ -102,12 +102,12 @@ def pair(row: dict) -> list[str]:
 
 
 def reject_report(files: list[str], reason: str | None, examples: int) -> str:
-    import pyarrow.parquet as pq
+    from mmcorpus import schemas
 
     counts: collections.Counter = collections.Counter()
     samples: dict = collections.defaultdict(list)
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["stage", "reason", "source", "detail"]):
+        for batch in schemas.iter_batches(f, columns=["stage", "reason", "source", "detail"]):
             d = batch.to_pydict()
             for stage, r, source, detail in zip(d["stage"], d["reason"], d["source"], d["detail"]):
                 if reason is not None and r != reason:

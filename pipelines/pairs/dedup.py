@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 
-from filters import phash_index
-from filters.imageinfo import TRANSFORMS
-from filters.reasons import Reject
-from pipelines.stage import COUNTS, KEPT, REJECTS, reject_output, split_tags
+from mmcorpus.filters import phash_index
+from mmcorpus.filters.imageinfo import TRANSFORMS
+from mmcorpus.filters.reasons import Reject
+from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, reject_output, split_tags
 
 STAGE_TOP = "clip_filter"
 STAGE_EXACT = "dedup_exact"
@@ -318,7 +318,7 @@ class _SemanticGroups(beam.DoFn):
         members = sorted((m for m in members if m[1][4]), key=lambda m: m[0])
         if len(members) < 2:
             return
-        from pipelines.clip_score import embedding
+        from mmcorpus.pipelines.models.clip import embedding
 
         emb = np.stack([embedding(m[1][4]) for m in members])
         ranks = [m[1][0] for m in members]

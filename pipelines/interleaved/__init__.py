@@ -1,0 +1,1 @@
+"""One pipeline: Common Crawl WARCs, URL lists and HTML folders -> interleaved documents (OBELICS/M3W style)."""

@@ -1,0 +1,1 @@
+"""Model runners used by the pipelines: open_clip scoring and embeddings, BLIP captioning and ITM."""

@@ -1,0 +1,1 @@
+"""What reads a finished output: the dataset card and its plots, `mmcorpus inspect`."""

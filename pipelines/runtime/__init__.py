@@ -1,0 +1,1 @@
+"""Shared run machinery: stages and their counters, the sink, runner options, the run check, progress."""

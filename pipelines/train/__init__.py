@@ -1,0 +1,1 @@
+"""The `mmcorpus train` command; the loader, model, loop and report are mmcorpus.trainer."""
