@@ -133,6 +133,25 @@ def _open_checked(data, max_pixels: int):
     return img, None
 
 
+def check_decodes(data, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int] | Reject:
+    """(PIL format name, width, height) of an image whose bytes decode, or a Reject (image_decode_failed,
+    image_too_large). A JPEG is decoded at 1/8 scale (PIL draft: the whole entropy-coded stream is still read,
+    so truncation and corruption are found, at a fraction of a full decode); other formats fully."""
+    img, problem = _open_checked(data, max_pixels)
+    if problem is not None:
+        return problem
+    fmt, width, height = img.format or "", img.width, img.height
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "JPEG":
+                img.draft("L", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except Exception as exc:  # noqa: BLE001
+        return Reject("image_decode_failed", f"{fmt or 'unknown'} {width}x{height}: {type(exc).__name__}: {exc}")
+    return fmt, width, height
+
+
 def _decoded_rgb(img):
     """`_loaded_rgb` with PIL's warnings silenced (LOAD_TRUNCATED_IMAGES stays False: truncation still raises)."""
     with warnings.catch_warnings():
