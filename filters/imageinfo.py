@@ -133,14 +133,31 @@ def _open_checked(data, max_pixels: int):
     return img, None
 
 
-def check_decodes(data, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int] | Reject:
-    """(PIL format name, width, height) of an image whose bytes decode, or a Reject (image_decode_failed,
-    image_too_large). A JPEG is decoded at 1/8 scale (PIL draft: the whole entropy-coded stream is still read,
-    so truncation and corruption are found, at a fraction of a full decode); other formats fully."""
+def _ends_whole(data: bytes, fmt: str) -> bool:
+    """Whether the bytes reach the format's end marker (JPEG EOI, PNG IEND, the RIFF size of a WebP): a cut-off
+    file fails this without a pixel decoded. Other formats pass."""
+    if fmt == "JPEG":
+        return b"\xff\xd9" in data[-4096:]  # encoders and editors may leave bytes after the end marker
+    if fmt == "PNG":
+        return b"IEND" in data[-64:]
+    if fmt == "WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return True
+
+
+def check_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False) -> tuple[str, int, int] | Reject:
+    """(PIL format name, width, height) of image bytes that pass, or a Reject (image_decode_failed,
+    image_too_large). Without `decode`: the header, the pixel guard and the format's end marker (catches
+    random bytes and truncation, no pixel decoded). With `decode`: the pixels too; a JPEG at 1/8 scale (PIL
+    draft: the whole entropy-coded stream is still read, so corruption inside is found)."""
     img, problem = _open_checked(data, max_pixels)
     if problem is not None:
         return problem
     fmt, width, height = img.format or "", img.width, img.height
+    if not decode:
+        if not _ends_whole(bytes(data), fmt):
+            return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
+        return fmt, width, height
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -22,8 +22,8 @@ DESCRIPTION = (
     "index and _stats.json, as img2dataset writes. --format hf: OUT/data/part-*.parquet whose image columns are "
     "Hugging Face datasets Image features (bytes embedded) and OUT/README.md with the matching dataset_info and "
     "configs, so datasets.load_dataset(OUT) gives PIL images; ready for push_to_hub. Rows without image bytes "
-    "(a --no-images run) are rejects (no_image_bytes), images that do not decode image_decode_failed; images "
-    "are written as stored unless --image-format jpg re-encodes the non-JPEG ones."
+    "(a --no-images run) are rejects (no_image_bytes), images that do not decode (or are cut off) image_decode_failed; "
+    "images are written as stored unless --image-format jpg re-encodes the non-JPEG ones."
 )
 FORMATS = ("webdataset", "hf")
 
@@ -40,6 +40,10 @@ def add_arguments(parser) -> None:
                         help="keep: images exactly as stored; jpg: re-encode non-JPEG images as JPEG")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels are rejects (image_too_large)")
+    parser.add_argument("--decode-check", action="store_true",
+                        help="decode every image's pixels (JPEG at 1/8 scale) to find corruption inside the data; "
+                             "default: header, pixel guard and end marker (random bytes and cut-off files), which "
+                             "is what the pipelines' own decode check leaves to find")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished export in --output")
     add_runner_args(parser)
 
@@ -122,12 +126,13 @@ def run(args) -> int:
     kind, files = source_files(args.source)
     total = sum(n for _, n in files)
     shards = max(1, math.ceil(total / args.samples_per_shard))
-    cfg = ExportConfig(kind=kind, image_format=args.image_format, max_pixels=args.max_pixels)
+    cfg = ExportConfig(kind=kind, image_format=args.image_format, max_pixels=args.max_pixels,
+                       decode_check=args.decode_check)
     writer = (TarShard if args.format == "webdataset" else HfShard)(cfg, args.samples_per_shard, total)
     spec = RunSpec(command="export", out_dir=args.output,
                    config={"source": os.path.abspath(args.source), "format": args.format, "kind": kind,
                            "samples_per_shard": args.samples_per_shard, "image_format": args.image_format,
-                           "max_pixels": args.max_pixels},
+                           "max_pixels": args.max_pixels, "decode_check": args.decode_check},
                    inputs=[f for f, _ in files],
                    kinds={"data": Kind("export_index", "data", shards, writer, args.samples_per_shard)},
                    stages=[pipeline.STAGE], overwrite=args.overwrite)

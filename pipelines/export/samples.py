@@ -21,7 +21,7 @@ import io
 import json
 from dataclasses import dataclass
 
-from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS, check_decodes, decode_rgb
+from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS, check_image, decode_rgb
 from mmcorpus.filters.reasons import Reject
 
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -37,6 +37,7 @@ class ExportConfig:
     kind: str  # "pair" | "interleaved" (the source's schema)
     image_format: str = "keep"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_check: bool = False  # decode every image's pixels, not only its header and end marker
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,13 @@ class Image:
         return hashlib.sha256(self.data).hexdigest()
 
 
-def prepare_image(data: bytes | None, cfg: ExportConfig) -> Image | Reject:
+def prepare_image(data: bytes | None, cfg: ExportConfig, checked: bool = False) -> Image | Reject:
     """The bytes to write: as stored, or (image_format jpg) non-JPEG images decoded and re-encoded as RGB JPEG.
-    Bytes that do not decode are a Reject, never a sample."""
+    Bytes that fail the check are a Reject, never a sample. `checked`: the export stage checked these bytes
+    already (the writers), so only the header is read again."""
     if not data:
         return Reject("no_image_bytes", "the row stores no image bytes")
-    found = check_decodes(data, cfg.max_pixels)
+    found = check_image(data, cfg.max_pixels, decode=cfg.decode_check and not checked)
     if isinstance(found, Reject):
         return found
     fmt, width, height = found
@@ -72,13 +74,13 @@ def prepare_image(data: bytes | None, cfg: ExportConfig) -> Image | Reject:
     return Image(buf.getvalue(), "jpg", rgb.width, rgb.height, width, height)
 
 
-def doc_images(row: dict, cfg: ExportConfig) -> list[Image] | Reject:
+def doc_images(row: dict, cfg: ExportConfig, checked: bool = False) -> list[Image] | Reject:
     """The images of a document in order; the whole document is a Reject when one lacks bytes or fails."""
     out = []
     for pos, (url, info) in enumerate(zip(row["images"], row.get("image_info") or [None] * len(row["images"]))):
         if url is None:
             continue
-        image = prepare_image((info or {}).get("bytes"), cfg)
+        image = prepare_image((info or {}).get("bytes"), cfg, checked)
         if isinstance(image, Reject):
             return Reject(image.reason, f"image at position {pos} ({url}): {image.detail}")
         out.append(image)
@@ -146,24 +148,24 @@ def doc_json(row: dict, key: str, images: list[Image]) -> dict:
 
 
 def wds_members(row: dict, key: str, cfg: ExportConfig) -> list[tuple[str, bytes]] | Reject:
-    """(member name, bytes) of one sample, in tar order."""
+    """(member name, bytes) of one sample, in tar order (of a row the export stage checked)."""
     if cfg.kind == "pair":
-        image = prepare_image(row.get("image_bytes"), cfg)
+        image = prepare_image(row.get("image_bytes"), cfg, checked=True)
         if isinstance(image, Reject):
             return image
         meta = json.dumps(pair_json(row, key, image), ensure_ascii=False, sort_keys=False)
         return [(f"{key}.{image.ext}", image.data), (f"{key}.txt", (row.get("caption") or "").encode()),
                 (f"{key}.json", meta.encode())]
-    images = doc_images(row, cfg)
+    images = doc_images(row, cfg, checked=True)
     if isinstance(images, Reject):
         return images
     return [(f"{key}.json", json.dumps(doc_json(row, key, images), ensure_ascii=False).encode())]
 
 
 def hf_row(row: dict, key: str, cfg: ExportConfig) -> dict | Reject:
-    """One row of a Hugging Face shard (schema hf_pair or hf_interleaved)."""
+    """One row of a Hugging Face shard (schema hf_pair or hf_interleaved), of a row the export stage checked."""
     if cfg.kind == "pair":
-        image = prepare_image(row.get("image_bytes"), cfg)
+        image = prepare_image(row.get("image_bytes"), cfg, checked=True)
         if isinstance(image, Reject):
             return image
         return {"image": {"bytes": image.data, "path": f"{key}.{image.ext}"}, "caption": row.get("caption"),
@@ -171,7 +173,7 @@ def hf_row(row: dict, key: str, cfg: ExportConfig) -> dict | Reject:
                 "width": image.width, "height": image.height, "sha256": image.sha256,
                 "clip_score": row.get("clip_score"), "itm_score": row.get("itm_score"),
                 "source_dataset": row.get("source_dataset"), "key": key}
-    images = doc_images(row, cfg)
+    images = doc_images(row, cfg, checked=True)
     if isinstance(images, Reject):
         return images
     it = iter(enumerate(images))

@@ -8,6 +8,7 @@ image bytes beyond one row group per writing worker, whatever the number of samp
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
@@ -37,7 +38,7 @@ def source_rows(index_rows: list[dict], columns: list[str]):
                 n += pf.metadata.row_group(g).num_rows
             groups, cached = starts, (None, None)
         row = ref["source_row"]
-        g = max(i for i, s in enumerate(groups) if s <= row)
+        g = bisect.bisect_right(groups, row) - 1
         if cached[0] != g:
             try:
                 cached = (g, pf.read_row_group(g, columns=columns).to_pylist())
