@@ -8,6 +8,7 @@ import base64
 import collections
 import glob
 import http.server
+import io
 import json
 import os
 import shutil
@@ -144,6 +145,7 @@ def test_pairs_hf_folder_loads_with_datasets(pairs_run, tmp_path):
     assert front["dataset_info"]["splits"][0]["num_examples"] == len(ds)
 
 
+@pytest.mark.slow
 def test_photo_stories_mmc4_obelics_and_hf(stories_run, tmp_path):
     import datasets
     import webdataset as wds
@@ -180,6 +182,7 @@ def test_photo_stories_mmc4_obelics_and_hf(stories_run, tmp_path):
         assert all(img.size[0] > 0 for img in row["images"] if img is not None)
 
 
+@pytest.mark.slow
 def test_trainer_reads_the_webdataset_export(pairs_run, stories_run, assets, tmp_path):  # noqa: F811
     tok, tf = load_tok(assets), D.image_transform(64)
     for source, kind in ((pairs_run, "pair"), (stories_run, "interleaved")):
@@ -207,7 +210,10 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
-def test_bad_inputs(pairs_run, tmp_path_factory, shared_data, tmp_path, capsys):
+def test_bad_inputs_and_image_formats(pairs_run, tmp_path_factory, shared_data, tmp_path, capsys):
+    import webdataset as wds
+    from PIL import Image
+
     # not an mmcorpus output
     err = one_line_error(capsys, ["export", str(shared_data / "coco-mini"), "--format", "hf", "-o", str(tmp_path / "x")])
     assert "not an mmcorpus output" in err
@@ -230,12 +236,27 @@ def test_bad_inputs(pairs_run, tmp_path_factory, shared_data, tmp_path, capsys):
     rows = schemas.read_table(str(shard), "pair").to_pylist()
     rows[0]["image_bytes"] = b"\xff\xd8\xff\xe0 not a jpeg at all"
     rows[1]["image_bytes"] = rows[1]["image_bytes"][: len(rows[1]["image_bytes"]) // 2]
+    png = io.BytesIO()  # and a PNG: written as stored, or re-encoded on request
+    Image.open(io.BytesIO(rows[2]["image_bytes"])).save(png, format="PNG")
+    rows[2]["image_bytes"] = png.getvalue()
     pq.write_table(schemas.to_table(rows, "pair"), shard)
-    assert export(bad, tmp_path / "bad-out", "webdataset") == 0
-    st = stats(tmp_path / "bad-out")
-    rejects = pq.read_table(tmp_path / "bad-out" / "rejects").to_pylist()
-    assert collections.Counter(r["reason"] for r in rejects) == {"image_decode_failed": 2}
-    assert st["totals"]["read"] == st["totals"]["written"] + st["totals"]["rejected"] == len(source_rows(bad))
+    src = {r["image_id"]: r for r in source_rows(bad)}
+    for image_format in ("keep", "jpg"):
+        out = tmp_path / f"bad-out-{image_format}"
+        assert export(bad, out, "webdataset", "--image-format", image_format) == 0
+        st = stats(out)
+        rejects = pq.read_table(out / "rejects").to_pylist()
+        assert collections.Counter(r["reason"] for r in rejects) == {"image_decode_failed": 2}
+        assert st["totals"]["read"] == st["totals"]["written"] + st["totals"]["rejected"] == len(src)
+        for sample in wds.WebDataset(tar_urls(out), shardshuffle=False):
+            meta = json.loads(sample["json"])
+            if meta["image_id"] != rows[2]["image_id"]:
+                assert sample["jpg"] == src[meta["image_id"]]["image_bytes"]
+            elif image_format == "keep":
+                assert "jpg" not in sample and sample["png"] == png.getvalue()
+            else:
+                assert "png" not in sample and Image.open(io.BytesIO(sample["jpg"])).format == "JPEG"
+                assert (meta["width"], meta["height"]) == Image.open(io.BytesIO(png.getvalue())).size
 
 
 def test_rows_without_image_bytes_are_rejects(tmp_path_factory, shared_data, tmp_path):
