@@ -222,6 +222,7 @@ def test_bad_inputs_and_image_formats(pairs_run, tmp_path_factory, shared_data, 
     assert export(pairs_run, out, "hf") == 0
     assert "already holds a finished run" in one_line_error(
         capsys, ["export", str(pairs_run), "--format", "hf", "-o", str(out)])
+    assert "card the output it was exported from" in one_line_error(capsys, ["card", str(out)])
     # a truncated shard
     broken = tmp_path / "broken"
     shutil.copytree(pairs_run, broken)
