@@ -9,6 +9,7 @@
 #   capfilt:     synthetic captions + ITM filter over those pairs
 #   train:       a small Flamingo on the photo stories + pairs + CapFilt mixture (Flamingo's M3W 1.0 /
 #                ALIGN 0.2 / LTIP 0.2 weights), with its informativeness report
+#   export:      pairs and photo stories as WebDataset tars and Hugging Face folders, read back
 #   card:        a dataset card per output
 # No model hub is reachable, so every model runs from a tiny config with random weights
 # (--allow-random-weights; the stats, cards and report say so). Scores and captions are therefore noise;
@@ -70,6 +71,13 @@ step "train a compact Flamingo on the mixture"
 rm -rf "$OUT/train"
 $MM train --config "$OUT/models/train.yaml" --output "$OUT/train" --allow-random-weights
 
+step "export pairs and photo stories to WebDataset tars and Hugging Face folders, read back"
+for NAME in pairs stories; do
+  $MM export "$OUT/$NAME" --format webdataset --samples-per-shard 100 --output "$OUT/export/$NAME/webdataset" --overwrite
+  $MM export "$OUT/$NAME" --format hf --samples-per-shard 100 --output "$OUT/export/$NAME/hf" --overwrite
+done
+.venv/bin/python demo/read_exports.py "$OUT/pairs" "$OUT/export/pairs" "$OUT/stories" "$OUT/export/stories"
+
 step "dataset cards"
 $MM card "$OUT/interleaved" --name mmcorpus-demo-interleaved \
   --description "Documents from Common Crawl WARC samples and trafilatura's evaluation pages."
@@ -83,4 +91,5 @@ $MM card "$OUT/capfilt" --name mmcorpus-demo-capfilt --train-report "$OUT/train/
 step "done"
 $MM inspect "$OUT/stories" -n 1 --max-chars 600
 echo
-echo "outputs in $OUT/: interleaved/ stories/ pairs/ capfilt/ (data/, rejects/, stats.json, README.md card), train/report.json"
+echo "outputs in $OUT/: interleaved/ stories/ pairs/ capfilt/ (data/, rejects/, stats.json, README.md card), train/report.json,"
+echo "  export/{pairs,stories}/{webdataset,hf}/"

@@ -133,6 +133,42 @@ def _open_checked(data, max_pixels: int):
     return img, None
 
 
+def _ends_whole(data: bytes, fmt: str) -> bool:
+    """Whether the bytes reach the format's end marker (JPEG EOI, PNG IEND, the RIFF size of a WebP): a cut-off
+    file fails this without a pixel decoded. Other formats pass."""
+    if fmt == "JPEG":
+        return b"\xff\xd9" in data[-4096:]  # encoders and editors may leave bytes after the end marker
+    if fmt == "PNG":
+        return b"IEND" in data[-64:]
+    if fmt == "WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return True
+
+
+def check_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False) -> tuple[str, int, int] | Reject:
+    """(PIL format name, width, height) of image bytes that pass, or a Reject (image_decode_failed,
+    image_too_large). Without `decode`: the header, the pixel guard and the format's end marker (catches
+    random bytes and truncation, no pixel decoded). With `decode`: the pixels too; a JPEG at 1/8 scale (PIL
+    draft: the whole entropy-coded stream is still read, so corruption inside is found)."""
+    img, problem = _open_checked(data, max_pixels)
+    if problem is not None:
+        return problem
+    fmt, width, height = img.format or "", img.width, img.height
+    if not decode:
+        if not _ends_whole(bytes(data), fmt):
+            return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
+        return fmt, width, height
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "JPEG":
+                img.draft("L", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except Exception as exc:  # noqa: BLE001
+        return Reject("image_decode_failed", f"{fmt or 'unknown'} {width}x{height}: {type(exc).__name__}: {exc}")
+    return fmt, width, height
+
+
 def _decoded_rgb(img):
     """`_loaded_rgb` with PIL's warnings silenced (LOAD_TRUNCATED_IMAGES stays False: truncation still raises)."""
     with warnings.catch_warnings():

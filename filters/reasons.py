@@ -71,6 +71,8 @@ REASONS: dict[str, str] = {
     "itm_low": "image-text matching probability below threshold",
     "no_caption_kept": "no web or synthetic caption of the image passed the filter",
     "missing_image": "no image bytes or readable path",
+    # export
+    "no_image_bytes": "no image bytes stored (a --no-images run): nothing to ship in an export",
 }
 
 

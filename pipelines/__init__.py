@@ -3,6 +3,7 @@
   interleaved/  WARC / URL list / HTML folder -> documents (command, sources, dedup)
   pairs/        alt texts and caption datasets -> image-text pairs (command, sources, dedup)
   capfilt/      pairs -> synthetic captions + ITM filter (command, stages)
+  export/       finished outputs -> WebDataset tars / Hugging Face folders (command, pipeline, samples, writers)
   train/        the `mmcorpus train` command (the trainer itself is mmcorpus.trainer)
   fetching/     network fetching shared by the pipelines: host lookup, page fetching, img2dataset images
   models/       model runners used by the pipelines: CLIP scoring, BLIP captioning and ITM

@@ -18,6 +18,7 @@ SUBCOMMANDS = {  # name -> module, in the order `mmcorpus --help` lists them
     "interleaved": "mmcorpus.pipelines.interleaved.command",
     "pairs": "mmcorpus.pipelines.pairs.command",
     "capfilt": "mmcorpus.pipelines.capfilt.command",
+    "export": "mmcorpus.pipelines.export.command",
     "train": "mmcorpus.pipelines.train.command",
     "card": "mmcorpus.pipelines.outputs.card_command",
     "inspect": "mmcorpus.pipelines.outputs.inspect",

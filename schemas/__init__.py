@@ -107,6 +107,82 @@ RUN_STATS_KEYS = {"schema_version": str, "command": str, "started": str, "finish
 # A plain list of URLs, for a separate, resumable image download step.
 URL_LIST = pa.schema([("url", pa.string())])
 
+# `mmcorpus export`: one row per exported sample, the per-shard index beside each WebDataset tar (img2dataset's
+# columns first), pointing back at the source row it was made from.
+EXPORT_INDEX = pa.schema(
+    [
+        ("key", pa.string()),  # the sample's key in the tar (KEY.jpg, KEY.txt, KEY.json)
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),  # img2dataset's status: always "success" (rejects are in rejects/)
+        ("error_message", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("exif", pa.string()),
+        ("sha256", pa.string()),  # of the image bytes as written (pairs); null for documents
+        ("id", pa.string()),  # image_id or doc_id of the source row
+        ("images", pa.int32()),  # images in the sample (1 for a pair)
+        ("image_bytes", pa.int64()),  # bytes of image data in the sample, as written
+        ("source_file", pa.string()),  # the source Parquet file (absolute path) and row the sample came from
+        ("source_row", pa.int64()),
+    ]
+)
+
+# Hugging Face `datasets` Image feature as Parquet stores it (bytes embedded, path a file name or null).
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+_HF_FEATURES_PAIR = {
+    "image": {"_type": "Image"}, "caption": {"dtype": "string", "_type": "Value"},
+    "caption_source": {"dtype": "string", "_type": "Value"}, "url": {"dtype": "string", "_type": "Value"},
+    "image_id": {"dtype": "string", "_type": "Value"}, "width": {"dtype": "int32", "_type": "Value"},
+    "height": {"dtype": "int32", "_type": "Value"}, "sha256": {"dtype": "string", "_type": "Value"},
+    "clip_score": {"dtype": "float32", "_type": "Value"}, "itm_score": {"dtype": "float32", "_type": "Value"},
+    "source_dataset": {"dtype": "string", "_type": "Value"}, "key": {"dtype": "string", "_type": "Value"},
+}
+_HF_FEATURES_INTERLEAVED = {
+    "texts": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+    "images": {"feature": {"_type": "Image"}, "_type": "Sequence"},
+    "image_urls": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
+    "doc_id": {"dtype": "string", "_type": "Value"}, "url": {"dtype": "string", "_type": "Value"},
+    "language": {"dtype": "string", "_type": "Value"}, "key": {"dtype": "string", "_type": "Value"},
+}
+
+
+def _hf(schema: pa.Schema, features: dict) -> pa.Schema:
+    """`schema` with the `huggingface` metadata `datasets` reads its features from (Image columns decode)."""
+    assert list(features) == schema.names
+    return schema.with_metadata({b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+
+
+HF_PAIR = _hf(pa.schema(
+    [
+        ("image", HF_IMAGE),
+        ("caption", pa.string()),
+        ("caption_source", pa.string()),
+        ("url", pa.string()),
+        ("image_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("clip_score", pa.float32()),
+        ("itm_score", pa.float32()),
+        ("source_dataset", pa.string()),
+        ("key", pa.string()),
+    ]), _HF_FEATURES_PAIR)
+
+# OBELICS layout: `texts` and `images` of equal length, exactly one set per position.
+HF_INTERLEAVED = _hf(pa.schema(
+    [
+        ("texts", pa.list_(pa.string())),
+        ("images", pa.list_(HF_IMAGE)),
+        ("image_urls", pa.list_(pa.string())),
+        ("doc_id", pa.string()),
+        ("url", pa.string()),
+        ("language", pa.string()),
+        ("key", pa.string()),
+    ]), _HF_FEATURES_INTERLEAVED)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "interleaved": INTERLEAVED,
     "pair": PAIR,
@@ -114,6 +190,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     "stat": STAT,
     "run_stage": RUN_STAGE,
     "url": URL_LIST,
+    "export_index": EXPORT_INDEX,
+    "hf_pair": HF_PAIR,
+    "hf_interleaved": HF_INTERLEAVED,
 }
 
 CAPTION_SOURCES = ("web", "synthetic")
@@ -126,6 +205,9 @@ NON_NULL: dict[str, tuple[str, ...]] = {
     "stat": ("stage", "metric", "count"),
     "run_stage": ("stage", "in", "out", "rejected", "reasons"),
     "url": ("url",),
+    "export_index": ("key", "status", "id", "images", "image_bytes", "source_file", "source_row"),
+    "hf_pair": ("image", "caption", "key"),
+    "hf_interleaved": ("texts", "images", "doc_id", "key"),
 }
 
 
@@ -153,10 +235,11 @@ def schema(name: str) -> pa.Schema:
 
 def with_metadata(name: str, fingerprint: str = "") -> pa.Schema:
     """The schema carrying its name, version and the run fingerprint as file metadata."""
-    meta = {META_SCHEMA: name.encode(), META_VERSION: SCHEMA_VERSION.encode()}
+    base = schema(name)
+    meta = {**(base.metadata or {}), META_SCHEMA: name.encode(), META_VERSION: SCHEMA_VERSION.encode()}
     if fingerprint:
         meta[META_FINGERPRINT] = fingerprint.encode()
-    return schema(name).with_metadata(meta)
+    return base.with_metadata(meta)
 
 
 def first_problem(table: pa.Table, name: str) -> Problem | None:

@@ -221,3 +221,20 @@ def test_phash_distance():
     assert phash_distance("0" * 16, "f" * 16) == 64
     assert phash_distance("8000000000000001", "0000000000000000") == 2
     assert phash_distance("abcdef0123456789", "abcdef0123456789") == 0
+
+
+def test_check_image_header_end_marker_and_decode(coco):
+    from mmcorpus.filters.imageinfo import check_image
+
+    data = photo(coco)
+    width, height = Image.open(io.BytesIO(data)).size
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, format="PNG")
+    for decode in (False, True):
+        assert check_image(data, decode=decode) == ("JPEG", width, height)
+        assert check_image(data + b"trailing bytes after EOI", decode=decode) == ("JPEG", width, height)
+        assert check_image(png.getvalue(), decode=decode) == ("PNG", width, height)
+        for bad in (data[: len(data) // 2], png.getvalue()[:-200], b"\xff\xd8\xff\xe0 not a jpeg", b""):
+            found = check_image(bad, decode=decode)
+            assert isinstance(found, Reject) and found.reason == "image_decode_failed", (decode, len(bad))
+    assert check_image(data, max_pixels=width * height - 1).reason == "image_too_large"

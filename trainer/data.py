@@ -53,6 +53,7 @@ IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
 KINDS = {"pair": "pair", "pairs": "pair", "interleaved": "interleaved"}
 MODES = ("flamingo", "round_robin", "weighted")
+FORMATS = ("parquet", "webdataset")
 COLUMNS = {
     "pair": ["image_id", "url", "image_bytes", "image_path", "caption", "sha256"],
     "interleaved": ["doc_id", "texts", "images", "image_info"],
@@ -72,6 +73,7 @@ class DatasetSpec:
     max_seq_len: int = 0  # 0: 32 for pairs, 256 for interleaved
     batch_size: int = 8
     max_images: int = 5
+    format: str = "parquet"  # "parquet" | "webdataset" (tars of `mmcorpus export`, img2dataset or MMC4 style)
     holdout: float = 0.1  # fraction of images (by content hash) held out for the report (a document: any of its)
     # images ranked below this are never trained on: its own `holdout`, or in a mixture the largest one, so
     # an image held out by one dataset is not trained on through another that holds the same photo
@@ -81,6 +83,8 @@ class DatasetSpec:
         if self.kind not in KINDS:
             raise DataError(f"dataset {self.name!r}: kind {self.kind!r} is not one of pair, interleaved")
         self.kind = KINDS[self.kind]
+        if self.format not in FORMATS:
+            raise DataError(f"dataset {self.name!r}: format {self.format!r} is not one of {', '.join(FORMATS)}")
         if not self.max_seq_len:
             self.max_seq_len = 32 if self.kind == "pair" else 256
         if self.weight < 0 or self.batch_size < 1 or not 0 <= self.holdout < 1:
@@ -153,8 +157,9 @@ def cpu_count() -> int:
 
 # ---------------------------------------------------------------- files and units
 
-def list_files(path: str) -> tuple[object, list[str]]:
-    """(filesystem, sorted Parquet files) for a file, folder, pipeline output folder or glob, local or fsspec."""
+def list_files(path: str, suffix: str = ".parquet") -> tuple[object, list[str]]:
+    """(filesystem, sorted Parquet files, or files ending in `suffix`) for a file, folder, pipeline output folder
+    or glob, local or fsspec."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(path)
@@ -163,19 +168,39 @@ def list_files(path: str) -> tuple[object, list[str]]:
     elif fs.isdir(root):
         data = root.rstrip("/") + "/data"
         base = data if fs.isdir(data) else root
-        files = [f for f in fs.find(base) if f.endswith(".parquet") and "/rejects/" not in f]
+        files = [f for f in fs.find(base) if f.endswith(suffix) and "/rejects/" not in f]
     elif fs.exists(root):
         files = [root]
     else:
         raise DataError(f"{path}: no such file or folder")
-    files = sorted(f for f in files if f.endswith(".parquet"))
+    files = sorted(f for f in files if f.endswith(suffix))
     if not files:
-        raise DataError(f"{path}: no .parquet files found")
+        raise DataError(f"{path}: no {suffix} files found")
     return fs, files
 
 
+def _tar_units(spec: DatasetSpec) -> tuple[object, list[tuple[str, int, int]]]:
+    """One unit (tar, 0, samples) per WebDataset tar of a dataset."""
+    import tarfile
+
+    from mmcorpus.trainer import webdataset
+
+    fs, files = list_files(spec.path, ".tar")
+    units = []
+    for f in files:
+        try:
+            with fs.open(f, "rb") as fh:
+                units.append((f, 0, webdataset.count(fh)))
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"dataset {spec.name!r}: {f} is not a readable tar ({exc})") from None
+    return fs, units
+
+
 def _units(spec: DatasetSpec) -> tuple[object, list[tuple[str, int, int]]]:
-    """Row groups (file, group, rows) of a dataset, after checking each file's mmcorpus schema name."""
+    """Row groups (file, group, rows) of a dataset, after checking each file's mmcorpus schema name (a
+    WebDataset dataset: one unit per tar)."""
+    if spec.format == "webdataset":
+        return _tar_units(spec)
     fs, files = list_files(spec.path)
     units = []
     for f in files:
@@ -517,6 +542,9 @@ class ShardStream:
 
     def _unit_rows(self, f: str, g: int, row: int):
         """(row index, row dict) of row group g of file f from `row` on, decoded lazily batch by batch."""
+        if self.spec.format == "webdataset":
+            yield from self._tar_rows(f, row)
+            return
         with self.fs.open(f, "rb") as fh:
             seen = 0
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=128, row_groups=[g], columns=COLUMNS[self.spec.kind]):
@@ -525,6 +553,14 @@ class ShardStream:
                     for i, r in enumerate(batch.slice(lo).to_pylist()):
                         yield seen + lo + i, r
                 seen += batch.num_rows
+
+    def _tar_rows(self, f: str, row: int):
+        from mmcorpus.trainer import webdataset
+
+        to_row = webdataset.pair_row if self.spec.kind == "pair" else webdataset.doc_row
+        with self.fs.open(f, "rb") as fh:
+            for index, sample in webdataset.samples(fh, row):
+                yield index, to_row(sample)
 
     def _window(self, epoch: int, unit: int, row: int) -> tuple[list, int, int]:
         """Kept rows among the next `buffer` raw rows from (unit, row); returns (rows, next unit, next row).

@@ -251,7 +251,10 @@ def summary(out_dir: str, stats: dict, width: int = 100) -> str:
               f"  rejects  {os.path.join(out_dir, 'rejects')}/  ({files.get('rejects', 0):,} rows)",
               f"  stats    {os.path.join(out_dir, 'stats.json')}"]
     card = os.path.join(out_dir, "README.md")
-    lines.append(f"  card     {card}" if os.path.exists(card) else f"  card     mmcorpus card {out_dir}")
+    if os.path.exists(card):
+        lines.append(f"  card     {card}")
+    elif stats.get("command") != "export":  # an export is carded through its source
+        lines.append(f"  card     mmcorpus card {out_dir}")
     if reasons:
         top = max(reasons, key=reasons.get)
         lines.append(f"  inspect  mmcorpus inspect {out_dir}   (rejects: --reason {top})")

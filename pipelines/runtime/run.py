@@ -199,9 +199,13 @@ def check_counts(spec: RunSpec, stages: list[dict], written: dict[str, int]) -> 
 def fill_empty_shards(out_dir: str, kind: Kind, fp: str) -> None:
     """Shards that got no rows are written empty so a folder always has all N parts."""
     for i in range(kind.shards):
-        path = os.path.join(out_dir, kind.folder, shard_name(i, kind.shards))
+        path = os.path.join(out_dir, kind.folder, shard_name(i, kind.shards, kind.suffix))
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            if kind.writer is not None:
+                os.makedirs(os.path.join(out_dir, TMP_DIR), exist_ok=True)
+                kind.writer.write([], path, os.path.join(out_dir, TMP_DIR), kind.schema, fp)
+                continue
             tmp = os.path.join(out_dir, f".{kind.folder}-{i}.tmp")
             pq.write_table(schemas.to_table([], kind.schema, fp), tmp, compression="zstd")
             os.replace(tmp, path)

@@ -6,6 +6,10 @@ PCollection, because the DaskRunner computes only the last leaf of a graph. Rows
 `OUT/<dir>/part-SSSSS-of-NNNNN.parquet`. A worker holds one shard's rows at a time (written one row group at a
 time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the
 same files under every runner, and a rerun into a killed run's folder skips the shards that are already there.
+
+A kind may bring its own `ShardWriter` (a WebDataset tar, a Hugging Face Parquet shard: `mmcorpus export`),
+which gets the same sorted rows of one shard and the same temp-then-rename contract; and `rows_per_shard`
+for fixed-size shards: keys are then zero-padded row numbers and row i goes to shard i // rows_per_shard.
 """
 
 from __future__ import annotations
@@ -26,17 +30,39 @@ from mmcorpus import schemas
 TMP_DIR = "_tmp"
 
 
+class ShardWriter:
+    """Writes one shard of a kind in another format than plain Parquet of the kind's schema. `write` gets the
+    shard's (key, row) items sorted by key (rows of the kind's schema, validated by the writer), writes under
+    `tmp_dir` and renames onto `final` last (files beside it first), so `final` existing means the shard is
+    complete. `count` is the number of rows a finished shard holds."""
+
+    suffix = ".parquet"
+
+    def write(self, items: list[tuple[str, dict]], final: str, tmp_dir: str, schema: str, fingerprint: str) -> None:
+        raise NotImplementedError
+
+    def count(self, path: str) -> int:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Kind:
-    """Where rows of one kind go: schema name, folder under OUT, shard count."""
+    """Where rows of one kind go: schema name, folder under OUT, shard count; optionally a ShardWriter and
+    fixed-size shards (see the module docstring)."""
 
     schema: str
     folder: str
     shards: int = 1
+    writer: ShardWriter | None = None
+    rows_per_shard: int = 0
+
+    @property
+    def suffix(self) -> str:
+        return self.writer.suffix if self.writer is not None else ".parquet"
 
 
-def shard_name(index: int, shards: int) -> str:
-    return f"part-{index:05d}-of-{shards:05d}.parquet"
+def shard_name(index: int, shards: int, suffix: str = ".parquet") -> str:
+    return f"part-{index:05d}-of-{shards:05d}{suffix}"
 
 
 def stable_hash(text: str) -> int:
@@ -66,7 +92,11 @@ class _AssignShard(beam.DoFn):
         spec = self.kinds.get(kind)
         if spec is None:
             raise ValueError(f"sink got rows of unknown kind {kind!r}; known: {sorted(self.kinds)}")
-        yield (kind, stable_hash(key) % spec.shards), (key, row)
+        if spec.rows_per_shard:
+            index = min(int(key) // spec.rows_per_shard, spec.shards - 1)
+        else:
+            index = stable_hash(key) % spec.shards
+        yield (kind, index), (key, row)
 
 
 class _WriteShard(beam.DoFn):
@@ -79,13 +109,17 @@ class _WriteShard(beam.DoFn):
     def process(self, element):
         (kind, index), items = element
         spec = self.kinds[kind]
-        final = os.path.join(self.out_dir, spec.folder, shard_name(index, spec.shards))
+        final = os.path.join(self.out_dir, spec.folder, shard_name(index, spec.shards, spec.suffix))
         if os.path.exists(final):  # finished by an earlier attempt of this same run (same fingerprint)
             return
         rows = ordered(items)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = os.path.join(self.out_dir, TMP_DIR, f"{kind}-{index:05d}-{uuid.uuid4().hex}.parquet")
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        tmp_dir = os.path.join(self.out_dir, TMP_DIR)
+        os.makedirs(tmp_dir, exist_ok=True)
+        if spec.writer is not None:
+            spec.writer.write(rows, final, tmp_dir, spec.schema, self.fingerprint)
+            return
+        tmp = os.path.join(tmp_dir, f"{kind}-{index:05d}-{uuid.uuid4().hex}.parquet")
         step = self.row_group_rows
         with pq.ParquetWriter(tmp, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
             for start in range(0, len(rows), step):  # one row group at a time: no second copy of the whole shard
@@ -121,8 +155,10 @@ def shard_files(out_dir: str, kind: Kind) -> list[str]:
     folder = os.path.join(out_dir, kind.folder)
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("part-") and f.endswith(".parquet"))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("part-") and f.endswith(kind.suffix))
 
 
 def count_rows(out_dir: str, kind: Kind) -> int:
+    if kind.writer is not None:
+        return sum(kind.writer.count(f) for f in shard_files(out_dir, kind))
     return sum(schemas.open_parquet(f).metadata.num_rows for f in shard_files(out_dir, kind))
