@@ -33,7 +33,11 @@ def wheel(tmp_path_factory) -> pathlib.Path:
         shutil.copytree(ROOT / room, src / room, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+    import setuptools
+
+    # this environment's setuptools when it reads pyproject's SPDX license (>= 77), else pip's isolated build
+    isolation = ["--no-build-isolation"] if int(setuptools.__version__.split(".")[0]) >= 77 else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation,
                     "-w", str(out), str(src)], check=True, capture_output=True, timeout=300)
     (built,) = out.glob("mmcorpus-*.whl")
     return built
