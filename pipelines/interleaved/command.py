@@ -113,7 +113,12 @@ class DocStep:
             return d.identify_language(doc, self.cfg)
         if self.name == STAGE_PARAGRAPHS:
             doc, removed = d.clean_paragraphs(doc, self.cfg)
-            return [doc, Count(STAGE_PARAGRAPHS, "paragraphs_removed", removed)] if removed else doc
+            meta = doc.get("metadata") or {}
+            words = meta.get("extracted_words", 0)
+            counts = [Count(STAGE_PARAGRAPHS, "paragraphs_removed", removed)] if removed else []
+            counts += [Count(STAGE_PARAGRAPHS, "words_extracted", words),
+                       Count(STAGE_PARAGRAPHS, "words_removed", round(words * meta.get("removed_word_share", 0)))]
+            return [d.check_removed_share(doc, self.cfg), *counts]
         if self.name == STAGE_QUALITY:
             return d.check_quality(doc, self.cfg)
         if self.name == STAGE_IMAGE_RULES:
