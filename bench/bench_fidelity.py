@@ -146,6 +146,41 @@ def real_pages(docs: dict, configs: dict[str, DocumentConfig]) -> dict:
     return out
 
 
+def image_scores(data: pathlib.Path, labels_path: pathlib.Path, cfg: DocumentConfig) -> dict:
+    """Image precision and recall against the hand labels, for extraction without and with the article-image
+    recovery, on the images extracted and on those left after the image URL rules (patterns, declared sizes)."""
+    from mmcorpus.filters.documents import filter_image_urls
+
+    base = data / "trafilatura-eval"
+    meta = json.loads((base / "evaldata.json").read_text())
+    labels = json.loads(labels_path.read_text())["pages"]
+    out = {"pages": len(labels), "article_images": sum(len(v["article"]) for v in labels.values())}
+    for label, recover in (("before", False), ("after", True)):
+        counts = {"extracted": Counter(), "after_url_rules": Counter()}
+        per_doc = []
+        for name, lab in labels.items():
+            html = gzip.decompress((base / "pages" / f"{name}.gz").read_bytes()).decode("utf-8", "replace")
+            result = extract(html, meta[name]["url"], article_images=recover)
+            if not isinstance(result, tuple):
+                continue
+            doc = as_doc(name, result)
+            doc["metadata"]["declared_sizes"] = result[3]["declared_sizes"]
+            extracted = {i for i in doc["images"] if i}
+            kept, _ = filter_image_urls(copy.deepcopy(doc), cfg)
+            per_doc.append(len(extracted))
+            for stage, found in (("extracted", extracted), ("after_url_rules", {i for i in kept["images"] if i})):
+                c = counts[stage]
+                article = set(lab["article"])
+                c["true"] += len(found & article)
+                c["false"] += len(found - article)
+                c["missed"] += len(article - found)
+        out[label] = {"images_per_labelled_page": round(sum(per_doc) / max(1, len(per_doc)), 3)}
+        for stage, c in counts.items():
+            out[label][stage] = {"precision": round(c["true"] / max(1, c["true"] + c["false"]), 4),
+                                 "recall": round(c["true"] / max(1, c["true"] + c["missed"]), 4), **c}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -154,7 +189,9 @@ def main() -> int:
     data = pathlib.Path(args.data)
     configs = {"units": DocumentConfig(),
                "lines_obelics": DocumentConfig.from_dict({"paragraphs": {"units": False, "max_removed_share": 1.0}})}
-    results = {"snippets": snippets(data, configs), "real_pages": real_pages(warc_docs(data), configs)}
+    results = {"images": image_scores(data, ROOT / "tests" / "data" / "article_images.json", configs["units"])}
+    print(json.dumps(results, indent=1), flush=True)
+    results.update({"snippets": snippets(data, configs), "real_pages": real_pages(warc_docs(data), configs)})
     print(json.dumps(results, indent=1))
     pathlib.Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0

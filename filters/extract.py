@@ -16,6 +16,7 @@ from urllib.parse import urljoin
 
 from lxml import html as lxml_html
 
+from mmcorpus.filters.figures import recover_article_images
 from mmcorpus.filters.images import pixels
 from mmcorpus.filters.reasons import Reject
 
@@ -199,8 +200,10 @@ def canonical_url(tree) -> str | None:
     return None
 
 
-def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
-    """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed)."""
+def extract(html: str, url: str, article_images: bool = True) -> tuple[list, list, list, dict] | Reject:
+    """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed).
+    `article_images`: put back the article images trafilatura left out (filters/figures.py); metadata
+    "article_images_added" counts them."""
     import trafilatura
 
     try:
@@ -217,6 +220,7 @@ def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
         body = getattr(result, "body", None)
         if body is None or not len(body) and not (body.text or "").strip():
             return Reject("extraction_empty", "trafilatura found no main content")
+        added = recover_article_images(tree, body) if article_images else 0
         texts, images, infos, units = body_to_lists(body)
     except Exception as exc:  # lxml/trafilatura raise many types on malformed pages
         if "Document is empty" in str(exc):
@@ -227,5 +231,5 @@ def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
     used = {i for i in images if i}
     meta = {"title": _WS.sub(" ", title).strip() if title else None, "canonical_url": canonical,
             "declared_sizes": {u: s for u, s in declared.items() if u in used},
-            "_units": units}  # line units for the paragraph rules; "_" keys are never written
+            "article_images_added": added, "_units": units}  # line units for the paragraph rules; "_" keys are never written
     return texts, images, infos, meta
