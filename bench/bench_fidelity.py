@@ -122,27 +122,53 @@ def warc_docs(data: pathlib.Path) -> dict:
     return docs
 
 
+# Hand verdicts on the bundled WARC pages the text stages reject (read page by page, 2026-12-06): True where
+# the page holds an article or other content worth keeping, False for spam, error pages and link lists.
+HAND_VERDICTS = {
+    "dolma-cc-warc/sample-0000.warc.gz:865": (True, "Semantic Scholar team page: two paragraphs and a roster"),
+    "resiliparse-warcs/warcfile.warc.gz:940": (False, "mojibake Chinese news spam"),
+    "resiliparse-warcs/warcfile.warc.gz:32353": (False, "car portal 404 page and its menus"),
+    "resiliparse-warcs/warcfile.warc.gz:42891": (False, "company card and lottery-forum spam list"),
+    "resiliparse-warcs/warcfile.warc.gz:48321": (False, "gambling spam"),
+    "resiliparse-warcs/warcfile.warc.gz:87298": (False, "tipping-game navigation menu"),
+    "resiliparse-warcs/warcfile.warc.gz:99077": (False, "product thumbnails with click counts"),
+    "resiliparse-warcs/warcfile.warc.gz:106585": (False, "blog listing of lottery spam"),
+    "resiliparse-warcs/warcfile.warc.gz:110823": (False, "job board table"),
+    "resiliparse-warcs/warcfile.warc.gz:120465": (False, "lottery spam"),
+    "resiliparse-warcs/warcfile.warc.gz:132240": (False, "porn site menu"),
+}
+
+
 def real_pages(docs: dict, configs: dict[str, DocumentConfig]) -> dict:
     out = {"pages_extracted": len(docs)}
     for label, cfg in configs.items():
-        reasons, shares = Counter(), []
+        reasons, shares, rejected = Counter(), [], {}
         for name, doc in docs.items():
             r = identify_language(copy.deepcopy(doc), cfg)
             if isinstance(r, Reject):
                 reasons[r.reason] += 1
+                rejected[name] = r.reason
                 continue
             r, _ = clean_paragraphs(r, cfg)
             shares.append(r["metadata"]["removed_word_share"])
             r = check_removed_share(r, cfg)
             r = r if isinstance(r, Reject) else check_quality(r, cfg)
             reasons[r.reason if isinstance(r, Reject) else "keep"] += 1
+            if isinstance(r, Reject):
+                rejected[name] = f"{r.reason}: {r.detail}"
         n = sum(reasons.values())
         shares.sort()
         out[label] = {"outcomes": dict(reasons.most_common()),
                       "rejected_share": round(1 - reasons["keep"] / n, 4) if n else None,
                       "removed_word_share_quantiles": {q: shares[min(len(shares) - 1, int(q * len(shares)))]
                                                        for q in (0.5, 0.75, 0.9, 0.95)} if shares else {},
-                      "pages_over_share": {str(t): sum(s > t for s in shares) for t in (0.3, 0.4, 0.5, 0.6, 0.7)}}
+                      "pages_over_share": {str(t): sum(s > t for s in shares) for t in (0.3, 0.4, 0.5, 0.6, 0.7)},
+                      "rejected_pages": {k.split("/data/")[-1]: v for k, v in sorted(rejected.items())}}
+        names = [k.split("/data/")[-1] for k in rejected]
+        unjudged = [k for k in names if k not in HAND_VERDICTS]
+        worth = [k for k in names if HAND_VERDICTS.get(k, (None,))[0]]
+        out[label]["hand_inspected"] = {"rejected_worth_keeping": worth, "not_inspected": unjudged,
+                                        "share_of_pages_wrongly_rejected": round(len(worth) / n, 4) if n else None}
     return out
 
 
