@@ -101,7 +101,7 @@ def recover_article_images(tree, body) -> int:
     events = []  # document order: ("text", block number, element) | ("img", element)
     root = tree.find("body") if tree.find("body") is not None else tree
     for el in root.iter():
-        if not isinstance(el.tag, str) or el.tag in _SKIP or any(a.tag in _SKIP for a in el.iterancestors()):
+        if not isinstance(el.tag, str) or el.tag in _SKIP:  # (script, style: text without element children)
             continue
         if el.tag == "img":
             events.append(("img", None, el))
