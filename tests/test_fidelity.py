@@ -215,3 +215,23 @@ def test_bad_url_manifest_is_one_clear_error(tmp_path, capsys):
     assert main(["interleaved", str(page), "-o", str(tmp_path / "out"), "--url-manifest", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "urls.jsonl" in err and "line 2" in err and "Traceback" not in err
+
+
+def test_card_reports_the_fidelity_figures(tmp_path_factory, shared_data):
+    from mmcorpus.pipelines.outputs.card import parse_card
+    from tests.test_card import real_run, table_rows
+
+    out = real_run("interleaved", tmp_path_factory, shared_data)  # the card tests' run, shared in a session
+    assert main(["card", str(out), "--name", "fidelity", "--license", "cc-by-4.0"]) == 0
+    _, body = parse_card(str(out / "README.md"))
+    stats = json.loads((out / "stats.json").read_text())
+    para = next(s for s in stats["stages"] if s["stage"] == "paragraphs")
+    c = para["counters"]
+    rows = {r[0]: r[1] for r in table_rows(body[body.index("## Document fidelity"):], "| ")}
+    assert rows["words extracted (documents reaching the paragraph rules)"].replace(",", "") == str(c["words_extracted"])
+    assert rows["words removed by the paragraph rules"].startswith(f"{c['words_removed']:,} (")
+    gutted = para["reasons"].get("gutted_by_paragraph_rules", 0)
+    assert rows["documents rejected as gutted (more than 0.5 of their words removed)"].startswith(f"{gutted:,} (")
+    assert float(rows["images per document at extraction"]) == round(c["images_extracted"] / para["in"], 2)
+    assert rows["article images put back where trafilatura left them out"] == str(c["article_images_added"])
+    assert 0 < c["words_removed"] < 0.2 * c["words_extracted"] and c["article_images_added"] > 10
