@@ -8,12 +8,12 @@ Defaults follow the OBELICS filter config (huggingface/OBELICS, English web docu
 2021) where OBELICS has no rule. Where a default differs from OBELICS it says why next to the field. Not
 implemented: OBELICS's common-word ratio and KenLM perplexity (both need large per-language resources).
 
-Pipeline order: identify_language -> clean_paragraphs -> check_quality -> filter_image_urls -> (fetching:
+Pipeline order: identify_language -> clean_paragraphs -> check_removed_share -> check_quality -> filter_image_urls -> (fetching:
 check_decoded_image per image) -> check_image_count -> dedup -> check_image_count again (repeated images
 removed). A YAML `--config` sets any subset:
 
     language: {allowed: [en], min_score: 0.8}
-    paragraphs: {min_words: 4, enabled: true}
+    paragraphs: {min_words: 4, enabled: true, tables: rules, max_removed_share: 0.5}
     quality: {min_words: 50, max_top_ngram_chars: {2: 0.2, 3: 0.18, 4: 0.16}}
     images: {max_per_doc: 30, min_per_doc: 1, formats: [jpg, jpeg, png, webp]}
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from mmcorpus.filters.images import check_decoded_image, check_image_count, filter_image_urls
 from mmcorpus.filters.language import identify_language
-from mmcorpus.filters.quality import check_quality, clean_paragraphs
+from mmcorpus.filters.quality import check_quality, check_removed_share, clean_paragraphs
 
 
 @dataclass
@@ -60,6 +60,22 @@ class ParagraphConfig:
     max_flagged_ratio: float = 0.01
     min_punctuation_ratio: float = 0.001
     punctuation_min_words: int = 12  # OBELICS checks punctuation only on paragraphs of at least 12 words
+    # Judge lists (items joined), tables and headings as units instead of line by line (OBELICS): line by
+    # line removes an article's list items, table rows and headings one by one for being short.
+    units: bool = True
+    # A table or code block inside the main content: rules (judged as one text, kept or removed whole), keep
+    # or drop (whole). "keep" keeps a layout table or an infobox too (a Wikipedia navbox is a table).
+    tables: str = "rules"
+    code: str = "rules"
+    # A document whose paragraph rules removed more than this share of its extracted words is rejected
+    # (gutted_by_paragraph_rules) rather than published as a remnant; 1.0 switches the rule off.
+    max_removed_share: float = 0.5
+
+    def __post_init__(self):
+        for name in ("tables", "code"):
+            if getattr(self, name) not in ("keep", "drop", "rules"):
+                raise ValueError(f"config 'paragraphs.{name}': expected keep, drop or rules, got "
+                                 f"{getattr(self, name)!r}")
 
 
 @dataclass
@@ -189,6 +205,7 @@ __all__ = [
     "ImageConfig",
     "identify_language",
     "clean_paragraphs",
+    "check_removed_share",
     "check_quality",
     "filter_image_urls",
     "check_image_count",

@@ -16,6 +16,7 @@ from urllib.parse import urljoin
 
 from lxml import html as lxml_html
 
+from mmcorpus.filters.figures import recover_article_images
 from mmcorpus.filters.images import pixels
 from mmcorpus.filters.reasons import Reject
 
@@ -114,51 +115,73 @@ def declared_size(w: int | None, h: int | None, srcset_w: int | None, swapped: b
     return [w, h] if w or h else None
 
 
-def body_to_lists(main) -> tuple[list, list, list]:
-    """trafilatura's extracted body (XML elements p, head, list/item, table, graphic, ...) -> (texts, images,
-    image_info); one line per block, text chunks between images."""
-    texts, images, infos, lines, cur = [], [], [], [], []
+def body_to_lists(main) -> tuple[list, list, list, list]:
+    """trafilatura's extracted body (XML elements p, head, list/item, table/row/cell, graphic, ...) -> (texts,
+    images, image_info, units); one line per block, text chunks between images. A table row is one line, its
+    cells joined by " | "; a list item one line starting "- ". `units` holds, per text position, the unit of each
+    line: "p" (paragraph), "h" (heading), "li:N" (an item of list N), "tr:N" (a row of table N), "code:N" (a line of
+    code block N)."""
+    texts, images, infos, units, lines, labels, cur = [], [], [], [], [], [], []
+    counter = [0]
 
-    def newline():
+    def newline(unit):
         s = _WS.sub(" ", _INVISIBLE.sub("", "".join(cur))).strip()
-        if s:
+        if s and s != "-":
             lines.append(s)
+            labels.append(unit)
         cur.clear()
 
-    def flush():
-        newline()
+    def flush(unit="p"):
+        newline(unit)
         if lines:
             texts.append("\n".join(lines))
+            units.append(list(labels))
             images.append(None)
             infos.append(None)
             lines.clear()
+            labels.clear()
 
-    def walk(el):
-        if el.tag == "graphic":
+    def walk(el, unit):
+        tag = el.tag
+        if tag == "graphic":
             src = (el.get("src") or "").strip()
             if src:
-                flush()
+                flush(unit)
                 texts.append(None)
+                units.append(None)
                 images.append(src)
                 infos.append(image_info(src, el.get("alt") or el.get("title") or ""))
             return
-        if el.tag in BLOCK:
-            newline()
-            if el.tag == "item":
+        if tag in ("list", "table") and ":" not in unit:  # a nested list or table joins its parent
+            counter[0] += 1
+            unit = f"{'li' if tag == 'list' else 'tr'}:{counter[0]}"
+        elif tag == "code" and unit == "p" and el.getparent() is not None and el.getparent().tag != "p":
+            counter[0] += 1
+            unit = f"code:{counter[0]}"  # a code block (inline code inside a paragraph stays part of it)
+        elif tag == "head" and unit == "p":
+            unit = "h"
+        in_row = unit.startswith("tr:") and tag not in ("table", "row")  # inside a row: cells, not lines
+        if tag == "cell" and "".join(cur).strip():
+            cur.append(" | ")
+        elif tag in BLOCK and not in_row:
+            newline(unit)
+            if tag == "item":
                 cur.append("- ")
         if el.text:
             cur.append(el.text)
         for child in el:
-            walk(child)
+            walk(child, unit)
             if child.tail:
                 cur.append(child.tail)
-        if el.tag in BLOCK:
-            newline()
+        if tag in BLOCK and not in_row:
+            newline(unit)
+        elif in_row:
+            cur.append(" ")
 
     if main is not None:
-        walk(main)
+        walk(main, "p")
     flush()
-    return texts, images, infos
+    return texts, images, infos, units
 
 
 def image_info(url: str, alt: str) -> dict:
@@ -177,8 +200,10 @@ def canonical_url(tree) -> str | None:
     return None
 
 
-def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
-    """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed)."""
+def extract(html: str, url: str, article_images: bool = True) -> tuple[list, list, list, dict] | Reject:
+    """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed).
+    `article_images`: put back the article images trafilatura left out (filters/figures.py); metadata
+    "article_images_added" counts them."""
     import trafilatura
 
     try:
@@ -195,7 +220,8 @@ def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
         body = getattr(result, "body", None)
         if body is None or not len(body) and not (body.text or "").strip():
             return Reject("extraction_empty", "trafilatura found no main content")
-        texts, images, infos = body_to_lists(body)
+        added = recover_article_images(tree, body) if article_images else 0
+        texts, images, infos, units = body_to_lists(body)
     except Exception as exc:  # lxml/trafilatura raise many types on malformed pages
         if "Document is empty" in str(exc):
             return Reject("extraction_empty", "empty document")
@@ -204,5 +230,6 @@ def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
         return Reject("extraction_empty", "main content holds no text or images")
     used = {i for i in images if i}
     meta = {"title": _WS.sub(" ", title).strip() if title else None, "canonical_url": canonical,
-            "declared_sizes": {u: s for u, s in declared.items() if u in used}}
+            "declared_sizes": {u: s for u, s in declared.items() if u in used},
+            "article_images_added": added, "_units": units}  # line units for the paragraph rules; "_" keys are never written
     return texts, images, infos, meta

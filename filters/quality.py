@@ -8,6 +8,7 @@ Each rule is a small function returning `Reject(reason, "measured vs threshold")
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -227,10 +228,29 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
 class _Text:
     """A document's text, split and counted once; rules read the parts they need."""
 
-    def __init__(self, texts: list, language: str | None):
+    def __init__(self, texts: list, language: str | None, units: list | None = None):
         self.blocks = [b.strip() for t in texts if t for b in _BLANK_RE.split(t) if b.strip()]
         self.text = "\n".join(self.blocks)
         self.language = language
+        self._units = units if isinstance(units, list) and len(units) == len(texts) else None
+        self._texts = texts
+
+    @cached_property
+    def prose(self) -> "_Text":
+        """The paragraphs and headings alone (lists, tables and code blocks left out) when the document carries
+        its line units and they hold at least 10 words; else the whole text. The ratio rules (stop words,
+        letters, special characters, punctuation) describe prose: an article's ingredient list, results table
+        or code listing is judged as a unit by the paragraph rules, not by the prose ratios."""
+        if self._units is None:
+            return self
+        kept = []
+        for text, units in zip(self._texts, self._units):
+            lines = [x for x in (text or "").split("\n") if x.strip()]
+            if text is not None and (units is None or len(units) != len(lines)):
+                return self
+            kept += [x for x, u in zip(lines, units or []) if ":" not in u]
+        prose = _Text(["\n".join(kept)], self.language)
+        return prose if prose.n_words >= 10 else self
 
     @cached_property
     def lines(self) -> list[str]:
@@ -291,6 +311,7 @@ def rule_word_count(t: _Text, q) -> Reject | None:
 
 
 def rule_alpha_words(t: _Text, q) -> Reject | None:
+    t = t.prose
     alpha = t.n_words - len(_NONALPHA_RE.findall(t.text))
     return _under("alphabetic_words", "share of words with a letter", _ratio(alpha, t.n_words), q.min_alpha_words)
 
@@ -322,6 +343,7 @@ def rule_ellipsis_lines(t: _Text, q) -> Reject | None:
 
 
 def rule_stop_words(t: _Text, q) -> Reject | None:
+    t = t.prose
     if not t.stops:  # no list for this language (or unknown language): skip rather than reject
         return None
     n = sum(map(t.stops.__contains__, t.norm))
@@ -341,11 +363,13 @@ def rule_flagged_words(t: _Text, q) -> Reject | None:
 
 
 def rule_punctuation(t: _Text, q) -> Reject | None:
+    t = t.prose
     value = _ratio(t.chars.punct, t.n_words)
     return _under("punctuation_ratio", "punctuation marks per word", value, q.min_punctuation_ratio)
 
 
 def rule_special_characters(t: _Text, q) -> Reject | None:
+    t = t.prose
     return _over("special_character_ratio", "special-character ratio", _ratio(t.chars.special, t.chars.length), q.max_special_ratio)
 
 
@@ -421,7 +445,7 @@ DOCUMENT_RULES = (
 
 def check_quality(doc: dict, cfg) -> dict | Reject:
     """Document-level quality: the document, or the Reject of the first rule it fails."""
-    t = _Text(doc.get("texts") or [], doc.get("language"))
+    t = _Text(doc.get("texts") or [], doc.get("language"), (doc.get("metadata") or {}).get("_units"))
     for rule in DOCUMENT_RULES:
         r = rule(t, cfg.quality)
         if r is not None:
@@ -460,15 +484,114 @@ def paragraph_reject_reason(line: str, language: str | None, p, chars_check: boo
     return None
 
 
+def _line_units(doc: dict, layout: list, n_lines: int) -> list[str]:
+    """The unit of every line (extract's metadata "_units", taken out of the document): "p" for all lines when
+    the document has none or they do not match its lines (a document edited since extraction)."""
+    units = (doc.get("metadata") or {}).pop("_units", None)
+    flat: list[str] = []
+    if isinstance(units, list) and len(units) == len(layout):
+        for (blocks, _, _), u in zip(layout, units):
+            n = sum(map(len, blocks)) if blocks is not None else 0
+            if (u is None) != (blocks is None) or (u is not None and len(u) != n):
+                return ["p"] * n_lines
+            flat.extend(u or [])
+    return flat if len(flat) == n_lines else ["p"] * n_lines
+
+
+SOFT_REASONS = frozenset({"too_few_words", "stop_words", "punctuation_ratio", "special_character_ratio"})
+NEAR_GOOD_REASONS = frozenset({"stop_words", "punctuation_ratio"})  # sentences long enough, a ratio off
+
+
+def _groups(units: list[str]) -> dict[str, list[int]]:
+    """Line numbers of each unit in reading order: a list, table or code block is one unit, any other line one."""
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        groups.setdefault(u if ":" in u else f"{u}#{i}", []).append(i)
+    return groups
+
+
+def _unit_verdicts(lines: list[str], units: list[str], language: str | None, p) -> list[str | None]:
+    """Reject reason (or None) per line, judged by unit. A paragraph is judged alone, a list as one text (its
+    items joined); tables and code blocks are kept or dropped whole (`p.tables`, `p.code`: keep, drop, or
+    rules: judged as one text). A unit failing only a soft rule (SOFT_REASONS: short, few stop words, little
+    punctuation, many digits or symbols) between two units that pass stays: inside an article it is a short
+    line of the article; at the edges of the content it is furniture. A near-good unit (long enough, only a
+    ratio off) needs one passing neighbour (jusText's context rules, Pomikalek 2011); a table, which has few stop
+    words and little punctuation by nature, needs two.
+    Headings are left to _judge_headings, character repetition to the caller."""
+    verdict: list[str | None] = [None] * len(lines)
+    groups = _groups(units)
+    keys = list(groups)
+    chars = CharCounts.of_lines([_joined(lines, g) for g in groups.values()])
+    judged: dict[str, str | None] = {}  # unit -> reason, for the units the rules judge
+    for key, c in zip(keys, chars):
+        option = {"tr": p.tables, "code": p.code}.get(key.split(":")[0], "rules")
+        if key.startswith("h#") or option == "keep":
+            continue
+        if option == "drop":
+            reason = "table_dropped" if key.startswith("tr:") else "code_dropped"
+        else:
+            members = groups[key]
+            unit_p = p  # a list's length limit holds for each item, not for the list
+            if len(members) > 1 and max(count_words(lines[i]) for i in members) <= p.max_words:
+                unit_p = dataclasses.replace(p, max_words=math.inf)
+            reason = paragraph_reject_reason(_joined(lines, members), language, unit_p, chars_check=False, chars=c)
+            judged[key] = reason
+        for i in groups[key]:
+            verdict[i] = reason
+    order = [k for k in keys if k in judged and judged[k] not in SOFT_REASONS]  # units passing or hard-failing
+    position = {k: n for n, k in enumerate(order)}
+    nearest = {}
+    last = None
+    for k in keys:  # the nearest non-soft judged unit before each unit
+        nearest[k] = last
+        if k in position:
+            last = k
+    after = None
+    for k in reversed(keys):
+        if judged.get(k) in SOFT_REASONS:
+            good = [n is not None and judged[n] is None for n in (nearest[k], after)]
+            if all(good) or (any(good) and judged[k] in NEAR_GOOD_REASONS and not k.startswith("tr:")):
+                for i in groups[k]:
+                    verdict[i] = None
+        if k in position:
+            after = k
+    return verdict
+
+
+def _joined(lines: list[str], members: list[int]) -> str:
+    """A list's items or a table's rows as one text ("- " item marks and " | " cell marks left out)."""
+    if len(members) == 1:
+        return lines[members[0]]
+    return " ".join(lines[i].removeprefix("- ").replace(" | ", " ") for i in members)
+
+
+def _judge_headings(units: list[str], keep: list[bool], passes: list[bool]) -> list[bool]:
+    """A heading is kept when a non-heading line after it, before the next heading, is kept, or when it passes
+    the paragraph rules itself (a long heading that is a sentence)."""
+    keep = list(keep)
+    section_kept = False
+    for i in range(len(units) - 1, -1, -1):
+        if units[i] == "h":
+            keep[i] = section_kept or passes[i]
+            section_kept = False
+        elif keep[i]:
+            section_kept = True
+    return keep
+
+
 def clean_paragraphs(doc: dict, cfg) -> tuple[dict, int]:
-    """Remove text paragraphs failing a node-level rule. Image positions stay; a text position left empty is
-    removed. Returns (doc, paragraphs removed); counts per reason go to doc["metadata"]["removed_paragraphs"]."""
+    """Remove text paragraphs failing a node-level rule, judged by unit (`p.units`; see _unit_verdicts) or line
+    by line (OBELICS). Image positions stay; a text position left empty is removed. Returns (doc, paragraphs
+    removed); counts per reason go to doc["metadata"]["removed_paragraphs"], the share of the extracted words
+    removed to doc["metadata"]["removed_word_share"] (with "extracted_words")."""
     p = cfg.paragraphs
     if not p.enabled:
+        (doc.get("metadata") or {}).pop("_units", None)
         return doc, 0
     language = doc.get("language")
     removed: Counter = Counter()
-    # pass 1: every rule but character repetition, paragraph by paragraph (characters counted for all at once)
+    # pass 1: every rule but character repetition (characters counted for all lines or units at once)
     layout = []  # per position: (blocks as lists of line numbers | None, image, info)
     lines: list[str] = []
     info_list = doc.get("image_info") or [None] * len(doc["texts"])
@@ -484,32 +607,65 @@ def clean_paragraphs(doc: dict, cfg) -> tuple[dict, int]:
                         lines.append(line)
                 blocks.append(numbers)
         layout.append((blocks, image, info))
-    keep = []  # per line number: the line passed every rule so far
-    for line, chars in zip(lines, CharCounts.of_lines(lines)):
-        reason = paragraph_reject_reason(line, language, p, chars_check=False, chars=chars)
-        keep.append(reason is None)
-        if reason is not None:
-            removed[reason] += 1
-    # pass 2: character repetition of all remaining paragraphs at once
-    candidates = [i for i, k in enumerate(keep) if k]
-    ok = char_repetition_ratios([lines[i] for i in candidates], p.char_repetition_n) <= p.max_char_repetition
-    removed["character_repetition"] += int(len(candidates) - ok.sum())
-    for i, passed in zip(candidates, ok):
-        keep[i] = bool(passed)
-    texts, images, infos = [], [], []
+    units = _line_units(doc, layout, len(lines))
+    if p.units:
+        reasons = _unit_verdicts(lines, units, language, p)
+    else:
+        reasons = [paragraph_reject_reason(line, language, p, chars_check=False, chars=c)
+                   for line, c in zip(lines, CharCounts.of_lines(lines))]
+        units = ["p"] * len(lines)
+    keep = [r is None for r in reasons]
+    # pass 2: character repetition of all remaining units at once (tables and code kept whole are not judged)
+    groups = {k: g for k, g in _groups(units).items()
+              if keep[g[0]] and not k.startswith("h#")
+              and {"tr": p.tables, "code": p.code}.get(k.split(":")[0], "rules") == "rules"}
+    ok = char_repetition_ratios([_joined(lines, g) for g in groups.values()], p.char_repetition_n)
+    for members, value in zip(groups.values(), ok):
+        if value > p.max_char_repetition:
+            for i in members:
+                keep[i], reasons[i] = False, "character_repetition"
+    if p.units:
+        heads = [i for i, u in enumerate(units) if u == "h"]
+        passes = [False] * len(lines)
+        for i in heads:
+            passes[i] = keep[i] and paragraph_reject_reason(lines[i], language, p) is None
+        keep = _judge_headings(units, keep, passes)
+    for i, k in enumerate(keep):
+        if not k:
+            removed[reasons[i] or "empty_section"] += 1
+    texts, images, infos, kept_units = [], [], [], []
     for blocks, image, info in layout:
-        text = None
+        text, text_units = None, None
         if blocks is not None:
             parts = ["\n".join(lines[i] for i in block if keep[i]) for block in blocks]
             text = "\n\n".join(x for x in parts if x)
             if not text:
                 continue
+            text_units = [units[i] for block in blocks for i in block if keep[i]]
         texts.append(text)
         images.append(image)
         infos.append(info)
+        kept_units.append(text_units)
     doc["texts"], doc["images"], doc["image_info"] = texts, images, infos
+    meta = doc.setdefault("metadata", {})
+    if p.units:
+        meta["_units"] = kept_units  # for the document rules (check_quality); "_" keys are never written
+    words = [count_words(x) for x in lines]
+    total = sum(words)
+    meta["extracted_words"] = total
+    meta["removed_word_share"] = round(_ratio(sum(w for w, k in zip(words, keep) if not k), total), 4)
     removed = +removed
     if removed:
-        meta = doc.setdefault("metadata", {})
         meta["removed_paragraphs"] = dict(sorted(removed.items()))
     return doc, sum(removed.values())
+
+
+def check_removed_share(doc: dict, cfg) -> dict | Reject:
+    """Reject a document the paragraph rules gutted: more than `paragraphs.max_removed_share` of its extracted
+    words removed (a page whose article failed the rules, published as a remnant otherwise)."""
+    meta = doc.get("metadata") or {}
+    share, limit = meta.get("removed_word_share") or 0.0, cfg.paragraphs.max_removed_share
+    if share > limit:
+        return Reject("gutted_by_paragraph_rules",
+                      f"{share:.3f} of {meta.get('extracted_words')} extracted words removed > max {limit}")
+    return doc

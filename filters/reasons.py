@@ -42,6 +42,7 @@ REASONS: dict[str, str] = {
     "word_repetition": "word n-gram repetition ratio too high",
     "boilerplate_only": "page holds only boilerplate",
     "alphabetic_words": "too few words contain a letter (Gopher)",
+    "gutted_by_paragraph_rules": "the paragraph rules removed more than the allowed share of the extracted words",
     # images
     "image_url_pattern": "image URL looks like a logo, icon, sprite, tracking pixel, svg or data URI",
     "image_declared_size": "declared image size is out of bounds",

@@ -29,7 +29,7 @@ def eval_pages(root: str) -> dict[str, dict]:
             doc = {"doc_id": name, "url": v["url"], "warc_record_id": None, "crawl_date": None, "source": name,
                    "language": None, "language_score": None, "texts": texts, "images": images,
                    # declared sizes left out: the filter tests set them where they test them
-                   "image_info": infos, "metadata": {"title": meta["title"]}}
+                   "image_info": infos, "metadata": {"title": meta["title"], "_units": meta["_units"]}}
             pages[name] = {"url": v["url"], "html": html, "doc": doc}
     return pages
 

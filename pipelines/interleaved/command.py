@@ -53,6 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-private-network", action="store_true",
                         help="allow page and image URLs on private/loopback addresses (tests, intranets)")
     parser.add_argument("--max-page-bytes", type=int, default=5_000_000, help="pages larger than this are rejected")
+    parser.add_argument("--url-manifest", default=None, metavar="FILE.jsonl",
+                        help='page URLs of HTML files, one {"file": PATH, "url": URL} a line (PATH relative to the '
+                             "manifest); without one a page's <link rel=canonical> or og:url is its base URL")
     parser.add_argument("--emit-m3w-text", action="store_true", help="also write OUT/m3w/part-*.txt (see above)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
@@ -113,7 +116,14 @@ class DocStep:
             return d.identify_language(doc, self.cfg)
         if self.name == STAGE_PARAGRAPHS:
             doc, removed = d.clean_paragraphs(doc, self.cfg)
-            return [doc, Count(STAGE_PARAGRAPHS, "paragraphs_removed", removed)] if removed else doc
+            meta = doc.get("metadata") or {}
+            words = meta.get("extracted_words", 0)
+            counts = [Count(STAGE_PARAGRAPHS, "paragraphs_removed", removed)] if removed else []
+            counts += [Count(STAGE_PARAGRAPHS, "words_extracted", words),
+                       Count(STAGE_PARAGRAPHS, "words_removed", round(words * meta.get("removed_word_share", 0))),
+                       Count(STAGE_PARAGRAPHS, "images_extracted", sum(i is not None for i in doc["images"])),
+                       Count(STAGE_PARAGRAPHS, "article_images_added", meta.get("article_images_added", 0))]
+            return [d.check_removed_share(doc, self.cfg), *counts]
         if self.name == STAGE_QUALITY:
             return d.check_quality(doc, self.cfg)
         if self.name == STAGE_IMAGE_RULES:
@@ -216,7 +226,7 @@ def build(p, items, opts):
     branches = []
     if files:
         branches.append(p | "Files" >> beam.Create(files) | "Reshuffle" >> beam.Reshuffle()
-                        | "ReadFiles" >> beam.FlatMap(read_items, opts["max_bytes"]))
+                        | "ReadFiles" >> beam.FlatMap(read_items, opts["max_bytes"], opts.get("urls")))
     if lists:
         branches.append(fetch_url_lists(p, lists, opts["max_bytes"], opts["allow_private"], opts["pages"]))
     records = branches[0] if len(branches) == 1 else tuple(branches) | "Records" >> beam.Flatten()
@@ -261,13 +271,14 @@ def write_m3w(out_dir: str, kind) -> int:
 def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from mmcorpus.pipelines.runtime.sink import Kind
-    from mmcorpus.pipelines.interleaved.sources import expand_sources
+    from mmcorpus.pipelines.interleaved.sources import expand_sources, load_url_manifest
 
     if args.num_shards < 1:
         raise UserError("--num-shards must be at least 1")
     if args.max_page_bytes < 1:
         raise UserError("--max-page-bytes must be at least 1")
     items = expand_sources(args.sources)
+    urls = load_url_manifest(args.url_manifest) if args.url_manifest else None
     doc_cfg, dedup_cfg, fetch_cfg, page_cfg = load_config(args.config)
     import dataclasses
 
@@ -276,9 +287,9 @@ def run(args) -> int:
               "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k != "rules"},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
-              "max_page_bytes": args.max_page_bytes}
+              "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest}
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
-            "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes}
+            "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes, "urls": urls}
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
                    kinds={"data": Kind("interleaved", "data", args.num_shards)}, stages=document_stages(dedup_cfg),
                    overwrite=args.overwrite)

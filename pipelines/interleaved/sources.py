@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import json
 import os
 import pathlib
 import re
@@ -61,13 +62,41 @@ def bad(source: str, reason: str, detail: str) -> dict:
     return {"source": source, "_reject": (reason, detail)}
 
 
-def read_items(item: tuple[str, str], max_bytes: int = 5_000_000):
-    """Yield page records / bad markers of one WARC or HTML work item (URL lists: pipelines.fetch)."""
+def load_url_manifest(path: str) -> dict[str, str]:
+    """A .jsonl manifest, one `{"file": ..., "url": ...}` object a line (file relative to the manifest's folder
+    or absolute) -> {absolute file path: URL}: the page address of each HTML file, for relative links and
+    image URLs. UserError naming the manifest and line on anything else."""
+    base = os.path.dirname(os.path.abspath(path))
+    urls: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    raise UserError(f"URL manifest {path!r} line {n}: not a JSON object") from None
+                if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                        and isinstance(entry.get("url"), str) and entry["url"].startswith(("http://", "https://"))):
+                    raise UserError(f"URL manifest {path!r} line {n}: expected {{\"file\": ..., \"url\": \"http(s)://...\"}}")
+                urls[os.path.normpath(os.path.join(base, entry["file"]))] = entry["url"]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"URL manifest {path!r} cannot be read: {exc}") from None
+    return urls
+
+
+def read_items(item: tuple[str, str], max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
+    """Yield page records / bad markers of one WARC or HTML work item (URL lists: pipelines.fetch); `urls`: page
+    URLs of HTML files by absolute path (load_url_manifest)."""
     kind, path = item
     if kind == "warc":
         yield from read_warc(path, max_bytes)
     elif kind == "html":
-        yield read_html_file(path, max_bytes)
+        rec = read_html_file(path, max_bytes)
+        if urls and "_reject" not in rec:
+            rec["url"] = urls.get(os.path.normpath(os.path.abspath(path)))
+        yield rec
     else:
         raise ValueError(f"read_items reads WARC and HTML items, not {kind!r} ({path})")
 

@@ -407,6 +407,32 @@ def _chain(stats: dict) -> list[dict]:
     return chain
 
 
+def _fidelity_section(stats: dict, profile: Profile) -> list[str]:
+    """What the paragraph rules took from the extracted articles, and images per document (interleaved runs
+    whose paragraphs stage counted words; nothing for older stats)."""
+    stage = next((s for s in stats.get("stages", []) if s["stage"] == "paragraphs"), None)
+    counters = (stage or {}).get("counters", {})
+    if "words_extracted" not in counters:
+        return []
+    words, removed = counters["words_extracted"], counters.get("words_removed", 0)
+    gutted = stage["reasons"].get("gutted_by_paragraph_rules", 0)
+    limit = (stats.get("config") or {}).get("documents", {}).get("paragraphs", {}).get("max_removed_share")
+    images, added = counters.get("images_extracted", 0), counters.get("article_images_added", 0)
+    rows = profile.rows
+    return ["## Document fidelity", "",
+            "How much of each extracted article the paragraph rules (lists, tables, code and headings judged as "
+            "units) removed, and the images documents hold before the rules and once published.", ""] + _table(
+        ["", ""],
+        [["words extracted (documents reaching the paragraph rules)", words],
+         ["words removed by the paragraph rules", f"{removed:,} ({_pct(removed, words)})"],
+         [f"documents rejected as gutted (more than {limit} of their words removed)",
+          f"{gutted:,} ({_pct(gutted, stage['in'])} of {stage['in']:,})"],
+         ["images per document at extraction", f"{images / stage['in']:.2f}" if stage["in"] else ""],
+         ["article images put back where trafilatura left them out", added],
+         ["images per published document", f"{profile.counters['images']['total'] / rows:.2f}" if rows else ""]]
+    ) + [""]
+
+
 def _describe_row(label: str, s: Sample) -> list:
     d = s.describe()
     if not d["n"]:
@@ -536,6 +562,9 @@ def render(run: Run, profile: Profile, checked: dict, name: str, license_id: str
     # distributions
     lines += ["## Distributions", ""]
     lines += _distributions(out, kind, profile, stats, pngs)
+
+    if kind == "interleaved":
+        lines += _fidelity_section(stats, profile)
 
     # dedup
     lines += ["## Deduplication", ""]
