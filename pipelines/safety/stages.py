@@ -166,6 +166,10 @@ class DocSafety:
         if events:
             doc["texts"], doc["images"] = [k[0] for k in keep], [k[1] for k in keep]
             doc["image_info"] = [k[2] for k in keep]
+            meta = doc.get("metadata") or {}
+            if meta.get("declared_sizes"):  # a dropped image's URL must not stay in the output's metadata
+                kept = set(doc["images"])
+                doc["metadata"] = dict(meta, declared_sizes={u: v for u, v in meta["declared_sizes"].items() if u in kept})
         events = [Count(STAGE_SAFETY_IMAGES, "in", n_images), Count(STAGE_SAFETY_IMAGES, "out", n_images - len(events)),
                   *events]
         if self.spec.pii != "off":
