@@ -29,6 +29,7 @@ _PHONE = re.compile(r"(?<![\w+\-/.:])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\
                     r"|(?<![\w+\-/.:])\+\d{1,3}[ .-]?\d{6,12}(?![\w])")
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}|\d{4}\s?[-/]\s?\d{4}")
 _IDENTIFIER = re.compile(r"(?:isbn|issn|doi|arxiv|pmid|id|no|nr)\W{0,3}$", re.I)  # numbers named as ids
+_NUMBER_RUN = re.compile(r"[+(]?\d[\d ()./:-]{5,}\d")  # where an IPv4 address or a phone number can be
 _CHEAP = re.compile(r"@|\d")  # text without '@' and digits holds none of the three
 
 
@@ -69,19 +70,23 @@ def find_pii(text: str) -> list[tuple[int, int, str]]:
     for m in _EMAIL.finditer(text) if "@" in text else ():
         spans.append((m.start(), m.end(), "email"))
         taken.append(m.span())
-    for m in _IPV4.finditer(text):
-        if _valid_ipv4(m.group()) and free(*m.span()):
-            spans.append((m.start(), m.end(), "ip"))
-            taken.append(m.span())
-    if ":" in text:
+    runs = [(m.start(), min(m.end() + 1, len(text))) for m in _NUMBER_RUN.finditer(text)]
+    for a, b in runs:  # the IPv4 and phone patterns only where a run of digits and separators is
+        for m in _IPV4.finditer(text, a, b):
+            if _valid_ipv4(m.group()) and free(*m.span()):
+                spans.append((m.start(), m.end(), "ip"))
+                taken.append(m.span())
+    if text.count(":") >= 2:
         for m in _IPV6.finditer(text):
             if _valid_ipv6(m.group()) and free(*m.span()):
                 spans.append((m.start(), m.end(), "ip"))
                 taken.append(m.span())
-    for m in _PHONE.finditer(text):
-        if _valid_phone(m.group()) and free(*m.span()) and not _IDENTIFIER.search(text[max(0, m.start() - 8):m.start()]):
-            spans.append((m.start(), m.end(), "phone"))
-            taken.append(m.span())
+    for a, b in runs:
+        for m in _PHONE.finditer(text, a, b):
+            if (_valid_phone(m.group()) and free(*m.span())
+                    and not _IDENTIFIER.search(text[max(0, m.start() - 8):m.start()])):
+                spans.append((m.start(), m.end(), "phone"))
+                taken.append(m.span())
     return sorted(spans)
 
 

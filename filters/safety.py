@@ -26,7 +26,7 @@ from mmcorpus.filters.wordlists import FLAGGED_WORDS
 
 NOAI, NOIMAGEAI = "noai", "noimageai"
 _HINT = re.compile(r"no(?:image)?ai", re.I)  # pages without it hold no directive: one scan, no parsing
-_META = re.compile(r"<meta\b[^>]*>", re.I)
+_META = re.compile(r"<[mM][eE][tT][aA]\b[^>]*>")
 _ATTR = re.compile(r"""([a-zA-Z_:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""")
 _TOKENS = re.compile(r"[\s,;]+")
 _WORDS = re.compile(r"[^\W\d_]+")
@@ -54,8 +54,8 @@ def page_directives(html: str | None, robots_headers: list[str] | tuple = ()) ->
         if isinstance(value, str) and _HINT.search(value):
             for d in _header_tokens(value):
                 found.setdefault(d, "X-Robots-Tag")
-    if html and _HINT.search(html):
-        for tag in _META.findall(html):
+    if html:
+        for tag in _META.findall(html):  # one scan for meta tags (a case-insensitive scan of the page is slower)
             if not _HINT.search(tag):
                 continue
             attrs = {m.group(1).lower(): next(g for g in m.groups()[1:] if g is not None) for m in _ATTR.finditer(tag)}
@@ -76,7 +76,7 @@ class Lists:
 
 def url_reject(url: str | None, lists: Lists, what: str) -> Reject | None:
     """Reject when `url` falls under an opt-out list ('opt_out_list') or a blocklist ('blocklist')."""
-    if not url:
+    if not url or not (lists.opt_out or lists.block):
         return None
     hit = first_match(lists.opt_out, url)
     if hit:

@@ -14,6 +14,7 @@ whatever the list's size.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -26,9 +27,15 @@ class ListError(ValueError):
     """A list line that cannot be read; the message names the list and the line."""
 
 
+_PLAIN_HOST = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,62}\.)*[a-z0-9_-]{0,63}")  # ASCII name, labels <= 63
+_IP_LIKE = re.compile(r"[0-9.]+|.*:.*")
+
+
 def normalise_host(host: str) -> str | None:
     """Lowercased, IDNA (punycode) host without trailing dot; None when it is not a valid host name."""
     host = host.strip().rstrip(".").lower()
+    if _PLAIN_HOST.fullmatch(host) and not _IP_LIKE.fullmatch(host) and ".." not in host and len(host) <= 253:
+        return host  # the common case, without the slower checks below
     if not host or any(c in _BAD_HOST_CHARS or ord(c) < 32 for c in host):
         return None
     if host.startswith("[") and host.endswith("]"):
@@ -48,31 +55,56 @@ def normalise_host(host: str) -> str | None:
     return host
 
 
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+_OTHER_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:(?![0-9])")
+_SIMPLE_AUTHORITY = re.compile(r"[^@/?#:\[\]\\]+(?::[0-9]{1,5})?")  # host[:port], no credentials or brackets
+
+
 def split_target(url: str) -> tuple[str, str] | None:
     """(normalised host, path[?query]) of an absolute URL, or of `host/path` without scheme; None if malformed.
     Credentials and port are dropped; the path is percent-decoded so `%2F`-style spellings match."""
     url = url.strip()
-    if "://" not in url:
-        url = "http://" + url.lstrip("/")
-    try:
-        parts = urlsplit(url)
-        hostname = parts.hostname  # drops user:password@ and :port; raises on a malformed port or bracket
-        parts.port  # noqa: B018
-    except ValueError:
+    m = _SCHEME.match(url)
+    if m is None and _OTHER_SCHEME.match(url):  # mailto:, data:, javascript: ... name no host
         return None
+    rest = url[m.end():] if m else url.lstrip("/")
+    end = len(rest)
+    for ch in "/?#":
+        i = rest.find(ch)
+        if 0 <= i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    if _SIMPLE_AUTHORITY.fullmatch(authority):  # fast path: no credentials, brackets or odd characters
+        hostname, _, port = authority.partition(":")
+        if port and int(port) > 65535:
+            return None
+        path, _, query = tail.partition("#")[0].partition("?")
+    else:
+        try:
+            parts = urlsplit("http://" + rest)
+            hostname = parts.hostname  # drops user:password@ and :port; raises on a malformed port or bracket
+            parts.port  # noqa: B018
+        except ValueError:
+            return None
+        path, query = parts.path, parts.query
     host = normalise_host(hostname or "")
     if host is None:
         return None
-    path = unquote(parts.path) or "/"
-    return host, path + ("?" + parts.query if parts.query else "")
+    if "%" in path:
+        path = unquote(path)
+    return host, (path or "/") + ("?" + query if query else "")
 
 
 def host_suffixes(host: str) -> list[str]:
     """`a.b.example.com` -> [a.b.example.com, b.example.com, example.com, com] (an IP address: itself)."""
-    if host.replace(".", "").isdigit() or ":" in host:
+    if ":" in host or host.replace(".", "").isdigit():
         return [host]
-    labels = host.split(".")
-    return [".".join(labels[i:]) for i in range(len(labels))]
+    out = [host]
+    pos = host.find(".")
+    while pos >= 0:
+        out.append(host[pos + 1:])
+        pos = host.find(".", pos + 1)
+    return out
 
 
 def path_prefixes(path: str) -> list[str]:
@@ -133,16 +165,16 @@ class UrlList:
         """The entry `url` falls under (a domain or a host/path prefix), or None. A URL that does not parse
         matches nothing here (the URL rules reject it)."""
         target = split_target(url) if isinstance(url, str) and url else None
-        if target is None:
-            return None
-        host, path = target
-        for h in host_suffixes(host):
+        return None if target is None else self.match_target(host_suffixes(target[0]), target[1])
+
+    def match_target(self, hosts: list[str], path: str, prefixes: list[str] | None = None) -> str | None:
+        """`match` on a URL already split: its host suffixes, its path (and path prefixes, when known)."""
+        for h in hosts:
             if h in self.domains:
                 return h
         if self.prefixes:
-            prefixes = path_prefixes(path)
-            for h in host_suffixes(host):
-                for p in prefixes:
+            for p in prefixes if prefixes is not None else path_prefixes(path):
+                for h in hosts:
                     if h + p in self.prefixes:
                         return h + p
         return None
@@ -156,10 +188,17 @@ def parse_list(name: str, lines: Iterable[str]) -> UrlList:
     return out
 
 
-def first_match(lists: Iterable[UrlList], url: str) -> tuple[str, str] | None:
-    """(list name, entry) of the first list `url` falls under, or None."""
+def first_match(lists, url: str) -> tuple[str, str] | None:
+    """(list name, entry) of the first list `url` falls under, or None. The URL is split once for all lists."""
+    if not lists or not isinstance(url, str) or not url:
+        return None
+    target = split_target(url)
+    if target is None:
+        return None
+    hosts = host_suffixes(target[0])
+    prefixes = path_prefixes(target[1]) if any(lst.prefixes for lst in lists) else []
     for lst in lists:
-        hit = lst.match(url)
+        hit = lst.match_target(hosts, target[1], prefixes)
         if hit is not None:
             return lst.name, hit
     return None
