@@ -20,7 +20,8 @@ DESCRIPTION = (
     "--max-page-bytes, charset) -> opt_out (the page's noai/noimageai meta robots tag or X-Robots-Tag header; "
     "its URL on --opt-out-list/--blocklist files) -> extract -> safety (the canonical URL on the lists; image "
     "URLs on the lists, noimageai, flagged words in image URLs and alt texts, per-image rejects under "
-    "safety_images; e-mails, IPs and phone numbers masked, or rejected with --pii reject) -> language -> paragraphs (OBELICS node rules, removes paragraphs) "
+    "safety_images; e-mails, IPs and phone numbers masked, or rejected with --pii reject) -> language -> "
+    "paragraphs (OBELICS node rules, removes paragraphs) "
     "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
     "document; per-image rejects under image_rules_images) -> fetch_images (img2dataset; decoded size rules; "
     "skipped with --no-images, then images stay URL references) -> image_count -> dedup_exact -> dedup_near "
@@ -207,8 +208,8 @@ def document_stages(dedup_cfg) -> list[str]:
     recount = [STAGE_IMAGE_RECOUNT] if dedup_cfg.images else []
     from mmcorpus.pipelines.safety.stages import STAGE_OPT_OUT, STAGE_SAFETY
 
-    return [STAGE_READ, STAGE_DECODE, STAGE_OPT_OUT, STAGE_EXTRACT, STAGE_SAFETY, STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY,
-            STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
+    return [STAGE_READ, STAGE_DECODE, STAGE_OPT_OUT, STAGE_EXTRACT, STAGE_SAFETY, STAGE_LANGUAGE, STAGE_PARAGRAPHS,
+            STAGE_QUALITY, STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
 
 
 def build(p, items, opts):
@@ -297,8 +298,8 @@ def run(args) -> int:
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes, "safety": safety_applied}
-    opts = {"safety": safety, "doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
-            "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes}
+    opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
+            "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes}
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
                    kinds={"data": Kind("interleaved", "data", args.num_shards)}, stages=document_stages(dedup_cfg),
                    overwrite=args.overwrite, extra_stats={"safety": safety_applied})

@@ -23,13 +23,14 @@ DESCRIPTION = (
     "rejects: read -> caption (clean HTML entities/whitespace; drop empty, boilerplate such as 'image', file "
     "names, 'click here'; DataComp length rule: more than 2 words and 5 characters) -> safety (image and page "
     "URL on --opt-out-list/--blocklist files, flagged words in the image URL or caption, e-mails/IPs/phone "
-    "numbers in the caption masked or, with --pii reject, rejected; before any download) -> image (decode check, "
-    "sha256, pHash; corrupt/truncated/zero-byte/bomb images rejected) -> decontaminate (--decontaminate "
+    "numbers in the caption masked or, with --pii reject, rejected; before any download) -> image (decode "
+    "check, sha256, pHash; corrupt/truncated/zero-byte/bomb images rejected) -> decontaminate (--decontaminate "
     "EVAL_DIR: same bytes or pHash within --phash-distance of an evaluation image) -> clip_score (open_clip cosine of image "
     "and caption embeddings, batched; on CUDA batched nvJPEG decode on a prefetch thread overlapping the model, "
     "fp16 (or --precision bf16), out-of-memory halves the batch) -> nsfw (with --nsfw-head: an MLP over the image "
     "embedding clip_score computed, no second encoding; nsfw_score per row, rejected above --nsfw-threshold) "
-    "-> clip_filter (--min-clip-score, LAION used 0.28 for ViT-B/32, or --keep-top-fraction over the WHOLE run) -> dedup "
+    "-> clip_filter (--min-clip-score, LAION used 0.28 for ViT-B/32, or --keep-top-fraction over the WHOLE "
+    "run) -> dedup "
     "(exact sha256, pHash Hamming <= --phash-distance via multi-index hashing, identical pHashes collapsed first; "
     "--phash-transforms also catches horizontally flipped and 90/180/270-degree rotated copies; SemDeDup-style "
     "semantic). Dedup keeps, per duplicate group, the image whose best pair has "
@@ -244,7 +245,8 @@ def output_row(row, store_embeddings: bool):
         "image_id": row["image_id"], "url": row.get("url"), "image_bytes": row["_data"],
         "image_path": row.get("image_path"), "caption": row["caption"],
         "caption_source": row.get("caption_source") or "web", "clip_score": row.get("clip_score"),
-        "itm_score": row.get("itm_score"), "nsfw_score": row.get("nsfw_score"), "width": row["width"], "height": row["height"],
+        "itm_score": row.get("itm_score"), "nsfw_score": row.get("nsfw_score"),
+        "width": row["width"], "height": row["height"],
         "sha256": row["sha256"], "phash": row["phash"], "source_dataset": row["source_dataset"],
         "clip_embedding": row.get("clip_embedding") if store_embeddings else None,
         "metadata": schemas.metadata_json(dict(row["metadata"], image_ref=row["image_ref"])),
