@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up mmcorpus and run every job on the bundled real data in ../shared/data, offline, into demo-out/.
 #   interleaved: real Common Crawl WARCs, broken test WARCs and trafilatura's evaluation pages -> cleaned
-#                documents (no image fetching: the pages' image hosts are not reachable offline), under the
+#                documents, with a small opt-out list and blocklist applied (no image fetching: the pages' image hosts are not reachable offline), under the
 #                direct runner and again under Dask (same files); then photo-story pages built
 #                from the COCO photos and captions, served on 127.0.0.1 and crawled from a URL list with
 #                their images fetched (img2dataset), under the Dask runner
@@ -36,11 +36,14 @@ step() { echo; echo "== $*"; }
 # records become rejects with a reason) and trafilatura's evaluation pages.
 WEB=("$DATA"/cc-whirlwind "$DATA"/dolma-cc-warc "$DATA"/resiliparse-warcs "$DATA"/warcio-samples
      "$DATA"/trafilatura-eval/pages)
+# Safety: a small opt-out list and blocklist (demo/optout.txt, demo/blocklist.txt); noai/noimageai page
+# directives and PII masking are on by default. The card's "Safety and opt-outs" section reports them.
+SAFETY=(--opt-out-list demo/optout.txt --blocklist demo/blocklist.txt)
 step "interleaved documents from WARCs and HTML pages"
-$MM interleaved "${WEB[@]}" --no-images --emit-m3w-text --output "$OUT/interleaved" --overwrite
+$MM interleaved "${WEB[@]}" --no-images --emit-m3w-text "${SAFETY[@]}" --output "$OUT/interleaved" --overwrite
 
 step "the same documents under the Dask runner"
-$MM interleaved "${WEB[@]}" --no-images --runner dask --output "$OUT/interleaved-dask" --overwrite
+$MM interleaved "${WEB[@]}" --no-images --runner dask "${SAFETY[@]}" --output "$OUT/interleaved-dask" --overwrite
 .venv/bin/python demo/same_output.py "$OUT/interleaved" "$OUT/interleaved-dask"
 
 step "photo-story pages served on 127.0.0.1, crawled with their images (Dask runner)"
@@ -81,6 +84,7 @@ done
 step "dataset cards"
 $MM card "$OUT/interleaved" --name mmcorpus-demo-interleaved \
   --description "Documents from Common Crawl WARC samples and trafilatura's evaluation pages."
+sed -n '/^## Safety and opt-outs/,/^## Limitations/p' "$OUT/interleaved/README.md" | head -n -1
 $MM card "$OUT/stories" --name mmcorpus-demo-photo-stories --train-report "$OUT/train/report.json" \
   --description "Photo-story pages built from COCO photos and captions, crawled over HTTP with their images."
 $MM card "$OUT/pairs" --name mmcorpus-demo-pairs --train-report "$OUT/train/report.json" \

@@ -74,6 +74,15 @@ REASONS: dict[str, str] = {
     "missing_image": "no image bytes or readable path",
     # export
     "no_image_bytes": "no image bytes stored (a --no-images run): nothing to ship in an export",
+    # safety and opt-outs (filters/safety.py, filters/pii.py)
+    "opt_out_noai": "the page opts out of AI training (noai in its meta robots tag or X-Robots-Tag header)",
+    "opt_out_noimageai": "the page opts its images out of AI training (noimageai)",
+    "opt_out_list": "page or image URL is on a user opt-out list (domain, subdomain or URL prefix)",
+    "blocklist": "page or image URL is on a blocklist (e.g. UT1 adult)",
+    "flagged_image_words": "flagged word in the image URL or alt text",
+    "nsfw_image": "NSFW classifier score of the image above the threshold",
+    "nsfw_document": "an image of the document scores above the document NSFW threshold",
+    "pii_found": "text holds e-mail addresses, IP addresses or phone numbers (with --pii reject)",
 }
 
 

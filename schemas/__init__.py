@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: pair.nsfw_score
 META_SCHEMA = b"mmcorpus.schema"
 META_VERSION = b"mmcorpus.schema_version"
 META_FINGERPRINT = b"mmcorpus.run_fingerprint"
@@ -59,6 +59,7 @@ PAIR = pa.schema(
         ("caption_source", pa.string()),  # web | synthetic
         ("clip_score", pa.float32()),
         ("itm_score", pa.float32()),
+        ("nsfw_score", pa.float32()),  # since 1.1: NSFW head over the CLIP image embedding (null: not run)
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),
@@ -182,6 +183,8 @@ HF_INTERLEAVED = _hf(pa.schema(
         ("language", pa.string()),
         ("key", pa.string()),
     ]), _HF_FEATURES_INTERLEAVED)
+# Columns added after 1.0, by the version that added them: files of an older version are read with them null.
+ADDED_IN: dict[str, dict[str, str]] = {"pair": {"nsfw_score": "1.1"}}
 
 SCHEMAS: dict[str, pa.Schema] = {
     "interleaved": INTERLEAVED,
@@ -374,11 +377,33 @@ def read_table(path: str, name: str, columns: list[str] | None = None) -> pa.Tab
         raise SchemaError(f"{path}: holds {found!r} rows, expected {name!r}")
     if not compatible(version):
         raise SchemaError(f"{path}: schema version {version} is not compatible with {SCHEMA_VERSION}")
+    older = {c for c, since in ADDED_IN.get(name, {}).items() if _version(version) < _version(since)}
+    wanted = None if columns is None else [c for c in columns if c not in older]
     try:
-        table = pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=wanted)
     except (OSError, pa.ArrowException) as exc:
         raise SchemaError(f"{path}: damaged Parquet data ({_short(exc)})") from None
-    return table if columns else validate(table, name)
+    table = upgrade(table, name, version)
+    return table.select(columns) if columns else validate(table, name)
+
+
+def _version(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in version.split("."))
+    except ValueError:
+        return (0,)
+
+
+def upgrade(table: pa.Table, name: str, version: str) -> pa.Table:
+    """A table read from a file of schema `version` with the columns added since then as nulls, in schema order."""
+    added = [c for c, since in ADDED_IN.get(name, {}).items()
+             if _version(version) < _version(since) and c not in table.column_names]
+    if not added:
+        return table
+    for c in added:
+        table = table.append_column(schema(name).field(c), pa.nulls(table.num_rows, schema(name).field(c).type))
+    order = [f.name for f in schema(name) if f.name in table.column_names]
+    return table.select(order + [c for c in table.column_names if c not in order])
 
 
 def metadata_json(value: dict | None) -> str:

@@ -143,7 +143,7 @@ class Fetcher:
             return {"source": source, "url": current, "warc_record_id": None,
                     "crawl_date": iso_date(r.headers.get("Date")), "status": r.status_code,
                     "content_type": r.headers.get("Content-Type", ""), "charset": _charset(r.headers),
-                    "payload": body}
+                    "payload": body, "robots_tags": [r.headers["X-Robots-Tag"]] if "X-Robots-Tag" in r.headers else []}
 
 
 def iso_date(http_date: str | None) -> str | None:

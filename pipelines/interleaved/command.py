@@ -17,7 +17,11 @@ DESCRIPTION = (
     "trafilatura keeping each image where it sat (lazy-load/srcset/<picture>/<base> resolved), and filter. "
     "Document stages, each counted in stats.json with its rejects (read = written + rejected): read (WARC "
     "record type, truncated/invalid records) -> decode (HTTP status 200, HTML content type, binary bytes, "
-    "--max-page-bytes, charset) -> extract -> language -> paragraphs (OBELICS node rules, removes paragraphs) "
+    "--max-page-bytes, charset) -> opt_out (the page's noai/noimageai meta robots tag or X-Robots-Tag header; "
+    "its URL on --opt-out-list/--blocklist files) -> extract -> safety (the canonical URL on the lists; image "
+    "URLs on the lists, noimageai, flagged words in image URLs and alt texts, per-image rejects under "
+    "safety_images; e-mails, IPs and phone numbers masked, or rejected with --pii reject) -> language -> "
+    "paragraphs (OBELICS node rules, removes paragraphs) "
     "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
     "document; per-image rejects under image_rules_images) -> fetch_images (img2dataset; decoded size rules; "
     "skipped with --no-images, then images stay URL references) -> image_count -> dedup_exact -> dedup_near "
@@ -60,6 +64,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
     add_runner_args(parser)
+    from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
+
+    add_safety_arguments(parser)
 
 
 # ---- stage functions (module level: workers import them by name) ----------------------------------------
@@ -97,7 +104,8 @@ def extract_record(rec):
     meta.pop("canonical_url", None)
     return {"doc_id": doc_id_of(url, rec["source"]), "url": url, "warc_record_id": rec.get("warc_record_id"),
             "crawl_date": rec.get("crawl_date"), "source": rec["source"], "language": None, "language_score": None,
-            "texts": texts, "images": images, "image_info": infos, "metadata": meta}
+            "texts": texts, "images": images, "image_info": infos, "metadata": meta,
+            "_noimageai": rec.get("_noimageai")}  # the page's noimageai directive (safety stage, issue 17)
 
 
 class DocStep:
@@ -208,8 +216,10 @@ def document_stages(dedup_cfg) -> list[str]:
     from mmcorpus.pipelines.interleaved.dedup import document_stages as dedup_stages
 
     recount = [STAGE_IMAGE_RECOUNT] if dedup_cfg.images else []
-    return [STAGE_READ, STAGE_DECODE, STAGE_EXTRACT, STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY,
-            STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
+    from mmcorpus.pipelines.safety.stages import STAGE_OPT_OUT, STAGE_SAFETY
+
+    return [STAGE_READ, STAGE_DECODE, STAGE_OPT_OUT, STAGE_EXTRACT, STAGE_SAFETY, STAGE_LANGUAGE, STAGE_PARAGRAPHS,
+            STAGE_QUALITY, STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
 
 
 def build(p, items, opts):
@@ -232,7 +242,13 @@ def build(p, items, opts):
     records = branches[0] if len(branches) == 1 else tuple(branches) | "Records" >> beam.Flatten()
     x = c.stage(records, STAGE_READ, read_record, source_of)
     x = c.stage(x, STAGE_DECODE, decode_record, source_of)
+    # safety (issue 17): opt-outs and blocklists before extraction, images and PII after it
+    from mmcorpus.pipelines.safety.stages import STAGE_OPT_OUT, STAGE_SAFETY, DocSafety, PageOptOut
+
+    page_opt_out, doc_safety = PageOptOut(opts["safety"]), DocSafety(opts["safety"])
+    x = c.stage(x, STAGE_OPT_OUT, page_opt_out, source_of, setup=page_opt_out.setup)
     x = c.stage(x, STAGE_EXTRACT, extract_record, source_of)
+    x = c.stage(x, STAGE_SAFETY, doc_safety, source_of, setup=doc_safety.setup)
     for name in (STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES):
         x = c.stage(x, name, DocStep(name, doc_cfg), source_of)
     if not opts["no_images"]:
@@ -282,17 +298,23 @@ def run(args) -> int:
     doc_cfg, dedup_cfg, fetch_cfg, page_cfg = load_config(args.config)
     import dataclasses
 
+    from mmcorpus.pipelines.safety.stages import SafetySpec, safety_stats  # issue 17
+
+    safety = SafetySpec.from_args(args)
+    safety_applied = safety_stats(safety, nsfw=None)  # reads the lists now: a bad line stops here, exit 2
+
     config = {"documents": doc_cfg.to_dict(),
               "dedup": dataclasses.asdict(dedup_cfg),
               "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k != "rules"},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
-              "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest}
+              "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied}
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
-            "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes, "urls": urls}
+            "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
+            "urls": urls}
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
                    kinds={"data": Kind("interleaved", "data", args.num_shards)}, stages=document_stages(dedup_cfg),
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, extra_stats={"safety": safety_applied})
     print(f"interleaved: {len(items)} input file(s) -> {args.output}", flush=True)
     stats = execute(spec, args, lambda p: build(p, items, opts))
     if args.emit_m3w_text:

@@ -241,7 +241,8 @@ def warc_record(rec, source: str, max_bytes: int) -> dict:
     return {"source": source, "url": h.get("WARC-Target-URI", "").strip("<> ") or None,
             "warc_record_id": h.get("WARC-Record-ID"), "crawl_date": h.get("WARC-Date"),
             "status": rec.http_headers.status_code, "content_type": rec.http_content_type or "",
-            "charset": rec.http_charset, "payload": body}
+            "charset": rec.http_charset, "payload": body,
+            "robots_tags": list(rec.http_headers.get_multiple("X-Robots-Tag") or ())}  # page's own directives
 
 
 def dechunk(body: bytes) -> bytes:

@@ -52,6 +52,7 @@ FIELD_DOCS = {
         "image_path": "image file path (when not embedded)", "caption": "the caption",
         "caption_source": "web (alt text, human caption) or synthetic (captioner)",
         "clip_score": "CLIP cosine similarity of image and caption", "itm_score": "BLIP ITM match probability",
+        "nsfw_score": "NSFW head probability over the CLIP image embedding (null: not run)",
         "width": "image width (px)", "height": "image height (px)", "sha256": "sha256 of the image bytes",
         "phash": "64-bit perceptual hash (16 hex digits)", "source_dataset": "input dataset name",
         "clip_embedding": "float16 image embedding (optional)", "metadata": "JSON object with extra fields"},
@@ -586,6 +587,9 @@ def render(run: Run, profile: Profile, checked: dict, name: str, license_id: str
     lines += ["## Data validation (small Flamingo run)", ""]
     lines += _train_section(out, name, train, pngs)
 
+    from mmcorpus.pipelines.outputs.safety_card import safety_section  # issue 17
+
+    lines += safety_section(stats, _table)
     lines += ["## Limitations and licensing", "",
               "The rows come from web pages and images whose licenses vary; check them before redistributing. "
               "Filters are heuristics (thresholds above) and let some low-quality content through while "

@@ -21,12 +21,16 @@ DESCRIPTION = (
     "img2dataset output folder, a pairs dataset, or a .jsonl/.parquet/.csv/.tsv table of {url|path|image, "
     "caption}. URLs without bytes are downloaded with img2dataset. Stages, each counted in stats.json with its "
     "rejects: read -> caption (clean HTML entities/whitespace; drop empty, boilerplate such as 'image', file "
-    "names, 'click here'; DataComp length rule: more than 2 words and 5 characters) -> image (decode check, "
-    "sha256, pHash; corrupt/truncated/zero-byte/bomb images rejected) -> decontaminate (--decontaminate "
+    "names, 'click here'; DataComp length rule: more than 2 words and 5 characters) -> safety (image and page "
+    "URL on --opt-out-list/--blocklist files, flagged words in the image URL or caption, e-mails/IPs/phone "
+    "numbers in the caption masked or, with --pii reject, rejected; before any download) -> image (decode "
+    "check, sha256, pHash; corrupt/truncated/zero-byte/bomb images rejected) -> decontaminate (--decontaminate "
     "EVAL_DIR: same bytes or pHash within --phash-distance of an evaluation image) -> clip_score (open_clip cosine of image "
     "and caption embeddings, batched; on CUDA batched nvJPEG decode on a prefetch thread overlapping the model, "
-    "fp16 (or --precision bf16), out-of-memory halves the batch) -> clip_filter "
-    "(--min-clip-score, LAION used 0.28 for ViT-B/32, or --keep-top-fraction over the WHOLE run) -> dedup "
+    "fp16 (or --precision bf16), out-of-memory halves the batch) -> nsfw (with --nsfw-head: an MLP over the image "
+    "embedding clip_score computed, no second encoding; nsfw_score per row, rejected above --nsfw-threshold) "
+    "-> clip_filter (--min-clip-score, LAION used 0.28 for ViT-B/32, or --keep-top-fraction over the WHOLE "
+    "run) -> dedup "
     "(exact sha256, pHash Hamming <= --phash-distance via multi-index hashing, identical pHashes collapsed first; "
     "--phash-transforms also catches horizontally flipped and 90/180/270-degree rotated copies; SemDeDup-style "
     "semantic). Dedup keeps, per duplicate group, the image whose best pair has "
@@ -96,6 +100,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
     add_runner_args(parser)
+    from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
+
+    add_safety_arguments(parser)
+    n = parser.add_argument_group("NSFW (a head over the CLIP image embedding clip_score computed)")
+    n.add_argument("--nsfw-head", default=None, metavar="PATH",
+                   help="MLP weights (.pt state dict or .npz) over CLIP image embeddings; 'random' with "
+                        "--allow-random-weights; without it the NSFW check is off (stats and card say so)")
+    n.add_argument("--nsfw-threshold", type=float, default=0.5, help="pairs whose image scores above this are rejected")
 
 
 # ---- stage functions (module level: workers import them by name) ----------------------------------------
@@ -233,7 +245,8 @@ def output_row(row, store_embeddings: bool):
         "image_id": row["image_id"], "url": row.get("url"), "image_bytes": row["_data"],
         "image_path": row.get("image_path"), "caption": row["caption"],
         "caption_source": row.get("caption_source") or "web", "clip_score": row.get("clip_score"),
-        "itm_score": row.get("itm_score"), "width": row["width"], "height": row["height"],
+        "itm_score": row.get("itm_score"), "nsfw_score": row.get("nsfw_score"),
+        "width": row["width"], "height": row["height"],
         "sha256": row["sha256"], "phash": row["phash"], "source_dataset": row["source_dataset"],
         "clip_embedding": row.get("clip_embedding") if store_embeddings else None,
         "metadata": schemas.metadata_json(dict(row["metadata"], image_ref=row["image_ref"])),
@@ -272,6 +285,11 @@ def build(p, opts: dict):
            | "Read" >> beam.FlatMap(pairs_sources.read_task, opts["include_context"]))
     pairs = c.stage(raw, STAGE_READ, to_candidate, source_of)
     pairs = c.stage(pairs, STAGE_CAPTION, CaptionStage(opts["caption_cfg"]), source_of)
+    # safety (issue 17): opt-out lists, blocklists, flagged words and PII, before any image is downloaded
+    from mmcorpus.pipelines.safety.stages import STAGE_NSFW, STAGE_SAFETY, NsfwStage, PairSafety
+
+    pair_safety = PairSafety(opts["safety"])
+    pairs = c.stage(pairs, STAGE_SAFETY, pair_safety, source_of, setup=pair_safety.setup)
     local = pairs | "LocalImages" >> beam.FlatMap(_local_only)
     fetched = (pairs | "RemoteImages" >> beam.FlatMap(_remote_only)
                | "FetchKey" >> beam.Map(_group_of, opts["fetch_groups"]) | "FetchGroup" >> beam.GroupByKey()
@@ -292,6 +310,8 @@ def build(p, opts: dict):
     tagged = batches | "ClipScore" >> beam.ParDo(ScoreBatches(opts["clip_cfg"]))
     pairs = pair_dedup._emit(c, tagged, "Clip_")
     c.add_counts(pairs | "ScoreBins" >> beam.Map(_score_bins))
+    if opts["nsfw"] is not None:  # issue 17: the head on the embedding clip_score left in the row
+        pairs = c.stage(pairs, STAGE_NSFW, NsfwStage(*opts["nsfw"]), source_of)
     if opts["min_clip_score"] is not None:
         pairs = c.stage(pairs, STAGE_THRESHOLD, Threshold(opts["min_clip_score"]), source_of)
     elif opts["top_fraction"] is not None:
@@ -363,13 +383,27 @@ def run(args) -> int:
     clip_cfg = ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained, allow_random=args.allow_random_weights,
                           device=args.device, batch_size=args.batch_size, decode_threads=args.decode_threads,
                           precision=args.precision, decode=args.clip_decode)
-    weights = load_model(clip_cfg).source  # fails here, before the pipeline, when weights are missing
+    loaded = load_model(clip_cfg)  # fails here, before the pipeline, when weights are missing
+    weights = loaded.source
     if weights == "random":
         print("pairs: WARNING: CLIP has RANDOM weights (--allow-random-weights); clip_score is meaningless", flush=True)
     dedup_cfg = pair_dedup.DedupConfig(exact="exact" in dedup, phash="phash" in dedup, semantic="semantic" in dedup,
                                        phash_distance=args.phash_distance, phash_blocks=args.phash_blocks,
                                        phash_parts=args.phash_parts, phash_transforms=args.phash_transforms,
                                        semantic_eps=args.semantic_eps, semantic_clusters=args.semantic_clusters)
+    from mmcorpus.filters.safety import NsfwPolicy
+    from mmcorpus.pipelines.safety.stages import STAGE_NSFW, STAGE_SAFETY, SafetySpec, load_nsfw_head, safety_stats
+
+    safety = SafetySpec.from_args(args)  # issue 17
+    try:
+        nsfw_policy = NsfwPolicy(image_threshold=args.nsfw_threshold)
+    except ValueError as exc:
+        raise UserError(f"--nsfw-threshold: {exc}") from None
+    nsfw_head, nsfw_weights = load_nsfw_head(args.nsfw_head, args.allow_random_weights,
+                                             int(loaded.model.visual.output_dim))
+    nsfw = None if nsfw_head is None else {"weights": nsfw_weights, "image_threshold": args.nsfw_threshold,
+                                           "document_threshold": None, "policy": "drop the pair"}
+    safety_applied = safety_stats(safety, nsfw, kind="pair")
     eval_refs, skipped = (eval_references(args.decontaminate, args.max_pixels) if args.decontaminate else (None, 0))
     opts = {
         "tasks": pairs_sources.tasks(sources), "include_context": args.include_context_text,
@@ -378,12 +412,15 @@ def run(args) -> int:
         "top_fraction": args.keep_top_fraction, "dedup_cfg": dedup_cfg, "eval_refs": eval_refs,
         "store_embeddings": args.store_embeddings, "fetch_groups": 8, "fetch_timeout": args.fetch_timeout,
         "allow_private": args.allow_private_urls, "score_groups": args.score_groups,
+        "safety": safety, "nsfw": None if nsfw_head is None else (nsfw_head, nsfw_policy),
         "group_batches": args.runner in ("dask", "DaskRunner", "apache_beam.runners.dask.dask_runner.DaskRunner"),
     }
-    stages = [STAGE_READ, STAGE_CAPTION, STAGE_IMAGE]
+    stages = [STAGE_READ, STAGE_CAPTION, STAGE_SAFETY, STAGE_IMAGE]
     if eval_refs is not None:
         stages.append(pair_dedup.STAGE_DECON)
     stages.append(STAGE_CLIP)
+    if nsfw_head is not None:
+        stages.append(STAGE_NSFW)
     if args.min_clip_score is not None or args.keep_top_fraction is not None:
         stages.append(STAGE_THRESHOLD)
     stages += [s for flag, s in ((dedup_cfg.exact, pair_dedup.STAGE_EXACT), (dedup_cfg.phash, pair_dedup.STAGE_PHASH),
@@ -399,11 +436,12 @@ def run(args) -> int:
         "decontaminate": os.path.abspath(args.decontaminate) if args.decontaminate else None,
         "include_context_text": args.include_context_text, "min_words": args.min_words, "min_chars": args.min_chars,
         "max_chars": args.max_chars, "max_pixels": args.max_pixels, "store_embeddings": args.store_embeddings,
+        "safety": safety_applied,
     }
     inputs = [f for s in sources for f in s.files]
     spec = RunSpec(command="pairs", out_dir=args.output, config=config, inputs=inputs,
                    kinds={"data": Kind("pair", "data", args.num_shards)}, stages=stages, overwrite=args.overwrite,
-                   extra_stats={"clip_weights": weights})
+                   extra_stats={"clip_weights": weights, "safety": safety_applied})
     print(f"pairs: {len(sources)} source(s) ({', '.join(f'{s.name}:{s.kind}' for s in sources)}) -> {args.output}",
           flush=True)
     stats = execute(spec, args, lambda p: build(p, opts))
