@@ -177,8 +177,9 @@ def canonical_url(tree) -> str | None:
     return None
 
 
-def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
-    """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed)."""
+def extract(html: str, url: str, options: dict | None = None) -> tuple[list, list, list, dict] | Reject:
+    """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed).
+    `options`: trafilatura settings (ExtractConfig.trafilatura_options(): fast, favor_precision, ...)."""
     import trafilatura
 
     try:
@@ -190,8 +191,8 @@ def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
         declared = normalise_images(tree, url or canonical or "")
         title = tree.findtext(".//title")
         # bare_extraction hands back the body as elements: no XML serialisation and re-parse (~15% faster)
-        result = trafilatura.bare_extraction(tree, url=url, include_images=True, include_tables=True,
-                                             with_metadata=False)
+        settings = {"include_tables": True, **(options or {})}
+        result = trafilatura.bare_extraction(tree, url=url, include_images=True, with_metadata=False, **settings)
         body = getattr(result, "body", None)
         if body is None or not len(body) and not (body.text or "").strip():
             return Reject("extraction_empty", "trafilatura found no main content")
@@ -206,3 +207,14 @@ def extract(html: str, url: str) -> tuple[list, list, list, dict] | Reject:
     meta = {"title": _WS.sub(" ", title).strip() if title else None, "canonical_url": canonical,
             "declared_sizes": {u: s for u, s in declared.items() if u in used}}
     return texts, images, infos, meta
+
+
+# Markup an image of the extracted document can come from (normalise_images reads <img> elements, trafilatura
+# keeps <graphic> from them); <picture>, srcset and <image>/<amp-img> too, so markup an extractor may learn to
+# read is never judged image-free. Checked on the HTML text before parsing.
+_IMAGE_MARKUP = re.compile(r"<(?:img|image|picture|amp-img)[\s/>]|srcset", re.I)
+
+
+def may_hold_images(html: str) -> bool:
+    """False only when the page has no image markup at all, so extraction cannot yield an image."""
+    return _IMAGE_MARKUP.search(html) is not None
