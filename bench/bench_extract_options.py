@@ -28,14 +28,14 @@ from mmcorpus.pipelines.interleaved.sources import decode_page, read_html_file  
 
 SHARED = pathlib.Path(os.environ.get("MMCORPUS_SHARED", ROOT.parent / "shared")) / "data"
 
-VARIANTS = {
+VARIANTS = {  # ExtractConfig's defaults, and each option changed from them
     "default": {},
+    "with_comments": {"include_comments": True},
     "fast": {"fast": True},
     "favor_precision": {"favor_precision": True},
     "favor_recall": {"favor_recall": True},
     "no_tables": {"include_tables": False},
-    "no_comments": {"include_comments": False},
-    "fast_no_comments": {"fast": True, "include_comments": False},
+    "fast_with_comments": {"fast": True, "include_comments": True},
 }
 
 

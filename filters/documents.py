@@ -115,13 +115,17 @@ class ImageConfig:
 
 @dataclass
 class ExtractConfig:
-    """trafilatura's options (bench/bench_extract_options.py measures pages/s and snippet accuracy of each)."""
+    """trafilatura's options. bench/bench_extract_options.py measures each on the 144 trafilatura-eval pages
+    (CPU pages/s against these defaults; share of must-have snippets found / must-not snippets kept out):
+    defaults 94.2% / 89.9%; fast 1.32x, 92.1% / 89.4%; favor_recall 1.49x, 94.2% / 87.8%; favor_precision
+    0.99x, 92.1% / 92.0%; with comments (trafilatura's own default) 0.93x, 94.2% / 89.9%. The defaults are the
+    fastest set that loses no accuracy."""
 
     fast: bool = False  # True: no fallback extractors (readability, jusText) when the main pass finds little
     favor_precision: bool = False  # stricter main-content selection
     favor_recall: bool = False  # looser main-content selection
     include_tables: bool = True
-    include_comments: bool = True  # reader comments below an article
+    include_comments: bool = False  # reader comments below an article (trafilatura's default: True)
 
     def trafilatura_options(self) -> dict[str, bool]:
         return dataclasses.asdict(self)
