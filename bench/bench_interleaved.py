@@ -287,6 +287,7 @@ def main() -> None:
                     "note": "one run on the same records; the 2-core machine was shared with other jobs "
                             "(load average per run below): compare ratios within this run"}
     records = copies(a.records)
+    partial = ROOT / "bench" / "results" / "interleaved.partial.json"
     with tempfile.TemporaryDirectory() as tmp:
         one = write_warcs(records, pathlib.Path(tmp) / "one", 1)
         several = write_warcs(records, pathlib.Path(tmp) / "several", a.files)
@@ -294,12 +295,16 @@ def main() -> None:
         result["warc_mib"] = round(os.path.getsize(one[0]) / 2**20, 1)
         runs: dict[str, dict] = {}
 
+
         def run(name, extra, inputs, env=None):
             runs[name] = cli_run(extra, inputs, env)
             print(name, {k: v for k, v in runs[name].items() if not k.startswith("_")}, flush=True)
+            partial.write_text(json.dumps({**result, "runs": {k: {x: y for x, y in v.items() if not x.startswith("_")}
+                                                              for k, v in runs.items()}}, indent=2) + "\n")
 
         bare = bare_run(records, a.workers)
-        print("bare", {k: v for k, v in bare.items() if not k.startswith("_")}, flush=True)
+        result["bare_trafilatura"] = {k: v for k, v in bare.items() if not k.startswith("_")}
+        print("bare", result["bare_trafilatura"], flush=True)
         run("one_file_1_worker", ["--workers", "1"], one)
         run("one_file", ["--workers", w], one)
         run("several_files", ["--workers", w], several)
@@ -313,7 +318,6 @@ def main() -> None:
                 run("dask_several_files", ["--runner", "dask", "--workers", w], several)
         run("quarter_file", ["--workers", w], quarter)
     kept = sorted(runs["one_file"]["_texts"])
-    result["bare_trafilatura"] = {k: v for k, v in bare.items() if not k.startswith("_")}
     result["runs"] = {k: {x: y for x, y in v.items() if not x.startswith("_")} for k, v in runs.items()}
     rate = {k: v["pages_per_s"] for k, v in runs.items()}
     one_rate = rate["one_file"]
@@ -358,6 +362,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("runs",)}, indent=2))
     out = ROOT / "bench" / "results" / "interleaved.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     print(f"wrote {out}")
 
 

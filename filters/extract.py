@@ -179,7 +179,8 @@ def canonical_url(tree) -> str | None:
 
 def extract(html: str, url: str, options: dict | None = None) -> tuple[list, list, list, dict] | Reject:
     """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed).
-    `options`: trafilatura settings (ExtractConfig.trafilatura_options(): fast, favor_precision, ...)."""
+    `options`: trafilatura settings (ExtractConfig.trafilatura_options(): fast, favor_precision, ...); None:
+    ExtractConfig's defaults."""
     import trafilatura
 
     try:
@@ -191,8 +192,11 @@ def extract(html: str, url: str, options: dict | None = None) -> tuple[list, lis
         declared = normalise_images(tree, url or canonical or "")
         title = tree.findtext(".//title")
         # bare_extraction hands back the body as elements: no XML serialisation and re-parse (~15% faster)
-        settings = {"include_tables": True, **(options or {})}
-        result = trafilatura.bare_extraction(tree, url=url, include_images=True, with_metadata=False, **settings)
+        if options is None:
+            from mmcorpus.filters.documents import ExtractConfig
+
+            options = ExtractConfig().trafilatura_options()
+        result = trafilatura.bare_extraction(tree, url=url, include_images=True, with_metadata=False, **options)
         body = getattr(result, "body", None)
         if body is None or not len(body) and not (body.text or "").strip():
             return Reject("extraction_empty", "trafilatura found no main content")

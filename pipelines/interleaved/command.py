@@ -320,11 +320,13 @@ def run(args) -> int:
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes}
-    parts = args.read_parts or read_parts(items, args.workers or os.cpu_count() or 1)
+    workers = args.workers or os.cpu_count() or 1
+    parts = args.read_parts or read_parts(items, workers)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes, "read_parts": parts}
-    # the DaskRunner makes one partition of up to 128 created items, and every later step keeps the partitions
-    args.dask_partitions = sum(parts if kind == "warc" else 1 for kind, _ in items)
+    # the DaskRunner makes one partition of up to 128 created items and every later step keeps the partitions:
+    # two per worker (more only multiply the tasks of every step and shuffle)
+    args.dask_partitions = min(sum(parts if kind == "warc" else 1 for kind, _ in items), 2 * workers)
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
                    kinds={"data": Kind("interleaved", "data", args.num_shards)}, stages=document_stages(dedup_cfg, doc_cfg),
                    overwrite=args.overwrite)
