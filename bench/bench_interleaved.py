@@ -352,6 +352,7 @@ def main() -> None:
     cpu_s_per_page = f["cpu_s"] / f["pages"]
     result["projections"] = {
         "one_40000_record_warc_on_2_cores_minutes": round(40000 / one_rate / 60 * a.workers / 2, 1),
+        "one_40000_record_warc_on_2_cores_minutes_from_cpu_seconds": round(40000 * cpu_s_per_page / 2 / 60, 1),
         "m3w_43M_pages_core_hours": round(43e6 * a.workers / one_rate / 3600),
         "m3w_43M_pages_core_hours_from_cpu_seconds": round(43e6 * cpu_s_per_page / 3600),
         "note": "from the one-file rate with --workers processes (wall-clock, shared machine) and from the CPU "
