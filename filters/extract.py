@@ -200,10 +200,12 @@ def canonical_url(tree) -> str | None:
     return None
 
 
-def extract(html: str, url: str, article_images: bool = True) -> tuple[list, list, list, dict] | Reject:
+def extract(html: str, url: str, options: dict | None = None,
+            article_images: bool = True) -> tuple[list, list, list, dict] | Reject:
     """HTML -> (texts, images, image_info, metadata) or a Reject (extraction_empty / extraction_failed).
-    `article_images`: put back the article images trafilatura left out (filters/figures.py); metadata
-    "article_images_added" counts them."""
+    `options`: trafilatura settings (ExtractConfig.trafilatura_options(): fast, favor_precision, ...); None:
+    ExtractConfig's defaults. `article_images`: put back the article images trafilatura left out
+    (filters/figures.py); metadata "article_images_added" counts them."""
     import trafilatura
 
     try:
@@ -215,8 +217,11 @@ def extract(html: str, url: str, article_images: bool = True) -> tuple[list, lis
         declared = normalise_images(tree, url or canonical or "")
         title = tree.findtext(".//title")
         # bare_extraction hands back the body as elements: no XML serialisation and re-parse (~15% faster)
-        result = trafilatura.bare_extraction(tree, url=url, include_images=True, include_tables=True,
-                                             with_metadata=False)
+        if options is None:
+            from mmcorpus.filters.documents import ExtractConfig
+
+            options = ExtractConfig().trafilatura_options()
+        result = trafilatura.bare_extraction(tree, url=url, include_images=True, with_metadata=False, **options)
         body = getattr(result, "body", None)
         if body is None or not len(body) and not (body.text or "").strip():
             return Reject("extraction_empty", "trafilatura found no main content")
@@ -233,3 +238,14 @@ def extract(html: str, url: str, article_images: bool = True) -> tuple[list, lis
             "declared_sizes": {u: s for u, s in declared.items() if u in used},
             "article_images_added": added, "_units": units}  # line units for the paragraph rules; "_" keys are never written
     return texts, images, infos, meta
+
+
+# Markup an image of the extracted document can come from (normalise_images reads <img> elements, trafilatura
+# keeps <graphic> from them); <picture>, srcset and <image>/<amp-img> too, so markup an extractor may learn to
+# read is never judged image-free. Checked on the HTML text before parsing.
+_IMAGE_MARKUP = re.compile(r"<(?:img|image|picture|amp-img)[\s/>]|srcset", re.I)
+
+
+def may_hold_images(html: str) -> bool:
+    """False only when the page has no image markup at all, so extraction cannot yield an image."""
+    return "<img" in html or _IMAGE_MARKUP.search(html) is not None  # plain search first: most pages have one

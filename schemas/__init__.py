@@ -98,6 +98,7 @@ RUN_STAGE = pa.schema(
         ("rejected", pa.int64()),
         ("reasons", pa.map_(pa.string(), pa.int64())),  # rejected rows by reason
         ("counters", pa.map_(pa.string(), pa.int64())),  # other named counts of the stage
+        ("cpu_seconds", pa.float64()),  # CPU time of the stage's function summed over workers (null: not timed)
     ]
 )
 
@@ -314,8 +315,8 @@ def compatible(version: str) -> bool:
 
 def validate_stats(stats: dict, where: str = "stats.json") -> dict:
     """Return a run's stats if they have the keys and types of `RUN_STATS_KEYS`, a compatible schema version
-    and stages that match `RUN_STAGE` with rejects by reason adding up; else raise SchemaError naming the key
-    or stage."""
+    and stages that match `RUN_STAGE` with rejects by reason adding up and cpu_seconds (optional) a
+    non-negative number; else raise SchemaError naming the key or stage."""
     if not isinstance(stats, dict):
         raise SchemaError(f"{where}: not a JSON object")
     for key, types in RUN_STATS_KEYS.items():
@@ -335,6 +336,10 @@ def validate_stats(stats: dict, where: str = "stats.json") -> dict:
         if sum(stage["reasons"].values()) != stage["rejected"]:
             raise SchemaError(f"{where}: stage {stage['stage']!r} (row {row}): rejects by reason add up to "
                               f"{sum(stage['reasons'].values())}, not {stage['rejected']}")
+        cpu = stage.get("cpu_seconds")
+        if cpu is not None and not (isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu >= 0):
+            raise SchemaError(f"{where}: stage {stage['stage']!r} (row {row}): cpu_seconds {cpu!r} is not a "
+                              "non-negative number")
     return stats
 
 

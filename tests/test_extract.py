@@ -11,7 +11,7 @@ import pytest
 from lxml import etree
 from lxml import html as lxml_html
 
-from mmcorpus.filters.extract import declared_size, extract, largest_candidate, normalise_images
+from mmcorpus.filters.extract import declared_size, extract, largest_candidate, may_hold_images, normalise_images
 from mmcorpus.filters.m3w import END_OF_CHUNK, IMAGE, render_m3w
 from mmcorpus.filters.reasons import Reject
 
@@ -203,3 +203,17 @@ def test_declared_sizes_are_pixels(eval_pages):
     tree = lxml_html.fromstring('<div><img src="a.jpg" width="300px" height=" 200 "><img src="b.jpg" width="100%">'
                                 '<img src="c.jpg" width="20em" height="auto"><img src="d.jpg" width="120.5"></div>')
     assert normalise_images(tree, "https://e.org/") == {"https://e.org/a.jpg": [300, 200], "https://e.org/d.jpg": [120, None]}
+
+
+def test_pages_without_image_markup_extract_no_image(eval_pages):
+    """The precheck's test: a page it judges image-free never yields an image from extraction."""
+    image_free = [(v, html) for v, html in eval_pages.values() if not may_hold_images(html)]
+    assert 0 < len(image_free) < len(eval_pages) // 4
+    for v, html in image_free:
+        result = extract(html, v["url"])
+        assert isinstance(result, Reject) or not any(result[1]), v["url"]
+    for markup in ('<IMG SRC="a.jpg">', '<p><img\nsrc=a.jpg></p>', '<picture><source srcset="a.webp 2x"></picture>',
+                   '<div data-srcset="a.jpg 800w">', '<svg><image href="a.png"/></svg>', '<amp-img src="a.jpg">'):
+        assert may_hold_images(f"<html><body>{markup}</body></html>"), markup
+    for markup in ("<p>imgur is a site</p>", "<images>none</images>", "<p>an image of a cat</p>"):
+        assert not may_hold_images(f"<html><body>{markup}</body></html>"), markup

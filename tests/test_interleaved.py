@@ -56,7 +56,8 @@ def bundled(shared_data, tmp_path_factory):
     inputs = [shared_data / w for w in WARCS] + [shared_data / "trafilatura-eval" / "pages"]
     direct, dask = tmp / "direct", tmp / "dask"
     assert run_cli(*inputs, "-o", direct, "--no-images", "--workers", "1", "--emit-m3w-text") == 0
-    assert run_cli(*inputs, "-o", dask, "--no-images", "--runner", "dask", "--workers", "2") == 0
+    # Dask reads every WARC in 3 interleaved parts (one partition each): the same files as reading them whole
+    assert run_cli(*inputs, "-o", dask, "--no-images", "--runner", "dask", "--workers", "2", "--read-parts", "3") == 0
     return direct, dask
 
 
@@ -67,6 +68,10 @@ def test_bundled_warcs_and_pages_both_runners(bundled):
     assert stages["read"]["in"] >= 300 and stages["read"]["reasons"]["warc_not_response"] >= 100
     assert stages["read"]["reasons"]["warc_file_truncated"] >= 1 and stages["read"]["reasons"]["warc_invalid_record"] >= 5
     assert s["main_stages"][-1] == "image_count_after_dedup"
+    # pages without any image markup go before extraction; the stages that call a function are timed
+    assert s["main_stages"][2:4] == ["precheck", "extract"] and stages["precheck"]["reasons"]["no_images"] >= 10
+    assert stages["extract"]["in"] == stages["precheck"]["out"] and stages["extract"]["cpu_seconds"] > 0
+    assert all(stages[name]["cpu_seconds"] is not None for name in ("decode", "language", "quality"))
     rows = data_rows(direct)
     assert len(rows) == s["totals"]["written"] >= 40
     for f in sorted((direct / "data").glob("*.parquet")):

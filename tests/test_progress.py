@@ -63,6 +63,8 @@ def test_terminal_run_shows_progress_from_worker_processes_and_cleans_up(tmp_pat
     assert any("read 144" in f and "rejected" in f and "/s)" in f for f in frames)
     # the end-of-run summary points to stats, rejects and the card
     assert "finished in" in text and f"stats    {out}/stats.json" in text
+    extract_row = next(line for line in text.splitlines() if line.strip().startswith("extract "))
+    assert "cpu s" in text and "%" in extract_row  # CPU seconds and share of every timed stage
     assert f"rejects  {out}/rejects/" in text and f"mmcorpus card {out}" in text
 
 

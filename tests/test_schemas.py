@@ -135,6 +135,7 @@ def test_run_stats_validate_names_the_bad_key_or_stage(tmp_path, coco):
     length = next(s for s in on_disk["stages"] if s["stage"] == "length")
     assert length["in"] == 30 == length["out"] + length["rejected"] and length["reasons"]
     assert stats["stages"] == on_disk["stages"]
+    assert length["cpu_seconds"] is not None and length["cpu_seconds"] >= 0  # every Stage times its function
 
     def broken(**change):
         bad = json.loads(json.dumps(on_disk))
@@ -156,3 +157,12 @@ def test_run_stats_validate_names_the_bad_key_or_stage(tmp_path, coco):
     stages[1]["in"] = None
     with pytest.raises(schemas.SchemaError, match="column 'in', row 1: is null"):
         schemas.validate_stats(broken(stages=stages))
+    stages = json.loads(json.dumps(on_disk["stages"]))
+    stages[1]["cpu_seconds"] = -1.0
+    with pytest.raises(schemas.SchemaError, match="stage 'length' \\(row 1\\): cpu_seconds -1.0"):
+        schemas.validate_stats(broken(stages=stages))
+    stages[1]["cpu_seconds"] = "fast"
+    with pytest.raises(schemas.SchemaError, match="run_stage schema"):
+        schemas.validate_stats(broken(stages=stages))
+    del stages[1]["cpu_seconds"]  # stats written before stages were timed stay valid
+    assert schemas.validate_stats(broken(stages=stages))

@@ -12,7 +12,8 @@ import pytest
 from fastwarc.warc import ArchiveIterator
 
 from mmcorpus.pipelines.errors import UserError
-from mmcorpus.pipelines.interleaved.sources import decode_bytes, decode_page, dechunk, expand_sources, looks_binary, read_items, warc_record
+from mmcorpus.pipelines.interleaved.sources import (decode_bytes, decode_page, dechunk, expand_sources, looks_binary,
+                                                    read_items, read_part, split_items, warc_record)
 
 WARC_DIRS = ("warcio-samples", "resiliparse-warcs", "cc-whirlwind", "dolma-cc-warc")
 
@@ -95,6 +96,25 @@ def test_damaged_gzip_member_is_one_reject_and_reading_goes_on(crawl, tmp_path):
     assert f"resumed at byte {starts[k + 1]}" in bad[0]["_reject"][1]
     read = [int(r["source"].rsplit(":", 1)[1]) for r in items if r is not bad[0]]
     assert read == starts[:k] + starts[k + 1:]
+
+
+def test_parts_of_a_damaged_warc_yield_every_item_once(crawl, tmp_path):
+    """A WARC cut into interleaved parts (one per worker) yields, over its parts, exactly what reading it whole
+    yields: records, the reject for a damaged member and the truncated end, each once."""
+    data, starts = crawl
+    broken = bytearray(data[: (starts[47] + starts[48]) // 2])  # cut end
+    for i in range(starts[5] + 200, starts[5] + 260):
+        broken[i] ^= 0x55  # a damaged member
+    path = tmp_path / "damaged.warc.gz"
+    path.write_bytes(broken)
+    whole = [(r["source"], r.get("_reject")) for r in read_items(("warc", str(path)))]
+    assert len(whole) == 48 and whole[-1][1][0] == "warc_file_truncated"
+    items = [("warc", str(path)), ("html", str(tmp_path / "page.html"))]
+    assert split_items(items, 3) == [("warc", str(path), 0, 3), ("warc", str(path), 1, 3),
+                                     ("warc", str(path), 2, 3), ("html", str(tmp_path / "page.html"), 0, 1)]
+    parts = [[(r["source"], r.get("_reject")) for r in read_part(item)] for item in split_items(items[:1], 3)]
+    assert [len(p) for p in parts] == [16, 16, 16]
+    assert sorted(sum(parts, [])) == sorted(whole)
 
 
 def test_garbage_between_members_and_cut_end(crawl, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -18,7 +19,8 @@ DESCRIPTION = (
     "Document stages, each counted in stats.json with its rejects (read = written + rejected): read (WARC "
     "record type, truncated/invalid records) -> decode (HTTP status 200, HTML content type, binary bytes, "
     "--max-page-bytes, charset) -> opt_out (the page's noai/noimageai meta robots tag or X-Robots-Tag header; "
-    "its URL on --opt-out-list/--blocklist files) -> extract -> safety (the canonical URL on the lists; image "
+    "its URL on --opt-out-list/--blocklist files) -> precheck (no image markup at all while images are required: "
+    "rejected before extraction) -> extract -> safety (the canonical URL on the lists; image "
     "URLs on the lists, noimageai, flagged words in image URLs and alt texts, per-image rejects under "
     "safety_images; e-mails, IPs and phone numbers masked, or rejected with --pii reject) -> language -> "
     "paragraphs (OBELICS node rules, removes paragraphs) "
@@ -27,16 +29,20 @@ DESCRIPTION = (
     "skipped with --no-images, then images stay URL references) -> image_count -> dedup_exact -> dedup_near "
     "(MinHash LSH) -> dedup_images (images in more than K documents) -> image_count_after_dedup (a document "
     "whose images were all boilerplate). Thresholds come from --config "
-    "FILE (YAML): sections language, paragraphs, quality, images (filters/documents.py), dedup "
+    "FILE (YAML): sections extract (trafilatura's options: fast, favor_precision, favor_recall, include_tables, "
+    "include_comments), language, paragraphs, quality, images (filters/documents.py), dedup "
     "(pipelines/dedup.py DedupConfig), fetch (pipelines/images.py FetchConfig: image download) and pages "
     "(pipelines/fetch.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
-    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image)."
+    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image). Each WARC is read "
+    "in interleaved parts (--read-parts) so one large file keeps every worker busy; stats.json records the CPU "
+    "seconds of every stage."
 )
 
 STAGE_READ = "read"
 STAGE_DECODE = "decode"
+STAGE_PRECHECK = "precheck"  # decisions made on the page text before extraction (images required but no markup)
 STAGE_EXTRACT = "extract"
 STAGE_LANGUAGE = "language"
 STAGE_PARAGRAPHS = "paragraphs"
@@ -63,6 +69,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--emit-m3w-text", action="store_true", help="also write OUT/m3w/part-*.txt (see above)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
+    parser.add_argument("--read-parts", type=int, default=0,
+                        help="cut each WARC into this many interleaved parts read by different workers (default: "
+                             "enough for two parts per worker over all WARCs; 1 = one worker reads a whole file)")
     add_runner_args(parser)
     from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
 
@@ -89,14 +98,31 @@ def decode_record(rec):
     return decode_page(rec)
 
 
+class Precheck:
+    """Rejects before extraction what extraction cannot rescue: a page without any image markup when documents
+    need images (images.min_per_doc >= 1); it would be rejected by image_count after costing an extraction."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, rec):
+        from mmcorpus.filters.extract import may_hold_images
+        from mmcorpus.filters.reasons import Reject
+
+        if not may_hold_images(rec["html"]):
+            return Reject("no_images", f"no image markup in the page, {self.cfg.images.min_per_doc} image(s) "
+                                       "required (checked before extraction)")
+        return rec
+
+
 def doc_id_of(url: str | None, source: str) -> str:
     return hashlib.blake2b(f"{url or ''}\x00{source}".encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
 
 
-def extract_record(rec):
+def extract_record(rec, options: dict | None = None):
     from mmcorpus.filters.extract import extract
 
-    result = extract(rec["html"], rec.get("url"))
+    result = extract(rec["html"], rec.get("url"), options)
     if not isinstance(result, tuple):
         return result
     texts, images, infos, meta = result
@@ -209,24 +235,25 @@ def load_config(path: str | None):
     return doc_cfg, dedup_cfg, fetch_cfg, page_cfg
 
 
-def document_stages(dedup_cfg) -> list[str]:
-    """Document-level stages in order. Every stage that drops images is followed by an image count, so a
-    document written always holds images.min_per_doc..max_per_doc images: image_count after the URL rules and
-    the fetch (failures, decoded-size rules), image_count_after_dedup after dedup_images."""
+def document_stages(dedup_cfg, doc_cfg=None) -> list[str]:
+    """Document-level stages in order; precheck only when documents need images (doc_cfg.images.min_per_doc).
+    Every stage that drops images is followed by an image count, so a document written always holds
+    images.min_per_doc..max_per_doc images: image_count after the URL rules and the fetch (failures, decoded-size
+    rules), image_count_after_dedup after dedup_images."""
     from mmcorpus.pipelines.interleaved.dedup import document_stages as dedup_stages
-
-    recount = [STAGE_IMAGE_RECOUNT] if dedup_cfg.images else []
     from mmcorpus.pipelines.safety.stages import STAGE_OPT_OUT, STAGE_SAFETY
 
-    return [STAGE_READ, STAGE_DECODE, STAGE_OPT_OUT, STAGE_EXTRACT, STAGE_SAFETY, STAGE_LANGUAGE, STAGE_PARAGRAPHS,
-            STAGE_QUALITY, STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
+    recount = [STAGE_IMAGE_RECOUNT] if dedup_cfg.images else []
+    precheck = [STAGE_PRECHECK] if doc_cfg is not None and doc_cfg.images.min_per_doc >= 1 else []
+    return [STAGE_READ, STAGE_DECODE, STAGE_OPT_OUT, *precheck, STAGE_EXTRACT, STAGE_SAFETY, STAGE_LANGUAGE,
+            STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
 
 
 def build(p, items, opts):
     from mmcorpus.pipelines.interleaved.dedup import dedup_documents
     from mmcorpus.pipelines.fetching.pages import fetch_url_lists
     from mmcorpus.pipelines.fetching.images import fetch_images
-    from mmcorpus.pipelines.interleaved.sources import read_items
+    from mmcorpus.pipelines.interleaved.sources import read_part, split_items
     from mmcorpus.pipelines.runtime.stage import Collector
 
     doc_cfg, dedup_cfg, fetch_cfg = opts["doc"], opts["dedup"], opts["fetch"]
@@ -234,9 +261,13 @@ def build(p, items, opts):
     files = [item for item in items if item[0] != "urls"]
     lists = [path for kind, path in items if kind == "urls"]
     branches = []
-    if files:
-        branches.append(p | "Files" >> beam.Create(files) | "Reshuffle" >> beam.Reshuffle()
-                        | "ReadFiles" >> beam.FlatMap(read_items, opts["max_bytes"], opts.get("urls")))
+    if files:  # WARCs cut into interleaved parts: read, extract and filter run fused on every worker
+        parts = split_items(files, opts["read_parts"])
+        records = (p | "Files" >> beam.Create(parts) | "Reshuffle" >> beam.Reshuffle()
+                   | "ReadFiles" >> beam.FlatMap(read_part, opts["max_bytes"], opts.get("urls")))
+        if os.environ.get("MMCORPUS_BENCH_RESHUFFLE_RECORDS"):  # bench only: the alternative measured against
+            records = records | "ReshuffleRecords" >> beam.Reshuffle()
+        branches.append(records)
     if lists:
         branches.append(fetch_url_lists(p, lists, opts["max_bytes"], opts["allow_private"], opts["pages"]))
     records = branches[0] if len(branches) == 1 else tuple(branches) | "Records" >> beam.Flatten()
@@ -247,7 +278,11 @@ def build(p, items, opts):
 
     page_opt_out, doc_safety = PageOptOut(opts["safety"]), DocSafety(opts["safety"])
     x = c.stage(x, STAGE_OPT_OUT, page_opt_out, source_of, setup=page_opt_out.setup)
-    x = c.stage(x, STAGE_EXTRACT, extract_record, source_of)
+    stages = document_stages(dedup_cfg, doc_cfg)  # the stats stage list decides the optional stages
+    if STAGE_PRECHECK in stages:
+        x = c.stage(x, STAGE_PRECHECK, Precheck(doc_cfg), source_of)
+    x = c.stage(x, STAGE_EXTRACT, functools.partial(extract_record, options=doc_cfg.extract.trafilatura_options()),
+                source_of)
     x = c.stage(x, STAGE_SAFETY, doc_safety, source_of, setup=doc_safety.setup)
     for name in (STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES):
         x = c.stage(x, name, DocStep(name, doc_cfg), source_of)
@@ -255,10 +290,16 @@ def build(p, items, opts):
         x = fetch_images(c, x, fetch_cfg, allow_private=opts["allow_private"])
     x = c.stage(x, STAGE_IMAGE_COUNT, DocStep(STAGE_IMAGE_COUNT, doc_cfg), source_of)
     x = dedup_documents(c, x, dedup_cfg)
-    if STAGE_IMAGE_RECOUNT in document_stages(dedup_cfg):  # the stats stage list decides
+    if STAGE_IMAGE_RECOUNT in stages:
         x = c.stage(x, STAGE_IMAGE_RECOUNT, DocStep(STAGE_IMAGE_RECOUNT, doc_cfg), source_of)
     c.add(x | "Rows" >> beam.Map(to_row))
     return c.finish()
+
+
+def read_parts(items, workers: int) -> int:
+    """Parts per WARC: two per worker over all WARCs (every part reads its file through, so no more than that)."""
+    warcs = sum(kind == "warc" for kind, _ in items)
+    return max(1, -(-2 * workers // warcs)) if warcs else 1
 
 
 def write_m3w(out_dir: str, kind) -> int:
@@ -291,6 +332,8 @@ def run(args) -> int:
 
     if args.num_shards < 1:
         raise UserError("--num-shards must be at least 1")
+    if args.read_parts < 0:
+        raise UserError("--read-parts must be 0 (automatic) or more")
     if args.max_page_bytes < 1:
         raise UserError("--max-page-bytes must be at least 1")
     items = expand_sources(args.sources)
@@ -309,12 +352,18 @@ def run(args) -> int:
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied}
+    workers = args.workers or os.cpu_count() or 1
+    parts = args.read_parts or read_parts(items, workers)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
-            "urls": urls}
+            "urls": urls, "read_parts": parts}
+    # the DaskRunner makes one partition of up to 128 created items and every later step keeps the partitions:
+    # two per worker (more only multiply the tasks of every step and shuffle)
+    args.dask_partitions = min(sum(parts if kind == "warc" else 1 for kind, _ in items), 2 * workers)
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
-                   kinds={"data": Kind("interleaved", "data", args.num_shards)}, stages=document_stages(dedup_cfg),
-                   overwrite=args.overwrite, extra_stats={"safety": safety_applied})
+                   kinds={"data": Kind("interleaved", "data", args.num_shards)},
+                   stages=document_stages(dedup_cfg, doc_cfg), overwrite=args.overwrite,
+                   extra_stats={"safety": safety_applied})
     print(f"interleaved: {len(items)} input file(s) -> {args.output}", flush=True)
     stats = execute(spec, args, lambda p: build(p, items, opts))
     if args.emit_m3w_text:

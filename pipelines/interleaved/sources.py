@@ -454,3 +454,20 @@ def detect_and_decode(raw: bytes, tried: list[str]) -> str | Reject:
         return raw.decode(enc, "mmcorpus-cp1252" if enc == "cp1252" else "replace")
     except LookupError:
         return Reject("decode_failed", f"detected charset {best.encoding} unknown")
+
+
+def split_items(items: list[tuple[str, str]], parts: int) -> list[tuple[str, str, int, int]]:
+    """Work items -> (kind, path, part, parts): each WARC cut into `parts` interleaved parts (record i goes to
+    part i % parts), so one big file spreads over every worker; other items stay whole (part 0 of 1)."""
+    return [(kind, path, k, parts if kind == "warc" else 1) for kind, path in items
+            for k in range(parts if kind == "warc" else 1)]
+
+
+def read_part(item: tuple[str, str, int, int], max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
+    """The records of one part of a work item (see `split_items`): every part reads the file through (the
+    reader's resynchronisation after damage stays exactly as for a whole file) and yields every parts-th item,
+    so the parts together yield each record and bad marker once."""
+    kind, path, part, parts = item
+    for i, rec in enumerate(read_items((kind, path), max_bytes, urls)):
+        if i % parts == part:
+            yield rec

@@ -380,6 +380,21 @@ def _type_name(t: pa.DataType) -> str:
     return _DTYPES.get(t, str(t))
 
 
+def _stage_times(stats: dict) -> list[str]:
+    """'Time per stage' section: CPU seconds of each timed stage, its share, and milliseconds per element."""
+    timed = [s for s in stats.get("stages", []) if s.get("cpu_seconds") is not None]
+    if not timed:
+        return []
+    total = sum(s["cpu_seconds"] for s in timed)
+    rows = [[f"`{s['stage']}`", s["in"], f"{s['cpu_seconds']:,.2f}", _pct(s["cpu_seconds"], total),
+             f"{1000 * s['cpu_seconds'] / s['in']:.2f}" if s["in"] else ""] for s in timed]
+    wall = stats.get("wall_seconds")
+    lines = ["### Time per stage", "", f"CPU seconds each stage's function took, summed over the workers "
+             f"({total:,.1f} s in all" + (f"; the run took {wall:,.1f} s wall-clock" if wall else "")
+             + "; reading, shuffles and the sink are not in a stage):", ""]
+    return lines + _table(["stage", "in", "cpu seconds", "share", "ms per element"], rows) + [""]
+
+
 def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.1f}%" if b else "n/a"
 
@@ -516,6 +531,7 @@ def render(run: Run, profile: Profile, checked: dict, name: str, license_id: str
         lines += _table(["stage", "in", "out", "rejected", "other counters"], rows) + [""]
     else:
         lines += _table(["stage", "in", "out", "rejected"], [r[:-1] for r in rows]) + [""]
+    lines += _stage_times(stats)
     params = _flatten(stats.get("config"))
     if params:
         lines += ["### Parameters", "", f"The configuration the run recorded ({len(params)} thresholds, models and "

@@ -234,10 +234,14 @@ def summary(out_dir: str, stats: dict, width: int = 100) -> str:
     stages = stats.get("stages", [])
     if stages:
         name_w = max(12, *(len(s["stage"]) for s in stages))
-        lines.append(f"  {'stage':<{name_w}} {'in':>9} {'out':>9} {'rejected':>9}  top reasons")
+        cpu_total = sum(s.get("cpu_seconds") or 0.0 for s in stages)
+        lines.append(f"  {'stage':<{name_w}} {'in':>9} {'out':>9} {'rejected':>9} {'cpu s':>8} {'cpu%':>4}  top reasons")
         for s in stages[:14]:
             top = ", ".join(f"{r} {n:,}" for r, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:2])
-            row = f"  {s['stage']:<{name_w}} {s['in']:>9,} {s['out']:>9,} {s['rejected']:>9,}  {top}"
+            cpu = s.get("cpu_seconds")
+            cpu_cols = (f"{cpu:>8.1f} {100 * cpu / cpu_total:>3.0f}%" if cpu is not None and cpu_total
+                        else f"{'-':>8} {'':>4}")
+            row = f"  {s['stage']:<{name_w}} {s['in']:>9,} {s['out']:>9,} {s['rejected']:>9,} {cpu_cols}  {top}"
             lines.append(row if len(row) <= width else row[: width - 1] + "…")
         if len(stages) > 14:
             lines.append(f"  ... {len(stages) - 14} more stages in stats.json")

@@ -28,6 +28,7 @@ from mmcorpus.pipelines.runtime import progress
 from mmcorpus.pipelines.errors import RunCheckError, UserError
 from mmcorpus.pipelines.runtime.runner import pipeline_options
 from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind, WriteAll, count_rows, shard_files, shard_name
+from mmcorpus.pipelines.runtime.stage import CPU_METRIC
 
 RUN_FILE = "_run.json"
 SUCCESS = "_SUCCESS"
@@ -154,11 +155,15 @@ def read_counts(out_dir: str, kind: Kind) -> dict[tuple[str, str, str], int]:
 
 
 def summarise(counts: dict[tuple[str, str, str], int], stage_order: list[str]) -> list[dict]:
-    """Per stage: in, out, rejected, rejected by reason, other counters. Stages in pipeline order first."""
+    """Per stage: in, out, rejected, rejected by reason, other counters, and the CPU seconds its function took
+    on the workers (stages that time themselves; None for the others). Stages in pipeline order first."""
     stages: dict[str, dict] = {}
     for (stage, metric, reason), n in counts.items():
-        s = stages.setdefault(stage, {"stage": stage, "in": 0, "out": 0, "rejected": 0, "reasons": {}, "counters": {}})
-        if metric in ("in", "out"):
+        s = stages.setdefault(stage, {"stage": stage, "in": 0, "out": 0, "rejected": 0, "reasons": {}, "counters": {},
+                                      "cpu_seconds": None})
+        if metric == CPU_METRIC:
+            s["cpu_seconds"] = round((s["cpu_seconds"] or 0.0) + n / 1e6, 3)
+        elif metric in ("in", "out"):
             s[metric] += n
         elif metric == "rejected":
             s["rejected"] += n

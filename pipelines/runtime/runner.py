@@ -56,6 +56,16 @@ def _quiet_distributed(args) -> None:
             logging.getLogger(name).setLevel(level)
 
 
+def _dask_partitions(args) -> list[str]:
+    """`--dask_npartitions` from a command's `args.dask_partitions` (its work items: the DaskRunner otherwise
+    puts up to 128 created items in one partition, and every later step keeps that partitioning), unless the
+    user set the partitioning with --beam-option."""
+    n = getattr(args, "dask_partitions", 0)
+    if not n or any(o.lstrip("-").startswith(("dask_npartitions", "dask_partition_size")) for o in args.beam_option):
+        return []
+    return [f"--dask_npartitions={n}"]
+
+
 @contextlib.contextmanager
 def pipeline_options(args):
     """Yield (PipelineOptions, runner description) for the chosen runner; closes a local Dask cluster after."""
@@ -73,8 +83,9 @@ def pipeline_options(args):
     if runner in ("dask", DASK_RUNNER, "DaskRunner"):
         if getattr(args, "log_level", "WARNING") != "DEBUG":  # a notice per run about Beam's own partitioning
             logging.getLogger("apache_beam.runners.dask.transform_evaluator").setLevel(logging.ERROR)
+        flags = [f"--runner={DASK_RUNNER}"] + _dask_partitions(args)
         if args.dask_address:
-            flags = [f"--runner={DASK_RUNNER}", f"--dask_client_address={args.dask_address}"]
+            flags += [f"--dask_client_address={args.dask_address}"]
             yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "address": args.dask_address}
             return
         from distributed import LocalCluster
@@ -83,7 +94,7 @@ def pipeline_options(args):
 
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                           dashboard_address=None, silence_logs=40) as cluster:
-            flags = [f"--runner={DASK_RUNNER}", f"--dask_client_address={cluster.scheduler_address}"]
+            flags += [f"--dask_client_address={cluster.scheduler_address}"]
             yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "local_cluster_workers": workers}
         return
     yield PipelineOptions([f"--runner={runner}"] + _extra(args)), {"runner": runner}

@@ -8,6 +8,7 @@ in = out + rejected for every stage.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from mmcorpus.pipelines.runtime import progress
 KEPT = "kept"
 REJECTS = "rejects"
 COUNTS = "counts"
+CPU_METRIC = "cpu_us"  # CPU microseconds the stage function took (summed per bundle); stats.json: cpu_seconds
+FLUSH_SECONDS = 1.0  # counters summed on a worker are emitted at least this often (live progress sees them)
 
 
 def reject_row(stage: str, reject: Reject, source: str) -> dict:
@@ -56,7 +59,10 @@ class _StageFn(beam.DoFn):
     """Yields `(tag, value)` with tag 'kept', 'rejects' or 'counts'.
 
     One output stream with explicit tags instead of `with_outputs`: Beam 2.77's DaskRunner feeds every tagged
-    output of a multi-output ParDo to every consumer, so tagged outputs are split by `_Pick` instead.
+    output of a multi-output ParDo to every consumer, so tagged outputs are split by `_Pick` instead. Counters
+    (in, out, rejected by reason, CPU time) are summed on the worker and emitted every FLUSH_SECONDS and when
+    the bundle finishes: a few counter elements per second instead of two or more per element (the DaskRunner
+    has no combiner lifting, so every counter element would cross its shuffle).
     """
 
     def __init__(self, name: str, fn: Callable[[Any], Any], source_of: Callable[[Any], str], setup: Callable | None):
@@ -65,27 +71,51 @@ class _StageFn(beam.DoFn):
         self.source_of = source_of
         self._setup = setup
         self._call = fn
+        self._counts: dict = {}
+        self._flushed = 0.0
 
     def setup(self):
         if self._setup is not None:  # e.g. load a model once per worker
             self._call = self._setup()
 
+    def start_bundle(self):
+        self._counts = {}
+        self._flushed = time.monotonic()
+
+    def _add(self, key, n=1):
+        self._counts[key] = self._counts.get(key, 0) + n
+
     def process(self, element):
-        yield COUNTS, ((self.name, "in", ""), 1)
+        self._add((self.name, "in", ""))
+        t = time.process_time()  # the worker process's CPU: threads a stage starts are counted too
         result = self._call(element)
+        self._add((self.name, CPU_METRIC, ""), int((time.process_time() - t) * 1e6))
         results = result if isinstance(result, list) else [result]
         for item in results:
             if isinstance(item, Count):
-                yield COUNTS, ((item.stage, item.metric, item.reason), item.n)
+                self._add((item.stage, item.metric, item.reason), item.n)
             elif isinstance(item, ItemReject):
                 yield REJECTS, reject_output(item.stage, item.reject, item.source)
-                yield COUNTS, ((item.stage, "rejected", item.reject.reason), 1)
+                self._add((item.stage, "rejected", item.reject.reason))
             elif isinstance(item, Reject):
                 yield REJECTS, reject_output(self.name, item, self.source_of(element))
-                yield COUNTS, ((self.name, "rejected", item.reason), 1)
+                self._add((self.name, "rejected", item.reason))
             else:
-                yield COUNTS, ((self.name, "out", ""), 1)
+                self._add((self.name, "out", ""))
                 yield KEPT, item
+        if time.monotonic() - self._flushed > FLUSH_SECONDS:
+            self._flushed = time.monotonic()
+            counts, self._counts = self._counts, {}
+            for key, n in counts.items():
+                yield COUNTS, (key, n)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        counts, self._counts = self._counts, {}
+        for key, n in counts.items():
+            yield WindowedValue((COUNTS, (key, n)), -1, [GlobalWindow()])
 
 
 class _Pick(beam.DoFn):
