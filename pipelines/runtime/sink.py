@@ -6,6 +6,8 @@ PCollection, because the DaskRunner computes only the last leaf of a graph. Rows
 `OUT/<dir>/part-SSSSS-of-NNNNN.parquet`. A worker holds one shard's rows at a time (written one row group at a
 time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the
 same files under every runner, and a rerun into a killed run's folder skips the shards that are already there.
+A cell may hold `FileBytes(path)` instead of bytes: the sink reads the file when it writes that row group, so
+large payloads (image bytes) cross every shuffle as a path and a worker holds one row group of them at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,54 @@ class Kind:
     schema: str
     folder: str
     shards: int = 1
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A cell the sink fills with the bytes of the file at `path` when it writes the row."""
+
+    path: str
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+def spool(folder: str, data: bytes, name: str) -> FileBytes:
+    """Store `data` once under `folder` as `name` (a content digest; atomic rename, a copy already there is
+    kept) and return the reference that rows carry instead of the bytes."""
+    path = os.path.join(folder, name[:2], name)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return FileBytes(path)
+
+
+def _filled(row: dict) -> dict:
+    if not any(isinstance(v, FileBytes) for v in row.values()):
+        return row
+    return {k: v.read() if isinstance(v, FileBytes) else v for k, v in row.items()}
+
+
+ROW_GROUP_BYTES = 64 << 20  # a row group ends at this many bytes of binary cells (or at row_group_rows rows)
+
+
+def _row_groups(rows: list[tuple[str, dict]], step: int):
+    """(index of first row, filled rows) per row group: at most `step` rows or about ROW_GROUP_BYTES of bytes."""
+    group: list[dict] = []
+    size = start = 0
+    for i, (_, row) in enumerate(rows):
+        row = _filled(row)
+        group.append(row)
+        size += sum(len(v) for v in row.values() if isinstance(v, (bytes, bytearray)))
+        if len(group) >= step or size >= ROW_GROUP_BYTES:
+            yield start, group
+            group, size, start = [], 0, i + 1
+    if group:
+        yield start, group
 
 
 def shard_name(index: int, shards: int) -> str:
@@ -88,12 +138,12 @@ class _WriteShard(beam.DoFn):
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
         step = self.row_group_rows
         with pq.ParquetWriter(tmp, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
-            for start in range(0, len(rows), step):  # one row group at a time: no second copy of the whole shard
+            for start, group in _row_groups(rows, step):  # one row group at a time: no copy of the whole shard
                 try:
-                    chunk = schemas.to_table([row for _, row in rows[start:start + step]], spec.schema,
-                                             self.fingerprint)
+                    chunk = schemas.to_table(group, spec.schema, self.fingerprint)
                 except schemas.SchemaError as exc:
-                    raise schemas.SchemaError(f"{final}: rows {start}-{start + step - 1} of the shard: {exc}") from exc
+                    end = start + len(group) - 1
+                    raise schemas.SchemaError(f"{final}: rows {start}-{end} of the shard: {exc}") from exc
                 w.write_table(chunk, row_group_size=step)
         os.replace(tmp, final)
 
