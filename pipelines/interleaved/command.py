@@ -260,7 +260,7 @@ def write_m3w(out_dir: str, kind) -> int:
 
 def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
-    from mmcorpus.pipelines.runtime.sink import Kind
+    from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind
     from mmcorpus.pipelines.interleaved.sources import expand_sources
 
     if args.num_shards < 1:
@@ -273,10 +273,12 @@ def run(args) -> int:
 
     config = {"documents": doc_cfg.to_dict(),
               "dedup": dataclasses.asdict(dedup_cfg),
-              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k != "rules"},
+              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k not in ("rules", "spool_dir")},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes}
+    spool_dir = os.path.join(os.path.abspath(args.output), TMP_DIR, "images")  # fetched bytes wait there
+    fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes}
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],

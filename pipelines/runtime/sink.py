@@ -61,13 +61,29 @@ def spool(folder: str, data: bytes, name: str) -> FileBytes:
     return FileBytes(path)
 
 
-def _filled(row: dict) -> dict:
-    if not any(isinstance(v, FileBytes) for v in row.values()):
-        return row
-    return {k: v.read() if isinstance(v, FileBytes) else v for k, v in row.items()}
+def _filled(value):
+    """`value` with every FileBytes in it (top level, or in lists and structs) replaced by the file's bytes."""
+    if isinstance(value, FileBytes):
+        return value.read()
+    if isinstance(value, dict):
+        return {k: _filled(v) for k, v in value.items()}
+    if isinstance(value, list) and any(isinstance(v, (dict, list, FileBytes)) for v in value):
+        return [_filled(v) for v in value]
+    return value
 
 
 ROW_GROUP_BYTES = 64 << 20  # a row group ends at this many bytes of binary cells (or at row_group_rows rows)
+
+
+def _nbytes(value) -> int:
+    """Bytes held in binary cells of `value` (also inside lists and structs)."""
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _row_groups(rows: list[tuple[str, dict]], step: int):
@@ -77,7 +93,7 @@ def _row_groups(rows: list[tuple[str, dict]], step: int):
     for i, (_, row) in enumerate(rows):
         row = _filled(row)
         group.append(row)
-        size += sum(len(v) for v in row.values() if isinstance(v, (bytes, bytearray)))
+        size += _nbytes(row)
         if len(group) >= step or size >= ROW_GROUP_BYTES:
             yield start, group
             group, size, start = [], 0, i + 1
