@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -51,7 +52,7 @@ def test_pairs_at_scale_on_the_default_runner_keeps_every_row(tmp_path, coco):
     assert stats["totals"] == {"read": ROWS, "written": ROWS, "rejected": 0, "reject_rows": 0}
     assert all(s["in"] == ROWS == s["out"] for s in stats["stages"] if s["stage"] in stats["main_stages"])
     files = sorted((out / "data").glob("*.parquet"))
-    table = pq.concat_tables([pq.read_table(f, columns=["image_bytes", "sha256", "image_path"]) for f in files])
+    table = pa.concat_tables([pq.read_table(f, columns=["image_bytes", "sha256", "image_path"]) for f in files])
     assert table.num_rows == ROWS and len(set(table.column("image_path").to_pylist())) == ROWS
     on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (coco / "images").iterdir()}
     for data, sha, path in zip(*(table.column(c).to_pylist() for c in ("image_bytes", "sha256", "image_path"))):
