@@ -93,7 +93,7 @@ def model_sources(cfg) -> dict:
 def run(args) -> int:
     from mmcorpus.pipelines.capfilt import stages as capfilt
     from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
-    from mmcorpus.pipelines.runtime.sink import Kind
+    from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind
 
     if args.num_captions < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserError("--num-captions must be >= 0, --top-p in (0, 1], --max-new-tokens and --batch-size >= 1")
@@ -118,7 +118,8 @@ def run(args) -> int:
                    stages=[capfilt.STAGE_CANDIDATES, capfilt.STAGE_ITM], overwrite=args.overwrite,
                    extra_stats={"models": sources, "itm_threshold": args.itm_threshold})
     print(f"capfilt: {len(files)} input file(s) -> {args.output}", flush=True)
-    stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg))
+    spool_dir = os.path.join(os.path.abspath(args.output), TMP_DIR, "images")
+    stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg, spool_dir))
     stats["itm_histograms"] = capfilt.histograms(stats["stages"])
     _write_json(os.path.join(args.output, STATS), stats)
     by = {s["stage"]: s for s in stats["stages"]}

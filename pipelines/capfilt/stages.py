@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from mmcorpus import schemas
 from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
 from mmcorpus.filters.reasons import Reject, shorten
-from mmcorpus.pipelines.runtime.sink import stable_hash
+from mmcorpus.pipelines.runtime.sink import FileBytes, stable_hash
 from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, reject_output
 
 log = logging.getLogger("mmcorpus.capfilt")
@@ -76,10 +76,13 @@ class CapFiltConfig:
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
-def read_pair_file(path: str):
+def read_pair_file(path: str, spool_dir: str | None = None):
     """Rows of one pairs Parquet file, streamed, each with `_row` = "file:index" (unique in the run); a row that
-    cannot be read comes as {"_row", "_bad": why} (a reject), and the file goes on."""
+    cannot be read comes as {"_row", "_bad": why} (a reject), and the file goes on. With `spool_dir`, image
+    bytes are stored there once (named by their blake2b digest) and rows carry a `FileBytes` reference, which
+    the model stage and the sink read: the shuffles after this move no image bytes."""
     from mmcorpus.pipelines.pairs.sources import BadRecord, parquet_rows
+    from mmcorpus.pipelines.runtime.sink import spool
 
     schemas.read_table(path, "pair", columns=["image_id"])  # checks the schema name and version
     base = os.path.basename(path)
@@ -88,7 +91,13 @@ def read_pair_file(path: str):
             yield {"_row": f"{base}:{i}", "_bad": str(row)}
         else:
             row["_row"] = f"{base}:{i}"
+            if spool_dir and row.get("image_bytes"):
+                row["image_bytes"] = spool(spool_dir, row["image_bytes"], _digest(row["image_bytes"]))
             yield row
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def is_readable(row) -> bool:
@@ -105,8 +114,10 @@ def image_key(row: dict) -> str:
     """Identity of the image a row points at: rows with the same image share their synthetic captions."""
     if row.get("sha256"):
         return "sha256:" + row["sha256"]
+    if isinstance(row.get("image_bytes"), FileBytes):  # spooled under its blake2b digest
+        return "blake2b:" + os.path.basename(row["image_bytes"].path)
     if row.get("image_bytes"):
-        return "blake2b:" + hashlib.blake2b(row["image_bytes"], digest_size=16).hexdigest()
+        return "blake2b:" + _digest(row["image_bytes"])
     if row.get("image_path"):
         return "path:" + row["image_path"]
     return "row:" + str(row.get("_row"))  # no image identity: this row alone
@@ -326,13 +337,14 @@ def to_data(item):
     return "data", key, row
 
 
-def build_capfilt(pipeline, files: list[str], cfg: CapFiltConfig):
-    """The CapFilt graph; returns the sink tuples (for `Collector`-style `finish`)."""
+def build_capfilt(pipeline, files: list[str], cfg: CapFiltConfig, spool_dir: str | None = None):
+    """The CapFilt graph; returns the sink tuples (for `Collector`-style `finish`). `spool_dir`: where image
+    bytes wait as files (see read_pair_file); None keeps them in the rows."""
     from mmcorpus.pipelines.runtime.stage import Collector, split_tags
 
     c = Collector()
     read = (pipeline | "ListFiles" >> beam.Create(sorted(files))
-            | "ReadPairs" >> beam.FlatMap(read_pair_file))
+            | "ReadPairs" >> beam.FlatMap(read_pair_file, spool_dir))
     c.add_counts(read | "CountWeb" >> beam.FlatMap(web_read_counts))
     bad = split_tags(read | "Unreadable" >> beam.FlatMap(unreadable), (REJECTS, COUNTS), label="Read")
     c.add(bad[REJECTS])

@@ -37,7 +37,7 @@ from mmcorpus.filters.urls import url_refusal
 from mmcorpus.pipelines.runtime.childenv import child_env
 from mmcorpus.pipelines.interleaved.dedup import events_to_tags, key_by_doc_id, source_of
 from mmcorpus.pipelines.fetching.hosts import HostResolver
-from mmcorpus.pipelines.runtime.sink import stable_hash
+from mmcorpus.pipelines.runtime.sink import spool, stable_hash
 from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
 
 STAGE_FETCH = "fetch_images"
@@ -63,6 +63,8 @@ class FetchConfig:
     fetched_dir: str = ""  # read an earlier img2dataset Parquet output instead of downloading
     batch_timeout: float = 0  # seconds one img2dataset call may run; 0 = derived from batch size and timeout
     rules: object = field(default=None)  # filters.documents.DocumentConfig for check_decoded_image; None = defaults
+    # set by the command: kept bytes wait there as files (sink.FileBytes, read by the sink), not in the documents
+    spool_dir: str = ""
 
     def __post_init__(self):
         if self.groups < 1 or self.batch_size < 1 or self.threads < 1:
@@ -125,8 +127,9 @@ def assess(url: str, row: dict, cfg: FetchConfig) -> dict:
     reject = check_decoded_image(checked, _rules(cfg))
     if reject is not None:
         return {"reason": reject.reason, "detail": f"{url}: {reject.detail}"}
+    kept = (spool(cfg.spool_dir, data, info.sha256) if cfg.spool_dir else data) if cfg.keep_bytes else None
     return {"info": {"url": url, "sha256": info.sha256, "width": info.width, "height": info.height,
-                     "phash": info.phash, "bytes": data if cfg.keep_bytes else None, "path": None}}
+                     "phash": info.phash, "bytes": kept, "path": None}}
 
 
 def img2dataset_options(cfg: FetchConfig, url_list: str, out_dir: str) -> dict:

@@ -327,7 +327,7 @@ def write_m3w(out_dir: str, kind) -> int:
 
 def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
-    from mmcorpus.pipelines.runtime.sink import Kind
+    from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind
     from mmcorpus.pipelines.interleaved.sources import expand_sources, load_url_manifest
 
     if args.num_shards < 1:
@@ -348,10 +348,12 @@ def run(args) -> int:
 
     config = {"documents": doc_cfg.to_dict(),
               "dedup": dataclasses.asdict(dedup_cfg),
-              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k != "rules"},
+              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k not in ("rules", "spool_dir")},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied}
+    spool_dir = os.path.join(os.path.abspath(args.output), TMP_DIR, "images")  # fetched bytes wait there
+    fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir)
     workers = args.workers or os.cpu_count() or 1
     parts = args.read_parts or read_parts(items, workers)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,

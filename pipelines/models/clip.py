@@ -356,7 +356,9 @@ class ScoreBatches(beam.DoFn):
 
     def process(self, batch):
         rows = list(batch)
-        results = self.scorer.score([r["_data"] for r in rows], [r["caption"] for r in rows],
+        from mmcorpus.pipelines.pairs.command import image_data
+
+        results = self.scorer.score([image_data(r) for r in rows], [r["caption"] for r in rows],
                                     [r["sha256"] for r in rows])
         for row, result in zip(rows, results):
             yield COUNTS, ((STAGE_CLIP, "in", ""), 1)

@@ -138,14 +138,20 @@ class CaptionStage:
 
 
 class ImageStage:
-    def __init__(self, max_pixels: int, transforms: bool = False):
+    """Decode check, sha256 and pHash. The bytes leave the row here: a kept row carries `_file`, the image file
+    it came from or a copy under `spool_dir` (inline and downloaded bytes, named by sha256), which CLIP and the
+    sink read again; so no shuffle after this stage moves image bytes (bounded memory at any number of rows)."""
+
+    def __init__(self, max_pixels: int, transforms: bool = False, spool_dir: str | None = None):
         self.max_pixels = max_pixels
         self.transforms = transforms
+        self.spool_dir = spool_dir
 
     def __call__(self, row):
         from mmcorpus.filters.imageinfo import inspect_image
         from mmcorpus.filters.reasons import Reject
         from mmcorpus.pipelines.pairs.sources import load_bytes
+        from mmcorpus.pipelines.runtime.sink import spool
 
         if row.get("_fetch_error"):
             return Reject(row["_fetch_reason"], row["_fetch_error"])
@@ -162,8 +168,21 @@ class ImageStage:
         meta = dict(row["metadata"], image_format=info.format, image_mode=info.mode)
         if info.n_frames > 1:
             meta["n_frames"] = info.n_frames
-        return dict(row, _data=data, image_bytes=None, sha256=info.sha256, phash=info.phash, width=info.width,
+        from_file = row.get("_data") is None and row.get("image_bytes") is None
+        if self.spool_dir is None:  # bytes stay in the row (callers without an output folder)
+            place = {"_data": data}
+        else:
+            path = os.path.abspath(row["image_path"]) if from_file else spool(self.spool_dir, data, info.sha256).path
+            place = {"_data": None, "_file": path}
+        return dict(row, **place, image_bytes=None, sha256=info.sha256, phash=info.phash, width=info.width,
                     height=info.height, metadata=meta, _phash_variants=info.phash_transforms)
+
+
+def image_data(row) -> bytes:
+    """The checked image bytes of a row after ImageStage."""
+    from mmcorpus.pipelines.runtime.sink import FileBytes
+
+    return row["_data"] if row.get("_data") is not None else FileBytes(row["_file"]).read()
 
 
 class Threshold:
@@ -202,7 +221,7 @@ class FetchGroup(beam.DoFn):
         urls = sorted(u for u, why in refused.items() if not why)
         got: dict[str, dict] = {}
         if urls:
-            cfg = FetchConfig(timeout=self.timeout, threads=min(32, len(urls)))
+            cfg = FetchConfig(timeout=self.timeout, threads=min(64, len(urls)))
             try:
                 for url, result in download_batch(urls, cfg, self.allow_private):
                     got.setdefault(url, result)
@@ -240,9 +259,11 @@ def _remote_only(row):
 
 def output_row(row, store_embeddings: bool):
     from mmcorpus import schemas
+    from mmcorpus.pipelines.runtime.sink import FileBytes
 
     out = {
-        "image_id": row["image_id"], "url": row.get("url"), "image_bytes": row["_data"],
+        "image_id": row["image_id"], "url": row.get("url"),
+        "image_bytes": row["_data"] if row.get("_data") is not None else FileBytes(row["_file"]),
         "image_path": row.get("image_path"), "caption": row["caption"],
         "caption_source": row.get("caption_source") or "web", "clip_score": row.get("clip_score"),
         "itm_score": row.get("itm_score"), "nsfw_score": row.get("nsfw_score"),
@@ -295,7 +316,8 @@ def build(p, opts: dict):
                | "FetchKey" >> beam.Map(_group_of, opts["fetch_groups"]) | "FetchGroup" >> beam.GroupByKey()
                | "Fetch" >> beam.ParDo(FetchGroup(opts["fetch_timeout"], opts["allow_private"])))
     pairs = (local, fetched) | "WithBytes" >> beam.Flatten()
-    pairs = c.stage(pairs, STAGE_IMAGE, ImageStage(opts["max_pixels"], opts["dedup_cfg"].phash_transforms), source_of)
+    pairs = c.stage(pairs, STAGE_IMAGE, ImageStage(opts["max_pixels"], opts["dedup_cfg"].phash_transforms,
+                                                   opts.get("spool_dir")), source_of)
     if opts["eval_refs"] is not None:  # before scoring: no model time spent on evaluation images
         pairs = c.stage(pairs, pair_dedup.STAGE_DECON,
                         pair_dedup.Decontaminate(opts["eval_refs"], opts["dedup_cfg"].phash_distance), source_of)
@@ -367,7 +389,8 @@ def run(args) -> int:
     from mmcorpus.pipelines.pairs import sources as pairs_sources
     from mmcorpus.pipelines.models.clip import STAGE_CLIP, ClipConfig, load_model
     from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
-    from mmcorpus.pipelines.runtime.sink import Kind, shard_files
+    from mmcorpus.pipelines.runtime.runner import chosen_runner, worker_count
+    from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind, shard_files
 
     if args.keep_top_fraction is not None and not 0 < args.keep_top_fraction <= 1:
         raise UserError("--keep-top-fraction must be in (0, 1]")
@@ -410,10 +433,13 @@ def run(args) -> int:
         "caption_cfg": CaptionConfig(min_words=args.min_words, min_chars=args.min_chars, max_chars=args.max_chars),
         "max_pixels": args.max_pixels, "clip_cfg": clip_cfg, "min_clip_score": args.min_clip_score,
         "top_fraction": args.keep_top_fraction, "dedup_cfg": dedup_cfg, "eval_refs": eval_refs,
-        "store_embeddings": args.store_embeddings, "fetch_groups": 8, "fetch_timeout": args.fetch_timeout,
+        "store_embeddings": args.store_embeddings, "fetch_timeout": args.fetch_timeout,
+        # one img2dataset call per worker over its whole share of the URLs (each call costs seconds to start)
+        "fetch_groups": worker_count(args),
+        "spool_dir": os.path.join(os.path.abspath(args.output), TMP_DIR, "images"),
         "allow_private": args.allow_private_urls, "score_groups": args.score_groups,
         "safety": safety, "nsfw": None if nsfw_head is None else (nsfw_head, nsfw_policy),
-        "group_batches": args.runner in ("dask", "DaskRunner", "apache_beam.runners.dask.dask_runner.DaskRunner"),
+        "group_batches": chosen_runner(args) == "dask",
     }
     stages = [STAGE_READ, STAGE_CAPTION, STAGE_SAFETY, STAGE_IMAGE]
     if eval_refs is not None:

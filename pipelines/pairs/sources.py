@@ -523,6 +523,10 @@ def read_task(task, include_context: bool = False):
 
 def load_bytes(row: dict) -> bytes | None:
     """Image bytes of a raw pair: inline bytes, else the file at image_path (raises OSError)."""
+    from mmcorpus.pipelines.runtime.sink import FileBytes
+
+    if isinstance(row.get("image_bytes"), FileBytes):  # spooled by the reader (capfilt)
+        return row["image_bytes"].read()
     if row.get("image_bytes") is not None:  # b"" stays: a zero-byte image, rejected by the decode check
         return bytes(row["image_bytes"])
     path = row.get("image_path")

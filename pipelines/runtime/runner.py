@@ -1,8 +1,11 @@
 """Runner selection shared by every pipeline command.
 
-`--runner direct` (default): Beam's embedded runner, multi-process. `--runner dask`: Beam's DaskRunner on a
-`distributed.LocalCluster` started here, or on the cluster at `--dask-address`. Any other value is passed to
-Beam as the runner name (Flink, Spark, Dataflow, ...), with extra `--beam-option KEY=VALUE` pairs.
+`--runner auto` (default): Beam's DirectRunner in its in-memory mode for `--workers 1`, else the DaskRunner on a
+local cluster (see README "Choice of default runner and memory": the DirectRunner's multi-process mode lost
+rows and counters of large elements in Beam 2.78). `--runner direct`: the DirectRunner (multi-process for more
+than one worker). `--runner dask`: Beam's DaskRunner on a `distributed.LocalCluster` started here, or on the
+cluster at `--dask-address`. Any other value is passed to Beam as the runner name (Flink, Spark, Dataflow,
+...), with extra `--beam-option KEY=VALUE` pairs.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runner")
-    g.add_argument("--runner", default="direct",
-                   help="direct (embedded, default), dask, or any Beam runner name (FlinkRunner, DataflowRunner, ...)")
+    g.add_argument("--runner", default="auto",
+                   help="auto (default: direct in-memory for --workers 1, else a local dask cluster), direct, dask, "
+                        "or any Beam runner name (FlinkRunner, DataflowRunner, ...)")
     g.add_argument("--workers", type=int, default=0,
                    help="worker processes for direct/dask (default: number of CPU cores)")
     g.add_argument("--dask-address", default=None,
@@ -66,13 +70,30 @@ def _dask_partitions(args) -> list[str]:
     return [f"--dask_npartitions={n}"]
 
 
+def worker_count(args) -> int:
+    return args.workers or os.cpu_count() or 1
+
+
+def chosen_runner(args) -> str:
+    """'direct' or 'dask' for the embedded runners (`auto` resolved), else the Beam runner name as given."""
+    if args.runner == "auto":
+        return "direct" if worker_count(args) == 1 else "dask"
+    if args.runner in ("dask", DASK_RUNNER, "DaskRunner"):
+        return "dask"
+    return args.runner
+
+
 @contextlib.contextmanager
 def pipeline_options(args):
     """Yield (PipelineOptions, runner description) for the chosen runner; closes a local Dask cluster after."""
-    workers = args.workers or os.cpu_count() or 1
-    runner = args.runner
+    workers = worker_count(args)
+    runner = chosen_runner(args)
     if runner == "direct":
         mode = "in_memory" if workers == 1 else "multi_processing"
+        if mode == "multi_processing":
+            logging.getLogger(__name__).warning(
+                "--runner direct with %d workers: Beam's multi-process DirectRunner has lost rows of large "
+                "elements (the run check stops such a run with exit 3); --runner dask is the safe choice", workers)
         level = _harness_level(args)
         flags = ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}",
                  f"--default_sdk_harness_log_level={level}"]
@@ -80,7 +101,7 @@ def pipeline_options(args):
         with children_started_with(**quiet):  # Beam starts its worker processes with this process's environment
             yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
         return
-    if runner in ("dask", DASK_RUNNER, "DaskRunner"):
+    if runner == "dask":
         if getattr(args, "log_level", "WARNING") != "DEBUG":  # a notice per run about Beam's own partitioning
             logging.getLogger("apache_beam.runners.dask.transform_evaluator").setLevel(logging.ERROR)
         flags = [f"--runner={DASK_RUNNER}"] + _dask_partitions(args)

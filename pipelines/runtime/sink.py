@@ -10,6 +10,9 @@ same files under every runner, and a rerun into a killed run's folder skips the 
 A kind may bring its own `ShardWriter` (a WebDataset tar, a Hugging Face Parquet shard: `mmcorpus export`),
 which gets the same sorted rows of one shard and the same temp-then-rename contract; and `rows_per_shard`
 for fixed-size shards: keys are then zero-padded row numbers and row i goes to shard i // rows_per_shard.
+
+A cell may hold `FileBytes(path)` instead of bytes: the sink reads the file when it writes that row group, so
+large payloads (image bytes) cross every shuffle as a path and a worker holds one row group of them at a time.
 """
 
 from __future__ import annotations
@@ -59,6 +62,70 @@ class Kind:
     @property
     def suffix(self) -> str:
         return self.writer.suffix if self.writer is not None else ".parquet"
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A cell the sink fills with the bytes of the file at `path` when it writes the row."""
+
+    path: str
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+def spool(folder: str, data: bytes, name: str) -> FileBytes:
+    """Store `data` once under `folder` as `name` (a content digest; atomic rename, a copy already there is
+    kept) and return the reference that rows carry instead of the bytes."""
+    path = os.path.join(folder, name[:2], name)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return FileBytes(path)
+
+
+def _filled(value):
+    """`value` with every FileBytes in it (top level, or in lists and structs) replaced by the file's bytes."""
+    if isinstance(value, FileBytes):
+        return value.read()
+    if isinstance(value, dict):
+        return {k: _filled(v) for k, v in value.items()}
+    if isinstance(value, list) and any(isinstance(v, (dict, list, FileBytes)) for v in value):
+        return [_filled(v) for v in value]
+    return value
+
+
+ROW_GROUP_BYTES = 64 << 20  # a row group ends at this many bytes of binary cells (or at row_group_rows rows)
+
+
+def _nbytes(value) -> int:
+    """Bytes held in binary cells of `value` (also inside lists and structs)."""
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _row_groups(rows: list[tuple[str, dict]], step: int):
+    """(index of first row, filled rows) per row group: at most `step` rows or about ROW_GROUP_BYTES of bytes."""
+    group: list[dict] = []
+    size = start = 0
+    for i, (_, row) in enumerate(rows):
+        row = _filled(row)
+        group.append(row)
+        size += _nbytes(row)
+        if len(group) >= step or size >= ROW_GROUP_BYTES:
+            yield start, group
+            group, size, start = [], 0, i + 1
+    if group:
+        yield start, group
 
 
 def shard_name(index: int, shards: int, suffix: str = ".parquet") -> str:
@@ -122,12 +189,12 @@ class _WriteShard(beam.DoFn):
         tmp = os.path.join(tmp_dir, f"{kind}-{index:05d}-{uuid.uuid4().hex}.parquet")
         step = self.row_group_rows
         with pq.ParquetWriter(tmp, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
-            for start in range(0, len(rows), step):  # one row group at a time: no second copy of the whole shard
+            for start, group in _row_groups(rows, step):  # one row group at a time: no copy of the whole shard
                 try:
-                    chunk = schemas.to_table([row for _, row in rows[start:start + step]], spec.schema,
-                                             self.fingerprint)
+                    chunk = schemas.to_table(group, spec.schema, self.fingerprint)
                 except schemas.SchemaError as exc:
-                    raise schemas.SchemaError(f"{final}: rows {start}-{start + step - 1} of the shard: {exc}") from exc
+                    end = start + len(group) - 1
+                    raise schemas.SchemaError(f"{final}: rows {start}-{end} of the shard: {exc}") from exc
                 w.write_table(chunk, row_group_size=step)
         os.replace(tmp, final)
 
