@@ -12,7 +12,7 @@ Config (YAML, or TOML for a file ending in .toml), every key but the dataset lis
             eval_every: 100, checkpoint_every: 200, keep_checkpoints: 2, precision: auto | fp32 | bf16,
             peak_flops: null, gate_lr_mult: 1.0 (learning-rate multiplier of the tanh gates)}
     eval: {max_samples: 256, batch_size: 32, bootstrap: 1000, shuffles: 3, min_gap: 0.01, kfold: 0,
-           kfold_epochs: 4, kfold_max_samples: 2000, kfold_patience: 1}
+           kfold_epochs: 4, kfold_max_samples: 2000, kfold_patience: 1, kfold_seeds: 1}
 
 Modes (`MixtureSpec.loss_weights`): flamingo takes one batch from every dataset per step and sums their
 losses weighted by lambda / sum(lambda) (gradients accumulate dataset by dataset); weighted takes one
@@ -58,7 +58,7 @@ DEFAULTS = {
               "log_every": 10, "eval_every": 100, "checkpoint_every": 200, "keep_checkpoints": 2,
               "precision": "auto", "peak_flops": None, "gate_lr_mult": 1.0},
     "eval": {"max_samples": 256, "batch_size": 32, "bootstrap": 1000, "shuffles": 3, "min_gap": 0.01,
-             "kfold": 0, "kfold_epochs": 4, "kfold_max_samples": 2000, "kfold_patience": 1},
+             "kfold": 0, "kfold_epochs": 4, "kfold_max_samples": 2000, "kfold_patience": 1, "kfold_seeds": 1},
 }
 # train keys that change what the run computes; a resume must keep them (the rest only log or save)
 TRAJECTORY_KEYS = ("steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "precision", "gate_lr_mult")
@@ -90,6 +90,10 @@ def merge_config(cfg: dict, source: str = "") -> dict:
         raise ConfigError(f"train.steps must be an integer >= 1, not {steps!r}")
     if out["train"]["precision"] not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision {out['train']['precision']!r} is not one of auto, fp32, bf16")
+    for key in ("kfold", "kfold_seeds"):
+        v = out["eval"][key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "kfold" else 1):
+            raise ConfigError(f"eval.{key} must be an integer >= {0 if key == 'kfold' else 1}, not {v!r}")
     out["model"].setdefault("tokenizer", out["model"]["lm"])
     out["data"]["seed"] = out["seed"]
     D.MixtureSpec.from_dict(out["data"])  # validates the datasets
@@ -387,9 +391,10 @@ def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str
         for spec in mixture.datasets:
             samples, _ = D.split_samples(spec, tokenizer, transform, ec["kfold_max_samples"], split="all")
             fs = R.FeatureSet.encode(model, samples, spec.max_seq_len, tokenizer, device)
-            kfold[spec.name] = R.kfold_losses(model, initial, fs, ec["kfold"], ec["kfold_epochs"], spec.batch_size,
-                                              tc["lr"], pad_id, seed=cfg["seed"], shuffles=ec["shuffles"],
-                                              gate_lr_mult=tc["gate_lr_mult"], patience=ec["kfold_patience"])
+            kfold[spec.name] = R.kfold_repeats(model, initial, fs, ec["kfold"], ec["kfold_seeds"], seed=cfg["seed"],
+                                               epochs=ec["kfold_epochs"], batch_size=spec.batch_size, lr=tc["lr"],
+                                               pad_id=pad_id, shuffles=ec["shuffles"],
+                                               gate_lr_mult=tc["gate_lr_mult"], patience=ec["kfold_patience"])
     result = R.write_report(out_dir, model, eval_sets, history, loader.skipped(), eval_skipped, throughput, ec,
                             pad_id, sources=sources, seed=cfg["seed"], kfold=kfold,
                             rows_used={n: l.rows_ok() for n, l in loader.loaders.items()})
