@@ -61,11 +61,11 @@ def shapes(tmp_path_factory):
     shuffled = [captions[order[(order.index(i) + 1) % N_IMAGES]] for i in range(N_IMAGES)]  # a derangement
     clip = tiny_clip_json(root)
     outs = {}
-    for name, caps in (("true", captions), ("shuffled", shuffled)):
+    for name, caps in (("true", captions), ("shuffled", shuffled)):  # --min-clip-score -1: random CLIP, keep all
         write_coco_folder(root / f"src-{name}", images, caps)
         outs[name] = root / name
         assert main(["pairs", str(root / f"src-{name}"), "--output", str(outs[name]), "--allow-random-weights",
-                     "--clip-model", clip, "--workers", "1", "--num-shards", "1", "--min-clip-score", "-1"]) == 0  # random CLIP: keep all
+                     "--clip-model", clip, "--workers", "1", "--num-shards", "1", "--min-clip-score", "-1"]) == 0
     tok = word_tokenizer([{"captions": c} for c in captions], root / "tok")
     from mmcorpus.trainer.weights import load_tokenizer
 

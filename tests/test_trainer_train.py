@@ -248,12 +248,13 @@ def test_shuffled_captions_show_a_smaller_image_gap(assets, informativeness_samp
     ((-0.0039, -0.019, 0.012), "inconclusive"), ((-0.0017, -0.032, 0.026), "inconclusive"),
     ((-0.0027, -0.0051, -0.0007), "inconclusive"), ((-0.0097, -0.019, -0.0007), "inconclusive"),
     ((0.0013, -0.0033, 0.0055), "not_informative"), ((0.54, 0.51, 0.58), "informative"),
-    ((0.004, 0.001, 0.009), "not_informative"), ((0.006, 0.001, 0.012), "inconclusive")])
+    ((0.004, 0.001, 0.009), "not_informative"), ((0.006, 0.001, 0.012), "inconclusive"),
+    ((-0.0207, -0.049, 0.0043), "inconclusive")])  # below min_gap, but too wide to tell 0 from min_gap
 def test_verdict_never_calls_missing_evidence_uninformative(gap, expected):
     mean, lo, hi = gap
     verdict, note = R.verdict({"mean": mean, "ci95": [lo, hi]}, min_gap=0.01)
     assert verdict == expected
-    assert verdict != "not_informative" or 0 <= hi < 0.01  # it excludes a useful gain, not wholly below 0
+    assert verdict != "not_informative" or 0 <= hi < 0.01 and hi - lo <= 0.02  # excludes a useful gain, precisely
     assert (note is not None) == (verdict == "inconclusive" or lo > 0 and verdict != "informative")
     needed = R.samples_needed({"mean": mean, "ci95": [lo, hi]}, 148, 0.01)
     assert needed == max(148, int(np.ceil(148 * ((hi - lo) / 0.01) ** 2)))

@@ -16,9 +16,9 @@ held-out samples alone misses).
 
 Verdict per dataset (VERDICT_RULE, also written into the report and the card): see `verdict`. In short:
 "informative" when the CI of gap_shuffled lies above 0 and its mean reaches `eval.min_gap`; "not_informative"
-only when the CI lies below `min_gap` (it excludes a useful gain) without lying wholly below 0, and the model
-learned; otherwise "inconclusive", with `n_needed` (held-out samples an interval this noisy would need) and a
-`verdict_note` saying why.
+only when the CI lies below `min_gap` (it excludes a useful gain), is at most 2 x min_gap wide and does not lie
+wholly below 0, and the model learned; otherwise "inconclusive", with `n_needed` (held-out samples an interval
+this noisy would need) and a `verdict_note` saying why.
 
 `DIR/report.json` (read by `mmcorpus card`):
 {
@@ -176,8 +176,9 @@ def bootstrap_ci(diffs: np.ndarray, n: int = 1000, seed: int = 0, groups=None) -
 VERDICT_RULE = (
     "informative: the 95% interval of the shuffled-image gap lies above 0 and its mean reaches min_gap "
     "({min_gap} nats/token). not_informative: the interval lies below min_gap, so it excludes a useful gain, "
-    "and does not lie wholly below 0 (real images scoring worse than shuffled ones means the model did not learn "
-    "to use images, not that the data lacks them), and the model learned (held-out loss fell, or k-fold). "
+    "is at most 2 x min_gap wide, and does not lie wholly below 0 (real images scoring worse than shuffled ones "
+    "means the model did not learn to use images, not that the data lacks them), and the model learned "
+    "(held-out loss fell, or k-fold). "
     "Otherwise inconclusive, with the number of held-out samples (n_needed) an interval this noisy would need "
     "to reach a half-width of min_gap / 2.")
 
@@ -195,8 +196,11 @@ def verdict(gap: dict, min_gap: float) -> tuple[str, str | None]:
                                 "model did not learn to use the images (random or untrained encoders, too few "
                                 "samples or trainings), which says nothing about the data; add samples, "
                                 "eval.kfold_seeds or pretrained weights")
-    if hi < min_gap:
+    if hi < min_gap and hi - lo <= 2 * min_gap:
         return "not_informative", (None if lo <= 0 else f"images help by less than min_gap ({min_gap})")
+    if hi < min_gap:
+        return "inconclusive", ("the interval lies below min_gap but is wider than 2 x min_gap: too noisy to rule "
+                                "out that a better-trained model would gain min_gap")
     if lo > 0:
         return "inconclusive", f"images help, but the mean gain is below min_gap ({min_gap})"
     return "inconclusive", "the interval holds both no gain and a gain of min_gap: too few held-out samples"

@@ -6,7 +6,7 @@ Config (YAML, or TOML for a file ending in .toml), every key but the dataset lis
     model: {vision: ViT-B-32 | tiny.json, vision_pretrained: TAG_OR_PATH, lm: HF_ID_OR_PATH,
             tokenizer: ID_OR_PATH (default: lm), allow_random_weights: false, num_latents: 64,
             resampler_depth: 2, cross_attn_every: 1, heads: 4, dim_head: 32}
-    data: {mode: flamingo | round_robin | weighted, shuffle_buffer: 256, num_workers: auto | N,
+    data: {mode: flamingo | round_robin | weighted, shuffle_buffer: 256, num_workers: auto | N, image_cache: DIR,
            datasets: [{name, path, kind: pair | interleaved, weight, max_seq_len, batch_size, max_images, holdout}]}
     train: {steps: 1000, lr: 1e-4, warmup_steps: 50, weight_decay: 0.01, grad_clip: 1.0, log_every: 10,
             eval_every: 100, checkpoint_every: 200, keep_checkpoints: 2, precision: auto | fp32 | bf16,
@@ -211,7 +211,8 @@ def save_checkpoint(out_dir: str, state: dict, keep: int) -> str:
 
 def resume_config(cfg: dict, rank: int, world_size: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint, flattened to dotted keys."""
-    keep = {"seed": cfg["seed"], "model": cfg["model"], "data": cfg["data"],
+    data = {k: v for k, v in cfg["data"].items() if k != "image_cache"}  # the cache changes no pixel
+    keep = {"seed": cfg["seed"], "model": cfg["model"], "data": data,
             "train": {k: cfg["train"][k] for k in TRAJECTORY_KEYS}, "ranks": {"rank": rank, "world_size": world_size}}
     flat = {}
 
@@ -289,7 +290,8 @@ def run(cfg: dict, out_dir: str, resume: bool = False, on_step=None, device: str
     model, sources = build(mc, tokenizer, allow_random=mc["allow_random_weights"])
     model.to(device).train()
     initial = model.trainable_state()
-    transform = D.image_transform(sources["image_size"])  # uint8; the model normalises with its tower's stats
+    # uint8; the model normalises with its tower's stats. data.image_cache: training-resolution copies by sha256
+    transform = D.image_transform(sources["image_size"], cfg["data"].get("image_cache"))
     loss_weights = mixture.loss_weights()
 
     optimizer = make_optimizer(model, tc["lr"], tc["weight_decay"], tc["gate_lr_mult"])
