@@ -257,7 +257,7 @@ def test_verdict_never_calls_missing_evidence_uninformative(gap, expected):
     assert verdict != "not_informative" or 0 <= hi < 0.01 and hi - lo <= 0.02  # excludes a useful gain, precisely
     assert (note is not None) == (verdict == "inconclusive" or lo > 0 and verdict != "informative")
     needed = R.samples_needed({"mean": mean, "ci95": [lo, hi]}, 148, 0.01)
-    assert needed == max(148, int(np.ceil(148 * ((hi - lo) / 0.01) ** 2)))
+    assert needed == int(np.ceil(148 * ((hi - lo) / 0.01) ** 2))  # half-width (hi - lo) / 2 down to 0.005
 
 
 def test_repeated_kfold_widens_the_interval_by_the_seed_spread():

@@ -29,7 +29,8 @@ this noisy would need) and a `verdict_note` saying why.
       "loss": {"real": float, "shuffled": float, "blank": float},
       "method": "holdout" | "kfold", "n_eval": int, "folds": int | null, "fold_gaps": [per fold] (kfold),
       "verdict_note": str (why a verdict is inconclusive, or what a not_informative interval still allows),
-      "n_needed": int (inconclusive: held-out samples for an interval of half-width min_gap / 2 at this spread),
+      "n_needed": int (inconclusive: held-out samples for an interval of half-width min_gap / 2 at this spread;
+                       at most n_eval when more samples alone would not settle it),
       "seed_gaps": [mean gap per k-fold repeat], "seed_sd": float (kfold with kfold_seeds > 1),
       "heldout_loss": [[step, loss], ...],                 # real-image held-out loss over training
       "train_loss": [[step, loss], ...],                   # its own training loss (unscaled), mean per log window
@@ -213,7 +214,7 @@ def samples_needed(gap: dict, n: int, min_gap: float) -> int | None:
     if lo is None or not n or min_gap <= 0:
         return None
     half = gap.get("ci95_bootstrap_half", (hi - lo) / 2)
-    return max(n, int(np.ceil(n * (half / (min_gap / 2)) ** 2)))
+    return int(np.ceil(n * (half / (min_gap / 2)) ** 2))  # <= n: the spread is not what keeps it inconclusive
 
 
 def widen(gap: dict, seed_gaps: list[float]) -> dict:

@@ -687,8 +687,7 @@ def _train_section(out: str, name: str, train: tuple[str, dict] | None, pngs: li
     notes = []
     for ds, r in (report.get("datasets") or {}).items():
         if r.get("verdict_note"):
-            notes.append(f"{ds}: {r['verdict_note']}"
-                         + (f" (about {r['n_needed']:,} held-out samples needed)" if r.get("n_needed") else ""))
+            notes.append(f"{ds}: {r['verdict_note']}" + _needed(r))
         if r.get("seed_gaps"):
             notes.append(f"{ds}: gap over {len(r['seed_gaps'])} k-fold repeats "
                          + ", ".join(f"{g:+.4f}" for g in r["seed_gaps"]) + f" (sd {r['seed_sd']:.4f})")
@@ -706,6 +705,15 @@ def _train_section(out: str, name: str, train: tuple[str, dict] | None, pngs: li
         pngs.append("train_image_informativeness.png")
         lines += ["![Image informativeness](train_image_informativeness.png)", ""]
     return lines
+
+
+def _needed(r: dict) -> str:
+    n, have = r.get("n_needed"), r.get("n_eval") or 0
+    if not n:
+        return ""
+    if n > have:
+        return f" (about {n:,} held-out samples needed at this spread)"
+    return f" ({have:,} held-out samples already give a narrow enough interval: more samples alone will not settle it)"
 
 
 def _gap(g: dict) -> str:
