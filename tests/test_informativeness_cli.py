@@ -97,4 +97,4 @@ def test_cli_verdicts_on_rendered_shapes_and_shuffled_twin(shapes, tmp_path, cap
     assert true["verdict"] == "informative"
     assert twin["verdict"] in ("not_informative", "inconclusive")
     assert twin["gap_shuffled"]["ci95"][0] <= 0 < true["gap_shuffled"]["ci95"][0]
-    assert "verdict_rule" in report and "true: informative" in capsys.readouterr().out
+    assert "verdict_rule" in report and "measured" in report and "true: informative" in capsys.readouterr().out

@@ -44,7 +44,7 @@ this noisy would need) and a `verdict_note` saying why.
   "throughput": {"tokens_per_s", "mfu", "data_wait_fraction", "step_time_s", "peak_flops", "peak_source",
                  "device", "precision", ...},
   "sources": {"vision": "pretrained:..." | "random", "lm": ...}, "seed": int, "min_gap": float,
-  "verdict_rule": str (the rule below, in words),
+  "verdict_rule": str (the rule below, in words), "measured": str (what the gap is made of),
   "train_loss": [[step, loss], ...] (the step's loss: flamingo's lambda-weighted sum, else the one dataset's),
   "plots": [file names]
 }
@@ -182,6 +182,14 @@ VERDICT_RULE = (
     "(held-out loss fell, or k-fold). "
     "Otherwise inconclusive, with the number of held-out samples (n_needed) an interval this noisy would need "
     "to reach a half-width of min_gap / 2.")
+
+
+MEASURED = (
+    "per held-out sample, the mean token loss of its caption with its own image and with images shuffled across "
+    "the held-out samples (and a blank image); with k-fold every image is held out once from a short early-stopped "
+    "training on the others. A contrastive image-caption probe on the same frozen features was measured against "
+    "this loss gap (bench/bench_probe.py) and separated true from shuffled captions no better, so the loss gap "
+    "decides.")
 
 
 def verdict(gap: dict, min_gap: float) -> tuple[str, str | None]:
@@ -355,6 +363,7 @@ def write_report(out_dir, model, eval_sets, history, skipped, eval_skipped, thro
              "attn": [g["attn"] for g in history["gates"]], "ff": [g["ff"] for g in history["gates"]]}
     report = {"datasets": datasets, "gates": gates, "throughput": throughput, "sources": sources or {},
               "seed": seed, "min_gap": ec["min_gap"], "verdict_rule": VERDICT_RULE.format(min_gap=ec["min_gap"]),
+              "measured": MEASURED,
               "train_loss": [[h["step"], h["loss"]] for h in history["train"]]}
     report["plots"] = plot(out_dir, report)
     tmp = os.path.join(out_dir, "report.json.tmp")
