@@ -46,6 +46,26 @@ def loader_rate(spec, tok, transform, workers, batches):
     return rate
 
 
+def decode_steps(recs, size: int, cache_dir) -> dict:
+    """Milliseconds per image of each way to the model's pixels: full decode, decode at reduced DCT scale
+    (PIL draft, the loader's way), and a read of the cached training-resolution copy."""
+    transform = D.image_transform(size)
+    cache = D.ImageCache(str(cache_dir), size)
+    blobs = [(hashlib.sha256(r["bytes"]).hexdigest(), r["bytes"]) for r in recs]
+    for sha, data in blobs:
+        cache.put(sha, transform(D.decode_image(data, size)))
+    ways = {"full_decode": lambda sha, data: transform(D.decode_image(data)),
+            "reduced_scale_decode": lambda sha, data: transform(D.decode_image(data, size)),
+            "cached_copy": lambda sha, data: cache.get(sha)}
+    out = {}
+    for name, fn in ways.items():
+        t = time.perf_counter()
+        for sha, data in blobs:
+            fn(sha, data)
+        out[name] = 1000 * (time.perf_counter() - t) / len(blobs)
+    return out
+
+
 def reencode(data: bytes, size: int) -> bytes:
     import io
 
@@ -95,6 +115,7 @@ def main():
                "captions_per_image": args.captions_per_image, "batch_size": args.batch_size,
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "load_average_at_start": os.getloadavg()}
+    results["per_image_ms"] = decode_steps(recs, src["image_size"], tmp / "step-cache")
     results["loader_samples_per_s"] = {f"workers={w}": loader_rate(spec, tok, transform, w, 20)
                                        for w in sorted({0, args.workers})}
     if args.image_cache:
