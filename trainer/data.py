@@ -263,6 +263,8 @@ class ImageTransform:
     (= shorter side to `size`, then centre crop) in one antialiased bicubic PIL resize. Pixels stay uint8
     (a quarter of the bytes between processes and to the GPU); `Flamingo.encode_images` normalises them."""
 
+    cache = None  # an ImageCache of this transform's outputs (image_transform(size, cache=DIR))
+
     def __init__(self, size: int):
         self.size = size
 
