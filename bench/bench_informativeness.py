@@ -97,7 +97,8 @@ def main():
     for item in args.grid:
         photos, captions, lr = item.split(":")
         photos, captions, lr = int(photos), int(captions), float(lr)
-        data = {n: subset(p, tmp / f"{n}-{photos}-{captions}", photos, captions) for n, p in pairs.items()}
+        data = {n: tmp / f"{n}-{photos}-{captions}" for n in pairs}  # one subset per size, whatever the lr
+        data = {n: d if d.exists() else subset(pairs[n], d, photos, captions) for n, d in data.items()}
         for seed in args.seeds:
             lm = tiny_lm(tmp / f"lm-{seed}", vocab, init_range=0.2, seed=seed)
             cfg = {"seed": seed,
