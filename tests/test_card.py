@@ -15,6 +15,7 @@ from PIL import Image
 
 from mmcorpus.pipelines.outputs.card import parse_card
 from mmcorpus.pipelines.cli import main
+from mmcorpus.trainer import report as R
 from tests.test_capfilt import models  # noqa: F401  (fixture: tiny random BLIP captioner and ITM folders)
 
 TINY_CLIP = {"embed_dim": 32,
@@ -204,10 +205,19 @@ def test_training_verdict_found_beside_the_output(tmp_path, tmp_path_factory, sh
                            "other": {"gap_shuffled": {"mean": -0.002, "ci95": [-0.01, 0.006]},
                                      "gap_blank": {"mean": 0.0, "ci95": [-0.01, 0.01]}, "verdict": "not_informative",
                                      "method": "kfold", "n_eval": 40, "skipped": {}}},
-              "sources": {"vision": "random", "lm": "random"}}
+              "sources": {"vision": "random", "lm": "random"}, "verdict_rule": R.VERDICT_RULE.format(min_gap=0.01)}
+    few = {"mean": -0.0027, "ci95": [-0.0051, -0.0007]}  # the trainer's figures on 74 photos with random encoders
+    verdict, note = R.verdict(few, 0.01)
+    report["datasets"]["few"] = {"gap_shuffled": few, "gap_blank": few, "verdict": verdict, "verdict_note": note,
+                                 "n_needed": R.samples_needed(few, 148, 0.01), "seed_gaps": [-0.001, -0.004],
+                                 "seed_sd": 0.0021, "method": "kfold", "n_eval": 148, "skipped": {}}
     (tmp_path / "train" / "report.json").write_text(json.dumps(report))
     assert main(["card", str(out)]) == 0
     _, body = parse_card(str(out / "README.md"))
     verdicts = {r[0].strip("*"): r for r in table_rows(body, "| dataset | verdict")}
     assert verdicts["docs"][1] == "**informative**" and verdicts["docs"][2] == "+0.0210 [+0.0080, +0.0340]"
     assert verdicts["other"][1] == "not_informative" and "empty_text 2" in verdicts["docs"][6]
+    assert verdicts["few"][1] == "inconclusive"
+    assert f"Note: few: {note} (148 held-out samples already give a narrow enough interval" in body
+    assert "Note: few: gap over 2 k-fold repeats -0.0010, -0.0040 (sd 0.0021)" in body
+    assert "Verdict rule: informative: the 95% interval" in body and "excludes a useful gain" in body

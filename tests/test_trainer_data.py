@@ -358,6 +358,29 @@ def test_jpeg_decoded_at_reduced_scale_not_below_target(assets):
     assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8  # the model normalises
 
 
+def test_image_cache_written_once_by_sha256_and_read_back(assets, pair_files, tmp_path):
+    tok = load_tok(assets)
+    spec = D.DatasetSpec("d", str(pair_files), "pair", batch_size=19, holdout=0.0)
+
+    def epoch(transform):
+        loader = D.DatasetLoader(spec, tok, transform, seed=3, shuffle_buffer=16)
+        batches = [next(loader) for _ in range(3)]  # one epoch: the 57 good rows
+        return {k: img[0] for b in batches for k, img in zip(b["keys"], b["images"])}
+
+    plain = epoch(D.image_transform(64))
+    cache = tmp_path / "cache"
+    first = epoch(D.image_transform(64, cache=str(cache)))
+    files = {p.stem: p for p in cache.glob("64px-*/*/*.u8")}
+    assert set(files) == set(plain) and len(files) == 57  # every decoded image once, none of the bad rows
+    assert all(torch.equal(first[k], plain[k]) for k in plain)
+    painted, torn = sorted(files)[:2]
+    files[painted].write_bytes(bytes(3 * 64 * 64))  # a stored copy is what later epochs see ...
+    files[torn].write_bytes(b"\x00" * 10)  # ... unless it is not a whole image: then the JPEG is decoded again
+    again = epoch(D.image_transform(64, cache=str(cache)))
+    assert int(again[painted].sum()) == 0 and torch.equal(again[torn], plain[torn])
+    assert all(torch.equal(again[k], plain[k]) for k in plain if k != painted)
+
+
 def test_loss_weights_by_mode(assets, pair_files):
     datasets = [{"name": "a", "path": str(pair_files), "kind": "pair", "weight": 3.0},
                 {"name": "b", "path": str(pair_files), "kind": "pair", "weight": 1.0}]

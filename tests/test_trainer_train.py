@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -240,3 +241,32 @@ def test_shuffled_captions_show_a_smaller_image_gap(assets, informativeness_samp
     print(f"seed {seed}: true pairs {true}, shuffled captions {shuffled}")
     assert true["mean"] > 0 and true["mean"] > shuffled["mean"]  # held-out images help only when captions fit
     assert shuffled["ci95"][0] <= 0  # no image information where captions do not describe the images
+
+
+@pytest.mark.parametrize("gap, expected", [
+    # the figures (74 COCO photos, random encoders, `mmcorpus train`): true and shuffled captions
+    ((-0.0039, -0.019, 0.012), "inconclusive"), ((-0.0017, -0.032, 0.026), "inconclusive"),
+    ((-0.0027, -0.0051, -0.0007), "inconclusive"), ((-0.0097, -0.019, -0.0007), "inconclusive"),
+    ((0.0013, -0.0033, 0.0055), "not_informative"), ((0.54, 0.51, 0.58), "informative"),
+    ((0.004, 0.001, 0.009), "not_informative"), ((0.006, 0.001, 0.012), "inconclusive"),
+    ((-0.0207, -0.049, 0.0043), "inconclusive")])  # below min_gap, but too wide to tell 0 from min_gap
+def test_verdict_never_calls_missing_evidence_uninformative(gap, expected):
+    mean, lo, hi = gap
+    verdict, note = R.verdict({"mean": mean, "ci95": [lo, hi]}, min_gap=0.01)
+    assert verdict == expected
+    assert verdict != "not_informative" or 0 <= hi < 0.01 and hi - lo <= 0.02  # excludes a useful gain, precisely
+    assert (note is not None) == (verdict == "inconclusive" or lo > 0 and verdict != "informative")
+    needed = R.samples_needed({"mean": mean, "ci95": [lo, hi]}, 148, 0.01)
+    assert needed == int(np.ceil(148 * ((hi - lo) / 0.01) ** 2))  # half-width (hi - lo) / 2 down to 0.005
+
+
+def test_repeated_kfold_widens_the_interval_by_the_seed_spread():
+    rng = np.random.default_rng(0)
+    real = rng.normal(3.0, 0.2, 200)
+    losses = {"real": real, "shuffled": real + rng.normal(0.02, 0.05, 200), "blank": real + 0.01}
+    one = R.dataset_result(losses, 500, 0, 0.01)
+    many = R.dataset_result({**losses, "seed_gaps": [0.0, 0.02, 0.04]}, 500, 0, 0.01)
+    assert many["gap_shuffled"]["mean"] == one["gap_shuffled"]["mean"]
+    assert many["gap_shuffled"]["ci95"][0] < one["gap_shuffled"]["ci95"][0]
+    assert many["gap_shuffled"]["ci95"][1] > one["gap_shuffled"]["ci95"][1]
+    assert many["seed_sd"] == pytest.approx(0.02) and many["verdict"] == "inconclusive" and many["n_needed"] > 200

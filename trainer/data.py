@@ -288,6 +288,8 @@ class ImageTransform:
     (= shorter side to `size`, then centre crop) in one antialiased bicubic PIL resize. Pixels stay uint8
     (a quarter of the bytes between processes and to the GPU); `Flamingo.encode_images` normalises them."""
 
+    cache = None  # an ImageCache of this transform's outputs (image_transform(size, cache=DIR))
+
     def __init__(self, size: int):
         self.size = size
 
@@ -303,8 +305,53 @@ class ImageTransform:
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # one copy; collate's stack makes it contiguous
 
 
-def image_transform(size: int) -> ImageTransform:
-    return ImageTransform(size)
+def image_transform(size: int, cache: str | None = None) -> ImageTransform:
+    """The model's transform; with `cache` (a folder) its outputs are kept there by sha256 (see ImageCache)."""
+    transform = ImageTransform(size)
+    transform.cache = ImageCache(cache, size) if cache else None
+    return transform
+
+
+class ImageCache:
+    """Training-resolution copies of images on disk (`data.image_cache`), written once and keyed by the sha256
+    of the stored bytes and the transform (size, centre crop, bicubic): later epochs, runs and workers read
+    3 x size x size raw bytes instead of decoding the JPEG. Writes are atomic (temporary file, rename), so
+    workers may share a folder; a folder that cannot be written only loses the speed-up."""
+
+    VERSION = "centre-bicubic-v1"
+
+    def __init__(self, root: str, size: int):
+        self.size, self.dir, self.writable = size, os.path.join(root, f"{size}px-{self.VERSION}"), True
+
+    @staticmethod
+    def usable(key: str | None) -> bool:
+        return bool(key) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+
+    def _path(self, sha: str) -> str:
+        return os.path.join(self.dir, sha[:2], sha + ".u8")
+
+    def get(self, sha: str) -> torch.Tensor | None:
+        try:
+            with open(self._path(sha), "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            return None
+        if len(raw) != 3 * self.size * self.size:  # a torn or foreign file: decode again
+            return None
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(3, self.size, self.size)
+
+    def put(self, sha: str, image: torch.Tensor) -> None:
+        if not self.writable:
+            return
+        path = self._path(sha)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(image.contiguous().numpy().tobytes())
+            os.replace(tmp, path)
+        except OSError:
+            self.writable = False
 
 
 def decode_image(data: bytes, size: int | None = None):
@@ -354,6 +401,7 @@ class SampleBuilder:
         size = getattr(transform, "size", 224)
         self._cache = collections.OrderedDict()  # image key -> tensor or skip reason, least recent first
         self._cache_size = max(8, self.CACHE_BYTES // (3 * size * size))
+        self.disk = getattr(transform, "cache", None)  # ImageCache or None
 
     def _encode(self, text: str) -> list[int]:
         if self._backend is not None:  # the Rust tokenizer itself: same ids, a tenth of the call overhead
@@ -383,7 +431,11 @@ class SampleBuilder:
         if hit is not None:
             self._cache.move_to_end(cache_key)
             return hit
-        image = self._load(data, path, base)
+        image = self.disk.get(key) if self.disk is not None and ImageCache.usable(key) else None
+        if image is None:
+            image = self._load(data, path, base)
+            if self.disk is not None and ImageCache.usable(key) and not isinstance(image, str):
+                self.disk.put(key, image)
         self._cache[cache_key] = image
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -822,6 +874,6 @@ def holdout_samples(spec: DatasetSpec, tokenizer, transform, max_samples: int) -
 
 
 __all__ = ["DatasetSpec", "MixtureSpec", "MixtureLoader", "DatasetLoader", "ShardStream", "SampleBuilder",
-           "Sample", "collate", "image_transform", "ImageTransform", "holdout_samples", "split_samples",
+           "Sample", "collate", "image_transform", "ImageTransform", "ImageCache", "holdout_samples", "split_samples",
            "list_files", "holdout_rank", "image_key", "image_keys", "row_key", "content_hash",
            "ensure_special_tokens", "IMAGE_TOKEN", "EOC_TOKEN", "DataError", "check_dataset"]

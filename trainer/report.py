@@ -9,9 +9,16 @@ losses come from k fresh short trainings on encoded features, each holding one f
 image is held out once, each training stopped early on a validation share of its own images (DESIGN.md:
 with random or small encoders this is the stable signal).
 
-Verdict per dataset: "informative" when the CI of gap_shuffled lies above 0 and its mean reaches `eval.min_gap`,
-"not_informative" when the whole CI lies below `min_gap` (no effect, or one too small to matter) and the model
-did learn (held-out loss fell; otherwise "inconclusive" with a `verdict_note`), else "inconclusive".
+With `eval.kfold_seeds: r` the k-fold is repeated r times with other fold splits and training orders; each
+sample's losses are averaged over the repeats, the per-repeat mean gaps are reported (`seed_gaps`) and the
+bootstrap interval is widened by their standard error (the spread between trainings, which a bootstrap over
+held-out samples alone misses).
+
+Verdict per dataset (VERDICT_RULE, also written into the report and the card): see `verdict`. In short:
+"informative" when the CI of gap_shuffled lies above 0 and its mean reaches `eval.min_gap`; "not_informative"
+only when the CI lies below `min_gap` (it excludes a useful gain), is at most 2 x min_gap wide and does not lie
+wholly below 0, and the model learned; otherwise "inconclusive", with `n_needed` (held-out samples an interval
+this noisy would need) and a `verdict_note` saying why.
 
 `DIR/report.json` (read by `mmcorpus card`):
 {
@@ -21,7 +28,10 @@ did learn (held-out loss fell; otherwise "inconclusive" with a `verdict_note`), 
       "verdict": "informative" | "not_informative" | "inconclusive",
       "loss": {"real": float, "shuffled": float, "blank": float},
       "method": "holdout" | "kfold", "n_eval": int, "folds": int | null, "fold_gaps": [per fold] (kfold),
-      "verdict_note": str (only when the verdict was downgraded),
+      "verdict_note": str (why a verdict is inconclusive, or what a not_informative interval still allows),
+      "n_needed": int (inconclusive: held-out samples for an interval of half-width min_gap / 2 at this spread;
+                       at most n_eval when more samples alone would not settle it),
+      "seed_gaps": [mean gap per k-fold repeat], "seed_sd": float (kfold with kfold_seeds > 1),
       "heldout_loss": [[step, loss], ...],                 # real-image held-out loss over training
       "train_loss": [[step, loss], ...],                   # its own training loss (unscaled), mean per log window
       "epochs_used": [per fold] (kfold: the early-stopped epoch of each fold),
@@ -34,6 +44,7 @@ did learn (held-out loss fell; otherwise "inconclusive" with a `verdict_note`), 
   "throughput": {"tokens_per_s", "mfu", "data_wait_fraction", "step_time_s", "peak_flops", "peak_source",
                  "device", "precision", ...},
   "sources": {"vision": "pretrained:..." | "random", "lm": ...}, "seed": int, "min_gap": float,
+  "verdict_rule": str (the rule below, in words), "measured": str (what the gap is made of),
   "train_loss": [[step, loss], ...] (the step's loss: flamingo's lambda-weighted sum, else the one dataset's),
   "plots": [file names]
 }
@@ -163,15 +174,69 @@ def bootstrap_ci(diffs: np.ndarray, n: int = 1000, seed: int = 0, groups=None) -
     return {"mean": float(diffs.mean()), "ci95": [float(lo), float(hi)]}
 
 
-def verdict(gap: dict, min_gap: float) -> str:
+VERDICT_RULE = (
+    "informative: the 95% interval of the shuffled-image gap lies above 0 and its mean reaches min_gap "
+    "({min_gap} nats/token). not_informative: the interval lies below min_gap, so it excludes a useful gain, "
+    "is at most 2 x min_gap wide, and does not lie wholly below 0 (real images scoring worse than shuffled ones "
+    "means the model did not learn to use images, not that the data lacks them), and the model learned "
+    "(held-out loss fell, or k-fold). "
+    "Otherwise inconclusive, with the number of held-out samples (n_needed) an interval this noisy would need "
+    "to reach a half-width of min_gap / 2.")
+
+
+MEASURED = (
+    "per held-out sample, the mean token loss of its caption with its own image and with images shuffled across "
+    "the held-out samples (and a blank image); with k-fold every image is held out once from a short early-stopped "
+    "training on the others. A contrastive image-caption probe on the same frozen features was measured against "
+    "this loss gap (bench/bench_probe.py) and separated true from shuffled captions no better, so the loss gap "
+    "decides.")
+
+
+def verdict(gap: dict, min_gap: float) -> tuple[str, str | None]:
+    """(verdict, note) for a gap {mean, ci95}; see VERDICT_RULE. A dataset is never called not_informative
+    while its interval still holds a gain of `min_gap`: lacking evidence is inconclusive."""
     lo, hi = gap["ci95"]
     if lo is None:
-        return "inconclusive"
+        return "inconclusive", "no held-out samples"
     if lo > 0 and gap["mean"] >= min_gap:
-        return "informative"
+        return "informative", None
+    if hi < 0:
+        return "inconclusive", ("real images scored worse than shuffled ones (the whole interval is below 0): the "
+                                "model did not learn to use the images (random or untrained encoders, too few "
+                                "samples or trainings), which says nothing about the data; add samples, "
+                                "eval.kfold_seeds or pretrained weights")
+    if hi < min_gap and hi - lo <= 2 * min_gap:
+        return "not_informative", (None if lo <= 0 else f"images help by less than min_gap ({min_gap})")
     if hi < min_gap:
-        return "not_informative"
-    return "inconclusive"
+        return "inconclusive", ("the interval lies below min_gap but is wider than 2 x min_gap: too noisy to rule "
+                                "out that a better-trained model would gain min_gap")
+    if lo > 0:
+        return "inconclusive", f"images help, but the mean gain is below min_gap ({min_gap})"
+    return "inconclusive", "the interval holds both no gain and a gain of min_gap: too few held-out samples"
+
+
+def samples_needed(gap: dict, n: int, min_gap: float) -> int | None:
+    """Held-out samples for a 95% interval of half-width min_gap / 2 at the spread seen with `n` samples
+    (the half-width shrinks as 1 / sqrt(n)): the size at which a gain of min_gap or none is told apart."""
+    lo, hi = gap["ci95"]
+    if lo is None or not n or min_gap <= 0:
+        return None
+    half = gap.get("ci95_bootstrap_half", (hi - lo) / 2)
+    return int(np.ceil(n * (half / (min_gap / 2)) ** 2))  # <= n: the spread is not what keeps it inconclusive
+
+
+def widen(gap: dict, seed_gaps: list[float]) -> dict:
+    """The bootstrap interval widened by the standard error of the per-repeat mean gaps (t quantile)."""
+    if len(seed_gaps) < 2 or gap["ci95"][0] is None:
+        return gap
+    from scipy import stats
+
+    lo, hi = gap["ci95"]
+    se = float(np.std(seed_gaps, ddof=1) / np.sqrt(len(seed_gaps)))
+    t = float(stats.t.ppf(0.975, len(seed_gaps) - 1))
+    m = gap["mean"]
+    return {"mean": m, "ci95": [m - float(np.hypot(m - lo, t * se)), m + float(np.hypot(hi - m, t * se))],
+            "ci95_bootstrap_half": (hi - lo) / 2}
 
 
 def kfold_losses(model, initial: dict, fs: FeatureSet, k: int, epochs: int, batch_size: int, lr: float,
@@ -232,14 +297,36 @@ def kfold_losses(model, initial: dict, fs: FeatureSet, k: int, epochs: int, batc
     return {**out, "folds": k, "fold_gaps": fold_gaps, "epochs_used": epochs_used, "keys": list(fs.keys)}
 
 
+def kfold_repeats(model, initial: dict, fs: FeatureSet, k: int, repeats: int, seed: int = 0, **kw) -> dict:
+    """`kfold_losses` repeated with seeds seed, seed + 1, ... (other folds, validation shares and training
+    orders); per-sample losses averaged over the repeats, each repeat's mean gap kept in `seed_gaps`."""
+    runs = [kfold_losses(model, initial, fs, k, seed=seed + r, **kw) for r in range(max(1, repeats))]
+    out = {m: np.mean([run[m] for run in runs], axis=0) for m in ("real", "shuffled", "blank")}
+    out.update(folds=k, keys=list(fs.keys), repeats=len(runs),
+               fold_gaps=[g for run in runs for g in run["fold_gaps"]],
+               epochs_used=[e for run in runs for e in run["epochs_used"]],
+               seed_gaps=[float((run["shuffled"] - run["real"]).mean()) for run in runs])
+    return out
+
+
 def dataset_result(losses: dict, n_boot: int, seed: int, min_gap: float, groups=None) -> dict:
-    """Gaps with their CIs (bootstrap over `groups`, the samples' image/document keys, when given) and the verdict."""
+    """Gaps with their CIs (bootstrap over `groups`, the samples' image/document keys, when given; widened by the
+    spread of `losses["seed_gaps"]` when the k-fold was repeated) and the verdict with its note and n_needed."""
     real, shuf, blank = losses["real"], losses["shuffled"], losses["blank"]
-    gap_s = bootstrap_ci(shuf - real, n_boot, seed, groups)
+    seed_gaps = losses.get("seed_gaps") or []
+    gap_s = widen(bootstrap_ci(shuf - real, n_boot, seed, groups), seed_gaps)
     gap_b = bootstrap_ci(blank - real, n_boot, seed + 1, groups)
     mean = (lambda a: float(a.mean()) if len(a) else None)
-    return {"gap_shuffled": gap_s, "gap_blank": gap_b, "verdict": verdict(gap_s, min_gap),
-            "loss": {"real": mean(real), "shuffled": mean(shuf), "blank": mean(blank)}, "n_eval": int(len(real))}
+    res = {"gap_shuffled": gap_s, "gap_blank": gap_b,
+           "loss": {"real": mean(real), "shuffled": mean(shuf), "blank": mean(blank)}, "n_eval": int(len(real))}
+    res["verdict"], note = verdict(gap_s, min_gap)
+    if note:
+        res["verdict_note"] = note
+    if res["verdict"] == "inconclusive":
+        res["n_needed"] = samples_needed(gap_s, len(real), min_gap)
+    if len(seed_gaps) > 1:
+        res["seed_gaps"], res["seed_sd"] = seed_gaps, float(np.std(seed_gaps, ddof=1))
+    return res
 
 
 def _learned(curve: list, min_drop: float = 0.01) -> bool:
@@ -268,13 +355,15 @@ def write_report(out_dir, model, eval_sets, history, skipped, eval_skipped, thro
         elif res["verdict"] == "not_informative" and not _learned(res["heldout_loss"]):
             res["verdict"] = "inconclusive"  # an untrained model shows no gap whatever the data
             res["verdict_note"] = "held-out loss did not improve during training; train longer"
+            res["n_needed"] = samples_needed(res["gap_shuffled"], res["n_eval"], ec["min_gap"])
         if rows_used:
             res["rows_used"] = rows_used.get(name)
         datasets[name] = res
     gates = {"layers": model.xattn_layers, "steps": [g["step"] for g in history["gates"]],
              "attn": [g["attn"] for g in history["gates"]], "ff": [g["ff"] for g in history["gates"]]}
     report = {"datasets": datasets, "gates": gates, "throughput": throughput, "sources": sources or {},
-              "seed": seed, "min_gap": ec["min_gap"],
+              "seed": seed, "min_gap": ec["min_gap"], "verdict_rule": VERDICT_RULE.format(min_gap=ec["min_gap"]),
+              "measured": MEASURED,
               "train_loss": [[h["step"], h["loss"]] for h in history["train"]]}
     report["plots"] = plot(out_dir, report)
     tmp = os.path.join(out_dir, "report.json.tmp")

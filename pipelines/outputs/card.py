@@ -733,8 +733,16 @@ def _train_section(out: str, name: str, train: tuple[str, dict] | None, pngs: li
                      ", ".join(f"{k} {v}" for k, v in (r.get("skipped") or {}).items()) or "none"])
     lines += _table(["dataset", "verdict", "gap shuffled", "gap blank", "method", "held-out samples", "skipped rows"],
                     rows) + [""]
-    notes = [f"{ds}: {r['verdict_note']}" for ds, r in (report.get("datasets") or {}).items() if r.get("verdict_note")]
+    notes = []
+    for ds, r in (report.get("datasets") or {}).items():
+        if r.get("verdict_note"):
+            notes.append(f"{ds}: {r['verdict_note']}" + _needed(r))
+        if r.get("seed_gaps"):
+            notes.append(f"{ds}: gap over {len(r['seed_gaps'])} k-fold repeats "
+                         + ", ".join(f"{g:+.4f}" for g in r["seed_gaps"]) + f" (sd {r['seed_sd']:.4f})")
     lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
+    if report.get("verdict_rule"):
+        lines += [f"Verdict rule: {report['verdict_rule']}", ""]
     src = report.get("sources") or {}
     if src:
         weights = {k: src[k] for k in ("vision", "lm") if k in src}
@@ -746,6 +754,15 @@ def _train_section(out: str, name: str, train: tuple[str, dict] | None, pngs: li
         pngs.append("train_image_informativeness.png")
         lines += ["![Image informativeness](train_image_informativeness.png)", ""]
     return lines
+
+
+def _needed(r: dict) -> str:
+    n, have = r.get("n_needed"), r.get("n_eval") or 0
+    if not n:
+        return ""
+    if n > have:
+        return f" (about {n:,} held-out samples needed at this spread)"
+    return f" ({have:,} held-out samples already give a narrow enough interval: more samples alone will not settle it)"
 
 
 def _gap(g: dict) -> str:

@@ -57,5 +57,9 @@ def run(args) -> int:
         ci = gap.get("ci95") or [float("nan"), float("nan")]
         print(f"{name}: {d['verdict']} (held-out loss with shuffled images minus real: {gap['mean']:+.4f}, "
               f"95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}])")
+        if d.get("verdict_note"):
+            more = d.get("n_needed") and d["n_needed"] > d["n_eval"]
+            print(f"  {d['verdict_note']}" + (f"; about {d['n_needed']:,} held-out samples needed at this spread"
+                                             if more else ""))
     print(f"report: {os.path.join(args.output, 'report.json')}")
     return 0
