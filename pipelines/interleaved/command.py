@@ -8,6 +8,7 @@ import os
 import apache_beam as beam
 
 from mmcorpus.pipelines.errors import UserError
+from mmcorpus.pipelines.interleaved.sources import CC_PREFIX
 from mmcorpus.pipelines.runtime.runner import add_runner_args
 
 HELP = "build interleaved image-text web documents (M3W/OBELICS style) from WARCs, HTML folders or URL lists"
@@ -56,6 +57,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--emit-m3w-text", action="store_true", help="also write OUT/m3w/part-*.txt (see above)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
+    parser.add_argument("--path-prefix", default=CC_PREFIX,
+                        help="joined to each relative line of a WARC listing (warc.paths.gz); e.g. "
+                             "s3://commoncrawl/ to read Common Crawl from S3")
+    parser.add_argument("--skip", type=int, default=0, help="WARC listings: skip this many lines first")
+    parser.add_argument("--limit", type=int, default=None, help="WARC listings: take at most this many lines")
     add_runner_args(parser)
 
 
@@ -90,7 +96,11 @@ def extract_record(rec):
     if not isinstance(result, tuple):
         return result
     texts, images, infos, meta = result
-    url = rec.get("url") or meta.pop("canonical_url", None) or "file://" + os.path.abspath(rec["source"])
+    from mmcorpus.schemas import storage
+
+    source = rec["source"]
+    url = (rec.get("url") or meta.pop("canonical_url", None)
+           or (source if storage.is_url(source) else "file://" + os.path.abspath(source)))
     meta.pop("canonical_url", None)
     return {"doc_id": doc_id_of(url, rec["source"]), "url": url, "warc_record_id": rec.get("warc_record_id"),
             "crawl_date": rec.get("crawl_date"), "source": rec["source"], "language": None, "language_score": None,
@@ -239,22 +249,24 @@ def write_m3w(out_dir: str, kind) -> int:
     """OUT/m3w/part-*.txt next to each data shard: one JSON string (the M3W text) per line, doc_id order."""
     import json
 
-    import pyarrow.parquet as pq
-
+    from mmcorpus import schemas
     from mmcorpus.filters.m3w import render_m3w
     from mmcorpus.pipelines.runtime.sink import shard_files
+    from mmcorpus.schemas import storage
 
-    folder = os.path.join(out_dir, "m3w")
-    os.makedirs(folder, exist_ok=True)
+    folder = storage.join(out_dir, "m3w")
+    storage.makedirs(folder)
     n = 0
     for f in shard_files(out_dir, kind):
-        table = pq.read_table(f, columns=["doc_id", "texts", "images"])
-        target = os.path.join(folder, os.path.basename(f).replace(".parquet", ".txt"))
-        with open(target + ".tmp", "w") as out:
-            for d, t, i in zip(*(table.column(k).to_pylist() for k in ("doc_id", "texts", "images"))):
-                out.write(json.dumps({"doc_id": d, "text": render_m3w(t, i)}, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(target + ".tmp", target)
+        target = storage.join(folder, storage.basename(f).replace(".parquet", ".txt"))
+        tmp = target + ".tmp"
+        with storage.open(tmp, "wb") as out:
+            for batch in schemas.iter_batches(f, columns=["doc_id", "texts", "images"]):
+                for d, t, i in zip(*(batch.column(k).to_pylist() for k in ("doc_id", "texts", "images"))):
+                    out.write((json.dumps({"doc_id": d, "text": render_m3w(t, i)}, ensure_ascii=False) + "\n")
+                              .encode())
+                    n += 1
+        storage.move(tmp, target)
     return n
 
 
@@ -267,7 +279,10 @@ def run(args) -> int:
         raise UserError("--num-shards must be at least 1")
     if args.max_page_bytes < 1:
         raise UserError("--max-page-bytes must be at least 1")
-    items = expand_sources(args.sources)
+    if args.skip < 0 or (args.limit is not None and args.limit < 0):
+        raise UserError("--skip and --limit must be at least 0")
+    inputs: list[str] = []
+    items = expand_sources(args.sources, args.path_prefix, args.skip, args.limit, inputs)
     doc_cfg, dedup_cfg, fetch_cfg, page_cfg = load_config(args.config)
     import dataclasses
 
@@ -276,18 +291,19 @@ def run(args) -> int:
               "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k != "rules"},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
-              "max_page_bytes": args.max_page_bytes}
+              "max_page_bytes": args.max_page_bytes, "path_prefix": args.path_prefix, "skip": args.skip,
+              "limit": args.limit}
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes}
-    spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
+    spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=inputs,
                    kinds={"data": Kind("interleaved", "data", args.num_shards)}, stages=document_stages(dedup_cfg),
                    overwrite=args.overwrite)
     print(f"interleaved: {len(items)} input file(s) -> {args.output}", flush=True)
     stats = execute(spec, args, lambda p: build(p, items, opts))
     if args.emit_m3w_text:
         n = write_m3w(args.output, spec.kinds["data"])
-        print(f"interleaved: wrote {n} M3W text lines to {os.path.join(args.output, 'm3w')}")
+        print(f"interleaved: wrote {n} M3W text lines to {args.output.rstrip('/')}/m3w")
     t = stats["totals"]
     print(f"interleaved: read {t['read']} records, wrote {t['written']} documents, rejected {t['rejected']} "
-          f"(details in {os.path.join(args.output, 'stats.json')})")
+          f"(details in {args.output.rstrip('/')}/stats.json)")
     return 0
