@@ -10,7 +10,7 @@ import re
 import socket
 import threading
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "not-a-real-secret-7f3a", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def free_port() -> int:

@@ -222,7 +222,7 @@ def build(p, items, opts):
     doc_cfg, dedup_cfg, fetch_cfg = opts["doc"], opts["dedup"], opts["fetch"]
     c = Collector()
     files = [item for item in items if item[0] != "urls"]
-    lists = [path for kind, path in items if kind == "urls"]
+    lists = [item[1] for item in items if item[0] == "urls"]
     branches = []
     if files:
         branches.append(p | "Files" >> beam.Create(files) | "Reshuffle" >> beam.Reshuffle()

@@ -29,6 +29,7 @@ def _is_warc(path: str) -> bool:
 
 
 CC_PREFIX = "https://data.commoncrawl.org/"
+REMOTE_RETRY = (5, 0.5)  # a remote WARC read: retries in a row at one offset, first backoff in seconds (doubling)
 LISTING_SUFFIXES = (".paths", ".paths.gz", ".paths.txt")
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
@@ -183,7 +184,7 @@ def read_warc(path: str, max_bytes: int):
     reached); one that still fails ends in one `read_failed` reject naming it and the offset."""
     source = storage.redact_url(path)
     try:
-        fh = storage.ResumingReader(path) if storage.is_url(path) else open(path, "rb")
+        fh = storage.ResumingReader(path, *REMOTE_RETRY) if storage.is_url(path) else open(path, "rb")
     except (OSError, ValueError) as exc:
         yield bad(source, "read_failed", _why(exc))
         return

@@ -225,8 +225,8 @@ def fill_empty_shards(out_dir: str, kind: Kind, fp: str) -> None:
             continue
         path = storage.join(out_dir, kind.folder, shard_name(i, kind.shards))
         storage.makedirs(storage.dirname(path))
-        buf = pa.BufferOutputStream()
-        pq.write_table(schemas.to_table([], kind.schema, fp), buf, compression="zstd")
+        buf = pa.BufferOutputStream()  # no row group at all: `datasets` refuses a 0-row group (batch size 0)
+        pq.ParquetWriter(buf, schemas.with_metadata(kind.schema, fp), compression="zstd").close()
         storage.write_bytes(path, buf.getvalue().to_pybytes())
 
 
