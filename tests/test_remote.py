@@ -204,3 +204,41 @@ def test_killed_run_on_s3_resumes_to_identical_files(s3_runs):
     assert stats_of(out)["resumed"]
     a, b = s3_tables(s3_runs[0]), s3_tables(out)
     assert sorted(a) == sorted(b) and [n for n in a if not a[n].equals(b[n])] == []
+
+
+def test_later_steps_accept_s3_outputs(s3_runs, coco, tmp_path, capsys):
+    """pairs reads a table whose images sit on S3 and writes to S3; inspect, card, the trainer's reader and
+    capfilt's input check take that S3 output; pairs recognises the interleaved S3 output."""
+    from mmcorpus.pipelines.capfilt.command import check_inputs, input_files
+    from mmcorpus.pipelines.pairs.sources import detect
+    from mmcorpus.trainer.data import DatasetSpec, check_dataset
+    from tests.test_pairs import TINY
+
+    rows = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()[:6]]
+    table = "".join(json.dumps({"path": f"images/{r['file_name']}", "caption": r["captions"][0]}) + "\n"
+                    for r in rows)
+    storage.write_bytes("s3://mm-in/coco/pairs.jsonl", table.encode())
+    for r in rows:
+        storage.write_bytes(f"s3://mm-in/coco/images/{r['file_name']}", (coco / "images" / r["file_name"]).read_bytes())
+    clip = tmp_path / "mmcorpus-tiny-clip.json"
+    clip.write_text(json.dumps(TINY))
+    out = "s3://mm-out/pairs"
+    assert main(["pairs", "s3://mm-in/coco/pairs.jsonl", "-o", out, "--allow-random-weights", "--clip-model",
+                 str(clip), "--num-shards", "2", "--workers", "1"]) == 0
+    t = stats_of(out)["totals"]
+    assert t["written"] == 6 and t["read"] == t["written"] + t["rejected"]
+    kept = [r for x in s3_tables(out).values() for r in x.to_pylist() if "caption" in r]
+    assert all(r["image_bytes"] for r in kept)  # read from s3://mm-in/coco/images/
+    capsys.readouterr()
+    assert main(["inspect", out, "-n", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "== 1 of 6 kept pairs ==" in printed and "pairs:s3://mm-in/coco/images/" in printed
+    assert main(["card", out]) == 0
+    names = storage.listdir(out)
+    assert "README.md" in names and any(n.endswith(".png") for n in names)
+    assert "num_examples: 6" in storage.read_bytes(f"{out}/README.md").decode()
+    assert check_dataset(DatasetSpec("coco", out, "pair")) == 6
+    files = input_files(out)
+    check_inputs(files)
+    assert len(files) == 2 and all(f.startswith(f"{out}/data/") for f in files)
+    assert detect(s3_runs[0]).kind == "interleaved"

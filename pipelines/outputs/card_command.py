@@ -31,7 +31,9 @@ def run(args) -> int:
     from mmcorpus.pipelines.outputs.card import write_card
     from mmcorpus.pipelines.errors import UserError
 
-    if args.train_report and not os.path.isfile(args.train_report):
+    from mmcorpus.schemas import storage
+
+    if args.train_report and not storage.isfile(args.train_report):
         raise UserError(f"--train-report {args.train_report!r} does not exist")
     result = write_card(args.out, name=args.name, license_id=args.license, description=args.description,
                         train_report=args.train_report)
