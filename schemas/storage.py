@@ -145,6 +145,21 @@ def exists(path: str) -> bool:
     return fs.exists(p)
 
 
+def why_missing(path: str) -> str:
+    """Why `exists(path)` is false, in words: an HTTP status where a server gave one."""
+    if protocol(path) in ("http", "https"):
+        fs, p = filesystem(path)
+        try:
+            fs.info(p)
+        except Exception as exc:  # fsspec raises FileNotFoundError from the server's status error
+            status = getattr(exc.__cause__ or exc.__context__, "status", None)
+            if status == 403 or status == 401:
+                return f"access denied (HTTP {status})"
+            if status:
+                return f"does not exist (HTTP {status})"
+    return "does not exist"
+
+
 def isdir(path: str) -> bool:
     if not is_url(path):
         return os.path.isdir(path)

@@ -126,3 +126,51 @@ def range_server(root: str):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def dask_hosts(folder, workers: int = 1):
+    """A Dask scheduler and `workers` worker processes started as separate commands on 127.0.0.1, each worker in
+    its own empty working folder under `folder` (as on separate hosts: nothing shared but the network and the
+    environment). Yields the scheduler address."""
+    import pathlib
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--dashboard-address", ":0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for i in range(workers):
+            home = pathlib.Path(folder) / f"worker-{i}"
+            home.mkdir(parents=True)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1", "--nthreads", "1",
+                 "--local-directory", str(home), "--no-dashboard"],
+                cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 120
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    if len(client.scheduler_info()["workers"]) >= workers:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"dask workers did not join {address}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

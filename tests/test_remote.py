@@ -18,7 +18,7 @@ import pytest
 from mmcorpus import schemas
 from mmcorpus.pipelines.cli import main
 from mmcorpus.schemas import storage
-from tests.remote_servers import S3_ENV, range_server
+from tests.remote_servers import S3_ENV, dask_hosts, range_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECRET = S3_ENV["AWS_SECRET_ACCESS_KEY"]
@@ -48,8 +48,9 @@ def warcs(shared_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3_runs(s3_endpoint, warcs):
-    """The WARCs uploaded to s3://mm-in/warcs/, run into s3://mm-out/ by the Direct and the Dask runner."""
+def s3_runs(s3_endpoint, warcs, tmp_path_factory):
+    """The WARCs uploaded to s3://mm-in/warcs/, run into s3://mm-out/ by the Direct runner and by Dask on a
+    scheduler and a worker started as separate commands, the worker in its own empty folder (no shared disk)."""
     import boto3
 
     client = boto3.client("s3")
@@ -60,8 +61,9 @@ def s3_runs(s3_endpoint, warcs):
     src = "s3://mm-in/warcs/*.warc.gz"
     assert main(["interleaved", src, "-o", "s3://mm-out/direct", "--no-images", "--workers", "1",
                  "--storage-option", f"s3:secret={SECRET}", "--storage-option", "s3:key=testing"]) == 0
-    assert main(["interleaved", src, "-o", "s3://mm-out/dask", "--no-images", "--runner", "dask",
-                 "--workers", "1"]) == 0
+    with dask_hosts(tmp_path_factory.mktemp("hosts")) as address:
+        assert main(["interleaved", src, "-o", "s3://mm-out/dask", "--no-images", "--runner", "dask",
+                     "--dask-address", address]) == 0
     return "s3://mm-out/direct", "s3://mm-out/dask"
 
 
@@ -171,7 +173,7 @@ def test_denied_http_input_is_named(warcs, tmp_path, capsys):
         url = f"{server.url}/denied/whirlwind.warc.gz"
         assert main(["interleaved", url, "-o", str(tmp_path / "o"), "--no-images", "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and url in err[0]
+    assert len(err) == 1 and url in err[0] and "access denied (HTTP 403)" in err[0]
 
 
 # A run on S3 that SIGKILLs itself right after its second shard reached its final key.

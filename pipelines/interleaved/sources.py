@@ -84,7 +84,7 @@ def _matches(src: str) -> list[str]:
                 raise UserError(f"input {storage.redact_url(src)!r}: the glob matches nothing")
             return paths
         if not storage.exists(src):
-            raise UserError(f"input {storage.redact_url(src)!r} does not exist")
+            raise UserError(f"input {storage.redact_url(src)!r} {storage.why_missing(src)}")
         return [src]
     except UserError:
         raise

@@ -26,8 +26,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import os
-
     from mmcorpus.pipelines.outputs.card import write_card
     from mmcorpus.pipelines.errors import UserError
 

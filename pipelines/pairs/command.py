@@ -342,7 +342,6 @@ def histogram(stages: list[dict], kept_scores: list[float]) -> dict:
 def run(args) -> int:
     from mmcorpus import schemas
     from mmcorpus.schemas import storage
-    import pyarrow.parquet as pq
 
     from mmcorpus.filters.captions import CaptionConfig
     from mmcorpus.pipelines.pairs import dedup as pair_dedup
