@@ -11,7 +11,7 @@ dominates for these small files).
 
 Memory: a WARC made of the bundled records repeated (gzip members concatenate) at 1x and 4x size is read
 whole by a fresh worker process (`read_items` + decode, records consumed one at a time) from S3 and from HTTP;
-its peak RSS (ru_maxrss) at 1x and 4x, next to the same read of the local file. Writes
+its peak RSS (VmHWM: ru_maxrss would carry the parent's peak over fork + exec) at 1x and 4x, next to the same read of the local file. Writes
 bench/results/remote.json.
 
     python bench/bench_remote.py [--rounds 5] [--base-mb 8]
@@ -41,14 +41,15 @@ SHARED = pathlib.Path(os.environ.get("MMCORPUS_SHARED", ROOT.parent / "shared"))
 WARC_DIRS = ("warcio-samples", "resiliparse-warcs", "cc-whirlwind", "dolma-cc-warc")
 
 CHILD = """
-import resource, sys, time
+import sys, time
 from mmcorpus.pipelines.interleaved.sources import decode_page, read_items
 t, n, pages = time.time(), 0, 0
 for rec in read_items(("warc", sys.argv[1]), 5_000_000):
     n += 1
     if "_reject" not in rec:
         pages += not isinstance(decode_page(rec), Exception) and 1
-print(n, pages, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time() - t)
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(n, pages, hwm, time.time() - t)
 """
 
 

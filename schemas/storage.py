@@ -32,6 +32,11 @@ def protocol(path: str) -> str:
     return m.group(1).lower() if m else "file"
 
 
+def _local(path: str) -> str:
+    """A local path, file:// URLs included, as the OS names it."""
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
 def is_url(path) -> bool:
     """A path another machine can reach (not a local path or file:// URL)."""
     return isinstance(path, str) and protocol(path) not in ("file", "local")
@@ -139,7 +144,7 @@ def has_glob(path: str) -> bool:
 
 def exists(path: str) -> bool:
     if not is_url(path):
-        return os.path.exists(path)
+        return os.path.exists(_local(path))
     fs, p = filesystem(path)
     fs.invalidate_cache()
     return fs.exists(p)
@@ -162,7 +167,7 @@ def why_missing(path: str) -> str:
 
 def isdir(path: str) -> bool:
     if not is_url(path):
-        return os.path.isdir(path)
+        return os.path.isdir(_local(path))
     if protocol(path) in ("http", "https"):
         return False
     fs, p = filesystem(path)
@@ -172,7 +177,7 @@ def isdir(path: str) -> bool:
 
 def isfile(path: str) -> bool:
     if not is_url(path):
-        return os.path.isfile(path)
+        return os.path.isfile(_local(path))
     fs, p = filesystem(path)
     fs.invalidate_cache()
     return fs.isfile(p)
@@ -230,7 +235,7 @@ def open(path: str, mode: str = "rb", **kwargs):  # noqa: A001 - the filesystem 
     if not is_url(path):
         import builtins
 
-        return builtins.open(path, mode, **kwargs)
+        return builtins.open(_local(path), mode, **kwargs)
     fs, p = filesystem(path)
     return fs.open(p, mode, **kwargs)
 

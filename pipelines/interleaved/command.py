@@ -14,7 +14,8 @@ from mmcorpus.pipelines.runtime.runner import add_runner_args
 HELP = "build interleaved image-text web documents (M3W/OBELICS style) from WARCs, HTML folders or URL lists"
 DESCRIPTION = (
     "Read each SOURCE (a WARC file .warc/.warc.gz, a folder or glob of them, a folder of .html/.html.gz pages, "
-    "or a .txt URL list fetched politely: robots.txt, per-host delay, retries), extract the main content with "
+    "a .txt URL list fetched politely: robots.txt, per-host delay, retries, or a WARC listing such as Common "
+    "Crawl's warc.paths.gz, see --path-prefix; any of them local or remote: s3://, gs://, https://), extract the main content with "
     "trafilatura keeping each image where it sat (lazy-load/srcset/<picture>/<base> resolved), and filter. "
     "Document stages, each counted in stats.json with its rejects (read = written + rejected): read (WARC "
     "record type, truncated/invalid records) -> decode (HTTP status 200, HTML content type, binary bytes, "
@@ -46,8 +47,10 @@ INFO_KEYS = ("url", "sha256", "width", "height", "phash", "bytes", "path", "alt"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="WARC file, folder, glob, or .txt URL list")
-    parser.add_argument("--output", "-o", required=True, help="output folder (data/, rejects/, stats.json, _SUCCESS)")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="WARC file, folder, glob, .txt URL list or WARC listing (local, s3://, gs://, https://)")
+    parser.add_argument("--output", "-o", required=True,
+                        help="output folder or prefix, local or s3:// / gs:// (data/, rejects/, stats.json, _SUCCESS)")
     parser.add_argument("--config", default=None, help="YAML file with threshold sections (see above)")
     parser.add_argument("--no-images", action="store_true",
                         help="do not download images: documents keep image URLs and alt text only")
@@ -274,6 +277,7 @@ def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from mmcorpus.pipelines.runtime.sink import Kind
     from mmcorpus.pipelines.interleaved.sources import expand_sources
+    from mmcorpus.schemas import storage
 
     if args.num_shards < 1:
         raise UserError("--num-shards must be at least 1")
@@ -291,7 +295,7 @@ def run(args) -> int:
               "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k != "rules"},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
-              "max_page_bytes": args.max_page_bytes, "path_prefix": args.path_prefix, "skip": args.skip,
+              "max_page_bytes": args.max_page_bytes, "path_prefix": storage.redact_url(args.path_prefix), "skip": args.skip,
               "limit": args.limit}
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes}

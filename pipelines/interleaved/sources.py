@@ -1,7 +1,8 @@
 """Input sources for `mmcorpus interleaved`: WARC files (plain or gzip) and folders of .html/.html.gz pages.
 
-`expand_sources` turns SOURCE arguments (files, folders, globs) into (kind, path) work items; `read_items`
-streams one file (never whole into memory for WARCs) and yields page records
+`expand_sources` turns SOURCE arguments (files, folders, globs, WARC listings; local or remote through
+`schemas.storage`) into (kind, path) work items; `read_items` streams one file (never whole into memory for
+WARCs; remote ones through ranged reads that resume after a dropped connection) and yields page records
 `{"source", "url", "warc_record_id", "crawl_date", "html"}` or bad-record markers `{"source", "_reject": (reason,
 detail)}` that the `read` stage turns into reject rows. Payload checks (status, content type, binary bytes,
 size, charset) live in `decode_page`.
