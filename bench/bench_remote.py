@@ -2,7 +2,7 @@
 server (both on 127.0.0.1, started here), as a ratio of the same reads from local files; and peak RSS of a
 worker process reading one remote WARC as the WARC grows 4x.
 
-Throughput: in one process, alternating rounds over every bundled WARC (warcio-samples, resiliparse-warcs,
+Throughput: in one process, rounds over every bundled WARC, each WARC read from the three sources back to back (warcio-samples, resiliparse-warcs,
 cc-whirlwind, dolma-cc-warc): `read_items` (what a pipeline worker runs per WARC) followed by decode + extract
 of each page (the per-page work of the read/decode/extract stages), from local paths, s3:// URLs and http://
 URLs. Reported: pages/s per source and the median of the per-round ratios remote/local (target >= 0.9), plus
@@ -61,17 +61,28 @@ def bundled() -> list[pathlib.Path]:
     return files
 
 
-def one_pass(paths: list[str], extract: bool) -> tuple[int, float]:
-    t, pages = time.perf_counter(), 0
-    for p in paths:
-        for rec in read_items(("warc", p), 5_000_000):
-            if "_reject" in rec:
-                continue
-            page = decode_page(rec)
-            if extract and isinstance(page, dict):
-                extract_record(page)
-            pages += 1
-    return pages, time.perf_counter() - t
+def read_pages(path: str, extract: bool) -> int:
+    pages = 0
+    for rec in read_items(("warc", path), 5_000_000):
+        if "_reject" in rec:
+            continue
+        page = decode_page(rec)
+        if extract and isinstance(page, dict):
+            extract_record(page)
+        pages += 1
+    return pages
+
+
+def one_round(sources: dict[str, list[str]], extract: bool) -> dict[str, tuple[int, float]]:
+    """(pages, seconds) per source; each WARC is read from every source back to back, so load from other jobs
+    falls on all of them alike."""
+    totals = {name: [0, 0.0] for name in sources}
+    for i in range(len(next(iter(sources.values())))):
+        for name, paths in sources.items():
+            t = time.perf_counter()
+            totals[name][0] += read_pages(paths[i], extract)
+            totals[name][1] += time.perf_counter() - t
+    return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
 def grow(files: list[pathlib.Path], target: int) -> bytes:
@@ -114,8 +125,7 @@ def main() -> int:
             key = "with_extraction" if extract else "read_only"
             rates: dict = {k: [] for k in sources}
             for _ in range(args.rounds):
-                for name, paths in sources.items():
-                    pages, seconds = one_pass(paths, extract)
+                for name, (pages, seconds) in one_round(sources, extract).items():
                     rates[name].append(pages / seconds)
             section = {f"{k}_pages_per_s": round(statistics.median(v), 1) for k, v in rates.items()}
             for remote in ("s3", "http"):
