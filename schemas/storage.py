@@ -332,7 +332,8 @@ class ResumingReader(io.RawIOBase):
 
     def _handle(self):
         if self._fh is None:
-            self._fh = self._fs.open(self._p, "rb", block_size=self.block_size)
+            # the size is known: no second HEAD per (re)opening
+            self._fh = self._fs.open(self._p, "rb", block_size=self.block_size, size=self.size)
             self._fh.seek(self.pos)
         return self._fh
 
