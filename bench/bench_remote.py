@@ -1,5 +1,5 @@
-"""Remote reading against local files: the bundled WARCs read from moto's S3 server and from a loopback HTTP
-server (both on 127.0.0.1, started here), as a ratio of the same reads from local files; and peak RSS of a
+"""Remote reading against local files: the bundled WARCs read from moto's S3 server (its own process) and from
+a loopback HTTP server (a thread here), both on 127.0.0.1 and started here, as a ratio of the same reads from local files; and peak RSS of a
 worker process reading one remote WARC as the WARC grows 4x.
 
 Throughput: in one process, rounds over every bundled WARC, each WARC read from the three sources back to back (warcio-samples, resiliparse-warcs,
@@ -20,9 +20,11 @@ bench/results/remote.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
+import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from mmcorpus.pipelines.interleaved.command import extract_record  # noqa: E402
 from mmcorpus.pipelines.interleaved.sources import decode_page, read_items  # noqa: E402
 from mmcorpus.schemas import storage  # noqa: E402
-from tests.remote_servers import moto_s3, range_server  # noqa: E402
+from tests.remote_servers import S3_ENV, free_port, range_server  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("MMCORPUS_SHARED", ROOT.parent / "shared")) / "data"
 WARC_DIRS = ("warcio-samples", "resiliparse-warcs", "cc-whirlwind", "dolma-cc-warc")
@@ -101,6 +103,27 @@ def child_rss(url: str) -> dict:
             "seconds": round(float(seconds), 2)}
 
 
+@contextlib.contextmanager
+def moto_process():
+    """moto's S3 server in its own process (as a store is another machine: its work does not share this
+    process's interpreter lock), reached through AWS_ENDPOINT_URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -112,7 +135,7 @@ def main() -> int:
     files = bundled()
     result: dict = {"machine": "shared 2-core machine, other jobs running: ratios within one run only",
                     "warcs": len(files), "bytes": sum(f.stat().st_size for f in files)}
-    with moto_s3(), tempfile.TemporaryDirectory() as tmp, range_server(SHARED) as http:
+    with moto_process(), tempfile.TemporaryDirectory() as tmp, range_server(SHARED) as http:
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bench")
