@@ -17,7 +17,8 @@ REASONS: dict[str, str] = {
     "decode_failed": "bytes could not be decoded with the declared or detected charset",
     "fetch_failed": "URL could not be fetched (timeout, connection error, redirect loop)",
     "url_not_allowed": "URL scheme or host is refused (non-http, private network, robots.txt)",
-    "read_failed": "input file could not be read",
+    "read_failed": "input file could not be read (remote: still failing after the bounded retries)",
+    "listing_bad_line": "a line of a WARC listing (warc.paths.gz) is not a WARC path",
     # extraction
     "extraction_empty": "no main content was extracted",
     "extraction_failed": "the extractor raised an error",

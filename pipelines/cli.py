@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # --log-level after the command too
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                         help="logging level (default WARNING; also MMCORPUS_LOG_LEVEL)")
+    common.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for remote paths (s3://, gs://, https://), repeatable; "
+                             "PROTOCOL:KEY=VALUE for one protocol (s3:endpoint_url=http://...); dotted keys nest "
+                             "(client_kwargs.region_name=...). Credentials: the standard AWS_*/Google variables; "
+                             "secrets given here are never written to stats.json")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
@@ -99,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
     started = time.time()
     try:
+        from mmcorpus.schemas import storage
+
+        try:
+            storage.configure(storage.parse_options(args.storage_option))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         code = int(args._module.run(args) or 0)
         output = getattr(args, "output", None)
         if code == 0 and isinstance(output, str):

@@ -343,11 +343,23 @@ def validate_stats(stats: dict, where: str = "stats.json") -> dict:
     return stats
 
 
+def _located(path):
+    """(path, filesystem) for pyarrow: a local path as it is, a URL through the fsspec layer (storage)."""
+    from mmcorpus.schemas import storage
+
+    if isinstance(path, str) and storage.is_url(path):
+        fs, p = storage.filesystem(path)
+        return p, fs
+    return path, None
+
+
 def open_parquet(source, where: str | None = None) -> pq.ParquetFile:
-    """Open one Parquet file (a path or an open binary file; `where` names it in errors). A damaged file (random
-    bytes, truncated, empty) raises SchemaError naming it, never pyarrow's bare error."""
+    """Open one Parquet file (a local path, an fsspec URL such as s3://bucket/key, or an open binary file;
+    `where` names it in errors). A damaged file (random bytes, truncated, empty) or one that cannot be reached
+    raises SchemaError naming it, never pyarrow's bare error."""
     try:
-        return pq.ParquetFile(source)
+        path, fs = _located(source)
+        return pq.ParquetFile(path, filesystem=fs) if fs is not None else pq.ParquetFile(source)
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise SchemaError(f"{where or source}: not a readable Parquet file ({_short(exc)})") from None
 
@@ -385,7 +397,8 @@ def read_table(path: str, name: str, columns: list[str] | None = None) -> pa.Tab
     older = {c for c, since in ADDED_IN.get(name, {}).items() if _version(version) < _version(since)}
     wanted = None if columns is None else [c for c in columns if c not in older]
     try:
-        table = pq.read_table(path, columns=wanted)
+        where, fs = _located(path)
+        table = pq.read_table(where, columns=wanted, filesystem=fs)
     except (OSError, pa.ArrowException) as exc:
         raise SchemaError(f"{path}: damaged Parquet data ({_short(exc)})") from None
     table = upgrade(table, name, version)

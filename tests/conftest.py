@@ -23,3 +23,12 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def coco(shared_data) -> pathlib.Path:
     return shared_data / "coco-mini"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """One moto S3 server on 127.0.0.1 for the whole session (AWS_ENDPOINT_URL + dummy keys set while it runs)."""
+    from tests.remote_servers import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint

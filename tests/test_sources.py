@@ -110,8 +110,7 @@ def test_parts_of_a_damaged_warc_yield_every_item_once(crawl, tmp_path):
     whole = [(r["source"], r.get("_reject")) for r in read_items(("warc", str(path)))]
     assert len(whole) == 48 and whole[-1][1][0] == "warc_file_truncated"
     items = [("warc", str(path)), ("html", str(tmp_path / "page.html"))]
-    assert split_items(items, 3) == [("warc", str(path), 0, 3), ("warc", str(path), 1, 3),
-                                     ("warc", str(path), 2, 3), ("html", str(tmp_path / "page.html"), 0, 1)]
+    assert split_items(items, 3) == [(items[0], 0, 3), (items[0], 1, 3), (items[0], 2, 3), (items[1], 0, 1)]
     parts = [[(r["source"], r.get("_reject")) for r in read_part(item)] for item in split_items(items[:1], 3)]
     assert [len(p) for p in parts] == [16, 16, 16]
     assert sorted(sum(parts, [])) == sorted(whole)

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mmcorpus import schemas
+from mmcorpus.schemas import storage
 
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
@@ -160,9 +161,7 @@ def cpu_count() -> int:
 def list_files(path: str, suffix: str = ".parquet") -> tuple[object, list[str]]:
     """(filesystem, sorted Parquet files, or files ending in `suffix`) for a file, folder, pipeline output folder
     or glob, local or fsspec."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = storage.filesystem(path)  # the fsspec layer, with --storage-option settings
     if any(ch in root for ch in "*?["):
         files = fs.glob(root)
     elif fs.isdir(root):
@@ -412,9 +411,7 @@ class SampleBuilder:
         """Bytes of an image stored by path: a URL through fsspec, otherwise a path on the dataset's own
         filesystem, relative to the folder of the Parquet file that names it."""
         if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "rb") as fh:
+            with storage.open(path, "rb") as fh:
                 return fh.read()
         full = path if posixpath.isabs(path) or not base else posixpath.join(base, path)
         with (self.fs.open(full, "rb") if self.fs is not None else open(full, "rb")) as fh:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 
 from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
@@ -58,14 +57,19 @@ def add_arguments(parser) -> None:
 
 
 def input_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise UserError(f"input {path!r} does not exist")
-    for pattern in ("data/*.parquet", "*.parquet"):
-        files = sorted(glob.glob(os.path.join(path, pattern)))
-        if files:
-            return files
+    from mmcorpus.schemas import storage
+
+    try:
+        if storage.isfile(path):
+            return [path]
+        if not storage.isdir(path):
+            raise UserError(f"input {path!r} does not exist")
+        for pattern in ("data/*.parquet", "*.parquet"):
+            files = storage.glob(storage.join(path, pattern))
+            if files:
+                return files
+    except OSError as exc:  # an object store: denied access, bad endpoint
+        raise UserError(f"input {path!r} cannot be read: {exc}") from None
     raise UserError(f"input {path!r} holds no Parquet files (looked for data/*.parquet and *.parquet)")
 
 
@@ -121,7 +125,9 @@ def run(args) -> int:
     spool_dir = os.path.join(os.path.abspath(args.output), TMP_DIR, "images")
     stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg, spool_dir))
     stats["itm_histograms"] = capfilt.histograms(stats["stages"])
-    _write_json(os.path.join(args.output, STATS), stats)
+    from mmcorpus.schemas import storage
+
+    _write_json(storage.join(args.output, STATS), stats)
     by = {s["stage"]: s for s in stats["stages"]}
     im, itm = by.get(capfilt.STAGE_IMAGES, {}), by.get(capfilt.STAGE_ITM, {})
     ctr = itm.get("counters", {})

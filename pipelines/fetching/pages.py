@@ -168,9 +168,10 @@ def url_tasks(path: str):
     """Fetch tasks of one URL list, {"source": "PATH:LINE", "_url": URL, "_order": (PATH, LINE)} per URL line
     (blank lines and # comments skipped), or one bad marker when the file cannot be read."""
     from mmcorpus.pipelines.interleaved.sources import bad
+    from mmcorpus.schemas import storage
 
     try:
-        fh = open(path, encoding="utf-8", errors="replace")
+        fh = storage.open(path, "r", encoding="utf-8", errors="replace")  # local or remote (s3://, https://)
     except OSError as exc:
         yield bad(path, "read_failed", str(exc))
         return

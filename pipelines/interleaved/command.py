@@ -9,12 +9,14 @@ import os
 import apache_beam as beam
 
 from mmcorpus.pipelines.errors import UserError
+from mmcorpus.pipelines.interleaved.sources import CC_PREFIX
 from mmcorpus.pipelines.runtime.runner import add_runner_args
 
 HELP = "build interleaved image-text web documents (M3W/OBELICS style) from WARCs, HTML folders or URL lists"
 DESCRIPTION = (
     "Read each SOURCE (a WARC file .warc/.warc.gz, a folder or glob of them, a folder of .html/.html.gz pages, "
-    "or a .txt URL list fetched politely: robots.txt, per-host delay, retries), extract the main content with "
+    "a .txt URL list fetched politely: robots.txt, per-host delay, retries, or a WARC listing such as Common "
+    "Crawl's warc.paths.gz, see --path-prefix; any of them local or remote: s3://, gs://, https://), extract the main content with "
     "trafilatura keeping each image where it sat (lazy-load/srcset/<picture>/<base> resolved), and filter. "
     "Document stages, each counted in stats.json with its rejects (read = written + rejected): read (WARC "
     "record type, truncated/invalid records) -> decode (HTTP status 200, HTML content type, binary bytes, "
@@ -55,8 +57,10 @@ INFO_KEYS = ("url", "sha256", "width", "height", "phash", "bytes", "path", "alt"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="WARC file, folder, glob, or .txt URL list")
-    parser.add_argument("--output", "-o", required=True, help="output folder (data/, rejects/, stats.json, _SUCCESS)")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="WARC file, folder, glob, .txt URL list or WARC listing (local, s3://, gs://, https://)")
+    parser.add_argument("--output", "-o", required=True,
+                        help="output folder or prefix, local or s3:// / gs:// (data/, rejects/, stats.json, _SUCCESS)")
     parser.add_argument("--config", default=None, help="YAML file with threshold sections (see above)")
     parser.add_argument("--no-images", action="store_true",
                         help="do not download images: documents keep image URLs and alt text only")
@@ -72,6 +76,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--read-parts", type=int, default=0,
                         help="cut each WARC into this many interleaved parts read by different workers (default: "
                              "enough for two parts per worker over all WARCs; 1 = one worker reads a whole file)")
+    parser.add_argument("--path-prefix", default=CC_PREFIX,
+                        help="joined to each relative line of a WARC listing (warc.paths.gz); e.g. "
+                             "s3://commoncrawl/ to read Common Crawl from S3")
+    parser.add_argument("--skip", type=int, default=0, help="WARC listings: skip this many lines first")
+    parser.add_argument("--limit", type=int, default=None, help="WARC listings: take at most this many lines")
     add_runner_args(parser)
     from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
 
@@ -126,7 +135,11 @@ def extract_record(rec, options: dict | None = None):
     if not isinstance(result, tuple):
         return result
     texts, images, infos, meta = result
-    url = rec.get("url") or meta.pop("canonical_url", None) or "file://" + os.path.abspath(rec["source"])
+    from mmcorpus.schemas import storage
+
+    source = rec["source"]
+    url = (rec.get("url") or meta.pop("canonical_url", None)
+           or (source if storage.is_url(source) else "file://" + os.path.abspath(source)))
     meta.pop("canonical_url", None)
     return {"doc_id": doc_id_of(url, rec["source"]), "url": url, "warc_record_id": rec.get("warc_record_id"),
             "crawl_date": rec.get("crawl_date"), "source": rec["source"], "language": None, "language_score": None,
@@ -259,7 +272,7 @@ def build(p, items, opts):
     doc_cfg, dedup_cfg, fetch_cfg = opts["doc"], opts["dedup"], opts["fetch"]
     c = Collector()
     files = [item for item in items if item[0] != "urls"]
-    lists = [path for kind, path in items if kind == "urls"]
+    lists = [item[1] for item in items if item[0] == "urls"]
     branches = []
     if files:  # WARCs cut into interleaved parts: read, extract and filter run fused on every worker
         parts = split_items(files, opts["read_parts"])
@@ -298,7 +311,7 @@ def build(p, items, opts):
 
 def read_parts(items, workers: int) -> int:
     """Parts per WARC: two per worker over all WARCs (every part reads its file through, so no more than that)."""
-    warcs = sum(kind == "warc" for kind, _ in items)
+    warcs = sum(item[0] == "warc" for item in items)
     return max(1, -(-2 * workers // warcs)) if warcs else 1
 
 
@@ -306,22 +319,24 @@ def write_m3w(out_dir: str, kind) -> int:
     """OUT/m3w/part-*.txt next to each data shard: one JSON string (the M3W text) per line, doc_id order."""
     import json
 
-    import pyarrow.parquet as pq
-
+    from mmcorpus import schemas
     from mmcorpus.filters.m3w import render_m3w
     from mmcorpus.pipelines.runtime.sink import shard_files
+    from mmcorpus.schemas import storage
 
-    folder = os.path.join(out_dir, "m3w")
-    os.makedirs(folder, exist_ok=True)
+    folder = storage.join(out_dir, "m3w")
+    storage.makedirs(folder)
     n = 0
     for f in shard_files(out_dir, kind):
-        table = pq.read_table(f, columns=["doc_id", "texts", "images"])
-        target = os.path.join(folder, os.path.basename(f).replace(".parquet", ".txt"))
-        with open(target + ".tmp", "w") as out:
-            for d, t, i in zip(*(table.column(k).to_pylist() for k in ("doc_id", "texts", "images"))):
-                out.write(json.dumps({"doc_id": d, "text": render_m3w(t, i)}, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(target + ".tmp", target)
+        target = storage.join(folder, storage.basename(f).replace(".parquet", ".txt"))
+        tmp = target + ".tmp"
+        with storage.open(tmp, "wb") as out:
+            for batch in schemas.iter_batches(f, columns=["doc_id", "texts", "images"]):
+                for d, t, i in zip(*(batch.column(k).to_pylist() for k in ("doc_id", "texts", "images"))):
+                    out.write((json.dumps({"doc_id": d, "text": render_m3w(t, i)}, ensure_ascii=False) + "\n")
+                              .encode())
+                    n += 1
+        storage.move(tmp, target)
     return n
 
 
@@ -329,6 +344,7 @@ def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind
     from mmcorpus.pipelines.interleaved.sources import expand_sources, load_url_manifest
+    from mmcorpus.schemas import storage
 
     if args.num_shards < 1:
         raise UserError("--num-shards must be at least 1")
@@ -336,7 +352,10 @@ def run(args) -> int:
         raise UserError("--read-parts must be 0 (automatic) or more")
     if args.max_page_bytes < 1:
         raise UserError("--max-page-bytes must be at least 1")
-    items = expand_sources(args.sources)
+    if args.skip < 0 or (args.limit is not None and args.limit < 0):
+        raise UserError("--skip and --limit must be at least 0")
+    inputs: list[str] = []
+    items = expand_sources(args.sources, args.path_prefix, args.skip, args.limit, inputs)
     urls = load_url_manifest(args.url_manifest) if args.url_manifest else None
     doc_cfg, dedup_cfg, fetch_cfg, page_cfg = load_config(args.config)
     import dataclasses
@@ -351,7 +370,8 @@ def run(args) -> int:
               "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k not in ("rules", "spool_dir")},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
-              "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied}
+              "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied,
+              "path_prefix": storage.redact_url(args.path_prefix), "skip": args.skip, "limit": args.limit}
     spool_dir = os.path.join(os.path.abspath(args.output), TMP_DIR, "images")  # fetched bytes wait there
     fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir)
     workers = args.workers or os.cpu_count() or 1
@@ -361,8 +381,8 @@ def run(args) -> int:
             "urls": urls, "read_parts": parts}
     # the DaskRunner makes one partition of up to 128 created items and every later step keeps the partitions:
     # two per worker (more only multiply the tasks of every step and shuffle)
-    args.dask_partitions = min(sum(parts if kind == "warc" else 1 for kind, _ in items), 2 * workers)
-    spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=[p for _, p in items],
+    args.dask_partitions = min(sum(parts if item[0] == "warc" else 1 for item in items), 2 * workers)
+    spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=inputs,
                    kinds={"data": Kind("interleaved", "data", args.num_shards)},
                    stages=document_stages(dedup_cfg, doc_cfg), overwrite=args.overwrite,
                    extra_stats={"safety": safety_applied})
@@ -370,8 +390,8 @@ def run(args) -> int:
     stats = execute(spec, args, lambda p: build(p, items, opts))
     if args.emit_m3w_text:
         n = write_m3w(args.output, spec.kinds["data"])
-        print(f"interleaved: wrote {n} M3W text lines to {os.path.join(args.output, 'm3w')}")
+        print(f"interleaved: wrote {n} M3W text lines to {args.output.rstrip('/')}/m3w")
     t = stats["totals"]
     print(f"interleaved: read {t['read']} records, wrote {t['written']} documents, rejected {t['rejected']} "
-          f"(details in {os.path.join(args.output, 'stats.json')})")
+          f"(details in {args.output.rstrip('/')}/stats.json)")
     return 0

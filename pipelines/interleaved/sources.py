@@ -1,7 +1,8 @@
 """Input sources for `mmcorpus interleaved`: WARC files (plain or gzip) and folders of .html/.html.gz pages.
 
-`expand_sources` turns SOURCE arguments (files, folders, globs) into (kind, path) work items; `read_items`
-streams one file (never whole into memory for WARCs) and yields page records
+`expand_sources` turns SOURCE arguments (files, folders, globs, WARC listings; local or remote through
+`schemas.storage`) into (kind, path) work items; `read_items` streams one file (never whole into memory for
+WARCs; remote ones through ranged reads that resume after a dropped connection) and yields page records
 `{"source", "url", "warc_record_id", "crawl_date", "html"}` or bad-record markers `{"source", "_reject": (reason,
 detail)}` that the `read` stage turns into reject rows. Payload checks (status, content type, binary bytes,
 size, charset) live in `decode_page`.
@@ -10,14 +11,13 @@ size, charset) live in `decode_page`.
 from __future__ import annotations
 
 import codecs
-import glob
 import gzip
 import json
 import os
-import pathlib
 import re
 
 from mmcorpus.filters.reasons import Reject, shorten
+from mmcorpus.schemas import storage
 from mmcorpus.pipelines.errors import UserError
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz", ".xhtml.gz")
@@ -30,32 +30,122 @@ def _is_warc(path: str) -> bool:
     return ".warc" in name or name.endswith((".arc", ".arc.gz"))
 
 
-def expand_sources(sources: list[str]) -> list[tuple[str, str]]:
-    """SOURCE arguments -> sorted [(kind, path)], kind 'warc' | 'html' | 'urls'. Missing inputs raise UserError."""
-    items: list[tuple[str, str]] = []
+CC_PREFIX = "https://data.commoncrawl.org/"
+REMOTE_RETRY = (5, 0.5)  # a remote WARC read: retries in a row at one offset, first backoff in seconds (doubling)
+LISTING_SUFFIXES = (".paths", ".paths.gz", ".paths.txt")
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def expand_sources(sources: list[str], path_prefix: str = CC_PREFIX, skip: int = 0,
+                   limit: int | None = None, inputs: list | None = None) -> list[tuple]:
+    """SOURCE arguments -> sorted work items (kind, path), kind 'warc' | 'html' | 'urls', plus ('bad', source,
+    detail) for a listing line that is not a WARC path. A SOURCE is a local or remote (s3://, gs://, https://)
+    file, folder or glob, or a WARC listing (warc.paths.gz; see `is_listing`) whose lines are joined to
+    `path_prefix` and sliced by skip/limit: each WARC one item. Missing inputs, globs matching nothing and
+    denied access raise UserError naming the input. `inputs`, when given, gets what a run's fingerprint should
+    look at: each file, but a listing itself rather than its (maybe thousands of remote) WARCs."""
+    items: list[tuple] = []
+    inputs = [] if inputs is None else inputs
     for src in sources:
-        paths = sorted(glob.glob(src)) if any(c in src for c in "*?[") else [src]
-        if not paths or not all(os.path.exists(p) for p in paths):
-            raise UserError(f"input {src!r} does not exist")
-        for p in paths:
-            if os.path.isdir(p):
-                for f in sorted(pathlib.Path(p).rglob("*")):
-                    if not f.is_file():
-                        continue
-                    s = str(f)
-                    if _is_warc(s):
-                        items.append(("warc", s))
-                    elif s.lower().endswith(HTML_SUFFIXES):
-                        items.append(("html", s))
-            elif _is_warc(p):
-                items.append(("warc", p))
-            elif p.lower().endswith((".txt", ".urls", ".lst")):
-                items.append(("urls", p))
-            else:
-                items.append(("html", p))
+        for p in _matches(src):
+            try:
+                if storage.isdir(p):
+                    found = [_classify(f) for f in storage.find(p)]
+                    found = [i for i in found if i[0] in ("warc", "html")]
+                    inputs += [f for _, f in found]
+                elif is_listing(p):
+                    found = listing_items(p, path_prefix, skip, limit)
+                    inputs.append(p)
+                else:
+                    kind = _classify(p)[0]
+                    found = [("html" if kind == "other" else kind, p)]
+                    inputs.append(p)
+                items += found
+            except UserError:
+                raise
+            except (OSError, ValueError, EOFError) as exc:
+                raise UserError(f"input {storage.redact_url(p)!r}: {_why(exc)}") from None
     if not items:
         raise UserError(f"no WARC, HTML or URL-list files found in {', '.join(sources)}")
     return sorted(set(items))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        return f"access denied ({exc})"
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist (missing bucket, key or file)"
+    return shorten(f"{type(exc).__name__}: {exc}", 300)
+
+
+def _matches(src: str) -> list[str]:
+    try:
+        if storage.has_glob(src) and not src.lower().startswith(("http://", "https://")):
+            paths = storage.glob(src)
+            if not paths:
+                raise UserError(f"input {storage.redact_url(src)!r}: the glob matches nothing")
+            return paths
+        if not storage.exists(src):
+            raise UserError(f"input {storage.redact_url(src)!r} {storage.why_missing(src)}")
+        return [src]
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UserError(f"input {storage.redact_url(src)!r}: {_why(exc)}") from None
+
+
+def _classify(path: str) -> tuple[str, str]:
+    if _is_warc(path):
+        return ("warc", path)
+    if path.lower().endswith((".txt", ".urls", ".lst")):
+        return ("urls", path)
+    return ("html" if path.lower().endswith(HTML_SUFFIXES) else "other", path)
+
+
+def is_listing(path: str) -> bool:
+    """A WARC listing: named *.paths / *.paths.gz / *.paths.txt (Common Crawl's warc.paths.gz), or a .txt
+    (.txt.gz) file whose first line is a WARC path rather than a page URL."""
+    name = path.lower()
+    if name.endswith(LISTING_SUFFIXES):
+        return True
+    if not name.endswith((".txt", ".txt.gz")):
+        return False
+    for line in _listing_lines(path):
+        return _is_warc(line.strip().split("?")[0])
+    return False
+
+
+def _listing_lines(path: str):
+    """Lines of a (gzipped or plain) listing, streamed, blank lines skipped."""
+    with storage.open(path, "rb") as raw:
+        head = raw.read(2)
+        raw.seek(0)
+        fh = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
+        for line in fh:
+            text = line.decode("utf-8", "replace").strip()
+            if text:
+                yield text
+
+
+def listing_items(path: str, prefix: str, skip: int = 0, limit: int | None = None) -> list[tuple]:
+    """Work items of one WARC listing: its non-blank lines from `skip`, at most `limit`; a relative line is
+    joined to `prefix`, a URL or absolute path is taken as it is; a line that is not a WARC path is a
+    ('bad', listing:line, detail) item, rejected as `listing_bad_line`."""
+    out: list[tuple] = []
+    for n, line in enumerate(_listing_lines(path)):
+        if n < skip:
+            continue
+        if limit is not None and n >= skip + limit:
+            break
+        where = f"{storage.redact_url(path)}:{n + 1}"
+        if _UNSAFE.search(line) or not _is_warc(line.split("?")[0]):
+            out.append(("bad", where, f"line {n + 1} is not a WARC path: {shorten(line, 200)!r}"))
+        elif storage.is_url(line) or os.path.isabs(line):
+            out.append(("warc", line))
+        else:
+            out.append(("warc", storage.join(prefix, line.lstrip("/")) if storage.is_url(prefix)
+                        else os.path.join(prefix, line.lstrip("/"))))
+    return out
 
 
 def bad(source: str, reason: str, detail: str) -> dict:
@@ -86,11 +176,13 @@ def load_url_manifest(path: str) -> dict[str, str]:
     return urls
 
 
-def read_items(item: tuple[str, str], max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
+def read_items(item: tuple, max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
     """Yield page records / bad markers of one WARC or HTML work item (URL lists: pipelines.fetch); `urls`: page
     URLs of HTML files by absolute path (load_url_manifest)."""
-    kind, path = item
-    if kind == "warc":
+    kind, path = item[:2]
+    if kind == "bad":
+        yield bad(path, "listing_bad_line", item[2])
+    elif kind == "warc":
         yield from read_warc(path, max_bytes)
     elif kind == "html":
         rec = read_html_file(path, max_bytes)
@@ -103,11 +195,11 @@ def read_items(item: tuple[str, str], max_bytes: int = 5_000_000, urls: dict[str
 
 def read_html_file(path: str, max_bytes: int) -> dict:
     try:
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
         if raw[:2] == b"\x1f\x8b":
-            with gzip.open(path, "rb") as f:
-                raw = f.read(max_bytes + 1)
+            with storage.open(path, "rb") as f, gzip.GzipFile(fileobj=f) as g:
+                raw = g.read(max_bytes + 1)
     except (OSError, EOFError) as exc:
         return bad(path, "read_failed", str(exc))
     if len(raw) > max_bytes:
@@ -117,14 +209,20 @@ def read_html_file(path: str, max_bytes: int) -> dict:
 
 
 def read_warc(path: str, max_bytes: int):
-    """Yield the page records / bad markers of one WARC file (see `warc_records`)."""
+    """Yield the page records / bad markers of one WARC file (see `warc_records`). A remote WARC is streamed
+    through `storage.ResumingReader` (ranged reads of a few MB, a dropped connection resumed at the offset
+    reached); one that still fails ends in one `read_failed` reject naming it and the offset."""
+    source = storage.redact_url(path)
     try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        yield bad(path, "read_failed", str(exc))
+        fh = storage.ResumingReader(path, *REMOTE_RETRY) if storage.is_url(path) else open(path, "rb")
+    except (OSError, ValueError) as exc:
+        yield bad(source, "read_failed", _why(exc))
         return
     with fh:
-        yield from warc_records(fh, path, max_bytes)
+        try:
+            yield from warc_records(fh, source, max_bytes)
+        except storage.ReadFailed as exc:
+            yield bad(f"{source}:{fh.tell()}", "read_failed", shorten(str(exc), 500))
 
 
 def warc_records(fh, path: str, max_bytes: int):
@@ -145,6 +243,8 @@ def warc_records(fh, path: str, max_bytes: int):
                 rec = next(records)
             except StopIteration:
                 break
+            except storage.ReadFailed:  # the remote file, not its content: read_warc names it
+                raise
             except Exception as exc:  # fastwarc raises OSError/ValueError on bad headers and broken gzip
                 error = shorten(f"{type(exc).__name__}: {exc}", 300)
                 break
@@ -456,18 +556,18 @@ def detect_and_decode(raw: bytes, tried: list[str]) -> str | Reject:
         return Reject("decode_failed", f"detected charset {best.encoding} unknown")
 
 
-def split_items(items: list[tuple[str, str]], parts: int) -> list[tuple[str, str, int, int]]:
-    """Work items -> (kind, path, part, parts): each WARC cut into `parts` interleaved parts (record i goes to
-    part i % parts), so one big file spreads over every worker; other items stay whole (part 0 of 1)."""
-    return [(kind, path, k, parts if kind == "warc" else 1) for kind, path in items
-            for k in range(parts if kind == "warc" else 1)]
+def split_items(items: list[tuple], parts: int) -> list[tuple[tuple, int, int]]:
+    """Work items -> (item, part, parts): each WARC cut into `parts` interleaved parts (record i goes to part
+    i % parts), so one big file spreads over every worker; other items stay whole (part 0 of 1)."""
+    return [(item, k, parts if item[0] == "warc" else 1) for item in items
+            for k in range(parts if item[0] == "warc" else 1)]
 
 
-def read_part(item: tuple[str, str, int, int], max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
+def read_part(element: tuple[tuple, int, int], max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
     """The records of one part of a work item (see `split_items`): every part reads the file through (the
     reader's resynchronisation after damage stays exactly as for a whole file) and yields every parts-th item,
     so the parts together yield each record and bad marker once."""
-    kind, path, part, parts = item
-    for i, rec in enumerate(read_items((kind, path), max_bytes, urls)):
+    item, part, parts = element
+    for i, rec in enumerate(read_items(item, max_bytes, urls)):
         if i % parts == part:
             yield rec

@@ -24,6 +24,7 @@ import pyarrow as pa
 import yaml
 
 from mmcorpus import schemas
+from mmcorpus.schemas import storage
 from mmcorpus.pipelines.outputs import plots
 from mmcorpus.pipelines.errors import UserError
 
@@ -141,10 +142,8 @@ class Profile:
 
 
 def data_files(out_dir: str, folder: str = "data") -> list[str]:
-    d = os.path.join(out_dir, folder)
-    if not os.path.isdir(d):
-        return []
-    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.startswith("part-") and f.endswith(".parquet"))
+    d = storage.join(out_dir, folder)
+    return [storage.join(d, f) for f in storage.listdir(d) if f.startswith("part-") and f.endswith(".parquet")]
 
 
 def _host(url):
@@ -247,13 +246,17 @@ class Run:
 
 
 def load_run(out_dir: str) -> Run:
-    if not os.path.isdir(out_dir):
-        raise UserError(f"{out_dir!r} is not a folder")
-    stats_path = os.path.join(out_dir, "stats.json")
-    if not os.path.exists(os.path.join(out_dir, "_SUCCESS")) or not os.path.exists(stats_path):
+    try:
+        if not storage.isdir(out_dir):
+            raise UserError(f"{out_dir!r} is not a folder")
+        stats_path = storage.join(out_dir, "stats.json")
+        finished = storage.exists(storage.join(out_dir, "_SUCCESS")) and storage.exists(stats_path)
+    except OSError as exc:  # an object store: denied access, bad endpoint
+        raise UserError(f"{out_dir!r} cannot be read: {exc}") from None
+    if not finished:
         raise UserError(f"{out_dir!r} holds no finished run (no _SUCCESS or stats.json); run or resume the pipeline")
     try:
-        with open(stats_path) as f:
+        with storage.open(stats_path, "rb") as f:
             stats = schemas.validate_stats(json.load(f), stats_path)
     except (OSError, ValueError) as exc:  # SchemaError and JSONDecodeError are ValueErrors
         raise UserError(f"{stats_path!r} cannot be used: {exc}") from None
@@ -298,9 +301,11 @@ def check_counts(run: Run) -> dict:
 
 def find_train_report(out_dir: str, name: str) -> str | None:
     """report.json in OUT, or in a sibling folder whose report has a dataset called `name`."""
-    own = os.path.join(out_dir, "report.json")
-    if os.path.exists(own):
+    own = storage.join(out_dir, "report.json")
+    if storage.exists(own):
         return own
+    if storage.is_url(out_dir):  # siblings on an object store are not searched: pass --train-report
+        return None
     parent = os.path.dirname(os.path.abspath(out_dir))
     for sib in sorted(os.listdir(parent)):
         path = os.path.join(parent, sib, "report.json")
@@ -324,7 +329,7 @@ def front_matter(run: Run, profile: Profile, name: str, license_id: str) -> dict
     fm = {"pretty_name": name, "license": license_id}
     if license_id == "other":
         fm["license_name"] = "mixed-web-content"
-        if os.path.isfile(os.path.join(run.out_dir, "LICENSE")):
+        if storage.isfile(storage.join(run.out_dir, "LICENSE")):
             fm["license_link"] = "LICENSE"
     if codes:
         fm["language"] = codes
@@ -345,7 +350,7 @@ def _info(config: str, schema: pa.Schema, files: list[str]) -> dict:
     rows = rows_in(files)
     metas = [schemas.open_parquet(f).metadata for f in files]
     mem = sum(md.row_group(i).total_byte_size for md in metas for i in range(md.num_row_groups))
-    disk = sum(os.path.getsize(f) for f in files)
+    disk = sum(storage.info(f)["bytes"] for f in files)
     return {"config_name": config, "features": hf_features(schema),
             "splits": [{"name": "train", "num_bytes": int(mem), "num_examples": int(rows)}],
             "download_size": int(disk), "dataset_size": int(mem)}
@@ -457,9 +462,9 @@ def _describe_row(label: str, s: Sample) -> list:
 
 
 def render(run: Run, profile: Profile, checked: dict, name: str, license_id: str, description: str,
-           train: tuple[str, dict] | None) -> tuple[str, list[str]]:
-    """Markdown text of the card and the PNG files written beside it."""
-    out, stats, kind = run.out_dir, run.stats, run.schema_name
+           train: tuple[str, dict] | None, plot_dir: str | None = None) -> tuple[str, list[str]]:
+    """Markdown text of the card and the PNG files written beside it (in `plot_dir`, default OUT)."""
+    out, stats, kind = plot_dir or run.out_dir, run.stats, run.schema_name
     pngs: list[str] = []
     unit = "documents" if kind == "interleaved" else "image-text pairs"
     t = stats.get("totals", {})
@@ -721,7 +726,7 @@ def _train_section(out: str, name: str, train: tuple[str, dict] | None, pngs: li
         return ["No training report was found. `mmcorpus train` on this data writes `report.json`; pass it with "
                 "`--train-report` to add the verdict here.", ""]
     path, report = train
-    lines = [f"From `{os.path.relpath(path, out)}`: a compact Flamingo was trained on a mixture including this data; "
+    lines = [f"From `{path if storage.is_url(path) else os.path.relpath(path, out)}`: a compact Flamingo was trained on a mixture including this data; "
              "the held-out loss with the real images is compared with the same text given shuffled images "
              "(`gap_shuffled`) and blank images (`gap_blank`), in nats per token with bootstrap 95% intervals. "
              "A positive gap means the model uses the images.", ""]
@@ -777,7 +782,7 @@ def write_card(out_dir: str, name: str | None = None, license_id: str = "other",
     """Write OUT/README.md and its plots; returns {"card", "plots", "rows", "train_report"}."""
     run = load_run(out_dir)
     checked = check_counts(run)
-    name = name or os.path.basename(os.path.abspath(out_dir))
+    name = name or storage.basename(storage.abspath(out_dir))
     profile = profile_interleaved(run.files) if run.schema_name == "interleaved" else profile_pairs(run.files)
     if profile.rows != checked["data_rows"]:
         raise UserError(f"{out_dir!r}: streamed {profile.rows} rows but the Parquet metadata says {checked['data_rows']}")
@@ -785,27 +790,32 @@ def write_card(out_dir: str, name: str | None = None, license_id: str = "other",
     path = train_report or find_train_report(out_dir, name)
     if path:
         try:
-            with open(path) as f:
-                train = (os.path.abspath(path), json.load(f))
+            with storage.open(path, "rb") as f:
+                train = (storage.abspath(path), json.load(f))
         except (OSError, ValueError) as exc:
             raise UserError(f"training report {path!r} cannot be read: {exc}") from None
-    target = os.path.join(out_dir, CARD)
+    target = storage.join(out_dir, CARD)
     old_pngs = _card_plots(target)
-    text, pngs = render(run, profile, checked, name, license_id, description, train)
-    with open(target + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(target + ".tmp", target)
+    if storage.is_url(out_dir):  # plots drawn in a local folder, uploaded before the card that links them
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mmcorpus-card-") as stage:
+            text, pngs = render(run, profile, checked, name, license_id, description, train, plot_dir=stage)
+            for png in pngs:
+                storage.write_bytes(storage.join(out_dir, png), storage.read_bytes(os.path.join(stage, png)))
+    else:
+        text, pngs = render(run, profile, checked, name, license_id, description, train)
+    storage.write_bytes(target, text.encode())
     for stale in old_pngs - set(pngs):  # plots of an earlier card that this one no longer has
         with contextlib.suppress(OSError):
-            os.remove(os.path.join(out_dir, stale))
+            storage.remove(storage.join(out_dir, stale))
     return {"card": target, "plots": pngs, "rows": profile.rows, "train_report": train[0] if train else None}
 
 
 def _card_plots(path: str) -> set[str]:
     """The PNG files beside the card that an existing card at `path` links to."""
     try:
-        with open(path) as f:
-            text = f.read()
+        text = storage.read_bytes(path).decode("utf-8", "replace")
     except OSError:
         return set()
     return set(re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", text))

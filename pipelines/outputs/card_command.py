@@ -27,19 +27,19 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import json
-    import os
 
     from mmcorpus.pipelines.outputs.card import write_card
     from mmcorpus.pipelines.errors import UserError
+    from mmcorpus.schemas import storage
 
     try:
-        with open(os.path.join(args.out, "stats.json")) as f:
+        with storage.open(storage.join(args.out, "stats.json"), "rb") as f:
             command = json.load(f).get("command")
     except (OSError, ValueError, AttributeError):
         command = None  # write_card names what is missing or broken
     if command == "export":
         raise UserError(f"{args.out!r} is an `mmcorpus export` output; card the output it was exported from")
-    if args.train_report and not os.path.isfile(args.train_report):
+    if args.train_report and not storage.isfile(args.train_report):
         raise UserError(f"--train-report {args.train_report!r} does not exist")
     result = write_card(args.out, name=args.name, license_id=args.license, description=args.description,
                         train_report=args.train_report)

@@ -28,12 +28,18 @@ def run(args) -> int:
     from mmcorpus.pipelines.outputs.card import data_files
     from mmcorpus.pipelines.errors import UserError
 
-    if not os.path.isdir(args.out):
-        raise UserError(f"{args.out!r} is not a folder")
-    files, rejects = data_files(args.out), data_files(args.out, "rejects")
+    from mmcorpus.schemas import storage
+
+    try:
+        if not storage.isdir(args.out):
+            raise UserError(f"{args.out!r} is not a folder")
+        files, rejects = data_files(args.out), data_files(args.out, "rejects")
+        finished = storage.exists(storage.join(args.out, "_SUCCESS"))
+    except OSError as exc:  # an object store: denied access, bad endpoint
+        raise UserError(f"{args.out!r} cannot be read: {exc}") from None
     if not files and not rejects:
         raise UserError(f"{args.out!r} holds no data/ or rejects/ Parquet files; is it an mmcorpus output folder?")
-    if not os.path.exists(os.path.join(args.out, "_SUCCESS")):
+    if not finished:
         print(f"note: {args.out} has no _SUCCESS: the run is unfinished, showing what is there\n")
     if args.n > 0 and args.reason is None:
         print(kept_rows(files, args.n, args.max_chars))

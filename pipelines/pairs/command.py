@@ -382,7 +382,8 @@ def histogram(stages: list[dict], kept_scores: list[float]) -> dict:
 
 
 def run(args) -> int:
-    import pyarrow.parquet as pq
+    from mmcorpus import schemas
+    from mmcorpus.schemas import storage
 
     from mmcorpus.filters.captions import CaptionConfig
     from mmcorpus.pipelines.pairs import dedup as pair_dedup
@@ -452,7 +453,7 @@ def run(args) -> int:
     stages += [s for flag, s in ((dedup_cfg.exact, pair_dedup.STAGE_EXACT), (dedup_cfg.phash, pair_dedup.STAGE_PHASH),
                                  (dedup_cfg.semantic, pair_dedup.STAGE_SEMANTIC)) if flag]
     config = {
-        "sources": [{"name": s.name, "kind": s.kind, "path": os.path.abspath(s.path)} for s in sources],
+        "sources": [{"name": s.name, "kind": s.kind, "path": storage.abspath(s.path)} for s in sources],
         "clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "clip_weights": weights,
         "clip_precision": args.precision, "clip_decode": args.clip_decode,
         "min_clip_score": args.min_clip_score, "keep_top_fraction": args.keep_top_fraction,
@@ -472,12 +473,12 @@ def run(args) -> int:
           flush=True)
     stats = execute(spec, args, lambda p: build(p, opts))
     files = shard_files(args.output, spec.kinds["data"])
-    kept = [v for f in files for v in pq.read_table(f, columns=["clip_score"]).column("clip_score").to_pylist()
-            if v is not None]
+    kept = [v for f in files for v in schemas.read_table(f, "pair", columns=["clip_score"]).column("clip_score")
+            .to_pylist() if v is not None]
     stats["clip_score_histogram"] = histogram(stats["stages"], kept)
     if eval_refs is not None:
         stats["decontamination"] = {"eval_images": len(eval_refs), "eval_files_skipped": skipped}
-    _write_json(os.path.join(args.output, STATS), stats)
+    _write_json(storage.join(args.output, STATS), stats)
     t = stats["totals"]
     print(f"pairs: read {t['read']}, wrote {t['written']}, rejected {t['rejected']} "
           f"({', '.join(str(s['stage']) + ' ' + str(s['rejected']) for s in stats['stages'] if s['rejected'])}) "

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from mmcorpus.filters.reasons import shorten
 from mmcorpus import schemas
+from mmcorpus.schemas import storage
 from mmcorpus.pipelines.errors import UserError
 
 KINDS = ("interleaved", "pairs", "coco", "img2dataset", "table")
@@ -76,15 +77,22 @@ def _parquet_schema_name(path: str) -> str | None:
 def detect(text: str) -> Source:
     """Classify one SOURCE argument; a clear UserError when it is missing or not understood."""
     name, path = parse_source(text)
-    if not os.path.exists(path):
+    try:
+        return _detect(name, path)
+    except (OSError, ValueError) as exc:  # an object store: denied access, missing bucket, bad endpoint
+        raise UserError(f"source {path!r} cannot be read: {exc}") from None
+
+
+def _detect(name: str, path: str) -> Source:
+    if not storage.exists(path):
         raise UserError(f"source {path!r} does not exist")
-    if os.path.isfile(path):
+    if storage.isfile(path):
         if path.endswith(".parquet") and _parquet_schema_name(path) == "pair":
             return Source(name, path, "pairs", (path,))
         if path.lower().endswith(TABLE_EXTS):
             return Source(name, path, "table", (path,))
         raise UserError(f"source {path!r}: not a folder and not one of {', '.join(TABLE_EXTS)}")
-    data = sorted(glob.glob(os.path.join(path, "data", "*.parquet")))
+    data = sorted(storage.glob(storage.join(path, "data", "*.parquet")))
     if data:
         kind = _parquet_schema_name(data[0])
         if kind == "interleaved":
@@ -93,16 +101,16 @@ def detect(text: str) -> Source:
             return Source(name, path, "pairs", tuple(data))
         raise UserError(f"source {path!r}: data/*.parquet holds {kind or 'non-mmcorpus'} rows, "
                         f"expected interleaved or pair")
-    if os.path.isfile(os.path.join(path, "captions.jsonl")):
-        return Source(name, path, "coco", (os.path.join(path, "captions.jsonl"),))
-    if glob.glob(os.path.join(path, "*_stats.json")):
-        files = sorted(glob.glob(os.path.join(path, "*.parquet"))) or sorted(glob.glob(os.path.join(path, "*.tar")))
+    if storage.isfile(storage.join(path, "captions.jsonl")):
+        return Source(name, path, "coco", (storage.join(path, "captions.jsonl"),))
+    if storage.glob(storage.join(path, "*_stats.json")):
+        files = sorted(storage.glob(storage.join(path, "*.parquet"))) or sorted(storage.glob(storage.join(path, "*.tar")))
         if not files:
-            files = sorted(d for d in glob.glob(os.path.join(path, "*")) if os.path.isdir(d))
+            files = sorted(d for d in storage.glob(storage.join(path, "*")) if storage.isdir(d))
         if not files:
             raise UserError(f"source {path!r}: img2dataset folder without parquet, tar or image sub-folders")
         return Source(name, path, "img2dataset", tuple(files))
-    tables = sorted(f for ext in TABLE_EXTS for f in glob.glob(os.path.join(path, "*" + ext)))
+    tables = sorted(f for ext in TABLE_EXTS for f in storage.glob(storage.join(path, "*" + ext)))
     pair_files = [f for f in tables if f.endswith(".parquet") and _parquet_schema_name(f) == "pair"]
     if pair_files:
         return Source(name, path, "pairs", tuple(pair_files))
@@ -297,7 +305,7 @@ def _coco_rows(name, path, rec, line_no, root):
 def _json_lines(path):
     """(line number, record or BadRecord) of a JSON-lines file; a line that is not UTF-8 or not JSON is a
     BadRecord, and reading goes on."""
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -318,7 +326,7 @@ def _csv_records(path, delimiter):
     """(line number, dict or BadRecord) of a CSV/TSV file with a header row; bad rows (invalid UTF-8, a field
     over the csv module's limit, more fields than the header) are BadRecords and reading goes on. An unreadable
     header is a BadRecord, and so is every row after it (its columns are unknown)."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with storage.open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = None
         no_header = None  # why the header could not be read
@@ -359,7 +367,7 @@ def _table_records(path):
     elif low.endswith(".jsonl"):
         yield from _json_lines(path)
     elif low.endswith(".json"):
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             try:
                 data = json.loads(f.read().decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -383,8 +391,8 @@ def _table_pairs(name, path, root, offset, rec, tag):
         return
     data, image_path = _image_field(rec)
     p = _text(rec, "path", "image_path", "file_name") or image_path
-    if p and not os.path.isabs(p):
-        p = os.path.join(root, p)
+    if p and not os.path.isabs(p) and not storage.is_url(p):
+        p = storage.join(root, p)
     url = _text(rec, "url")
     caption = rec.get("caption", rec.get("text"))
     ref = f"{name}:{p or url or f'{tag}row{offset}'}"
@@ -394,7 +402,7 @@ def _table_pairs(name, path, root, offset, rec, tag):
 
 def read_table(name, path, tag: str = ""):
     """Pairs of one table file; `tag` (the file name, for a folder of tables) keeps image_ids apart."""
-    root = os.path.dirname(os.path.abspath(path))
+    root = storage.dirname(storage.abspath(path))
     yield from _records_to_pairs(os.path.basename(path), _table_records(path),
                                  lambda offset, rec: _table_pairs(name, path, root, offset, rec, tag),
                                  bad_prefix="not a record: ")
@@ -533,6 +541,6 @@ def load_bytes(row: dict) -> bytes | None:
     if path is not None and not isinstance(path, str):
         raise OSError(f"image_path is {type(path).__name__}, not a file name")
     if path:
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:  # a local file or any fsspec URL
             return f.read()
     return None

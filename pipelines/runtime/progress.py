@@ -269,13 +269,22 @@ def summary(out_dir: str, stats: dict, width: int = 100) -> str:
 
 def print_summary(out_dir: str, since: float, stream=None) -> bool:
     """Print the summary when `out_dir` holds a run finished after `since` (epoch seconds)."""
-    path = os.path.join(out_dir, "stats.json")
+    from mmcorpus.schemas import storage
+
+    path = storage.join(out_dir, "stats.json")
     try:
-        if os.path.getmtime(path) < since - 1:
-            return False
-        with open(path) as f:
-            stats = json.load(f)
-    except (OSError, ValueError):
+        if storage.is_url(path):  # an object store: the run's own finish time, not the object's
+            import datetime as dt
+
+            stats = json.loads(storage.read_bytes(path))
+            if dt.datetime.fromisoformat(stats["finished"]).timestamp() < since - 1:
+                return False
+        else:
+            if os.path.getmtime(path) < since - 1:
+                return False
+            with open(path) as f:
+                stats = json.load(f)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     stream = stream if stream is not None else sys.stderr
     print(summary(out_dir, stats), file=stream, flush=True)

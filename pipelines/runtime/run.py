@@ -15,15 +15,16 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmcorpus import schemas
+from mmcorpus.schemas import storage
 from mmcorpus.pipelines.runtime import progress
 from mmcorpus.pipelines.errors import RunCheckError, UserError
 from mmcorpus.pipelines.runtime.runner import pipeline_options
@@ -66,10 +67,18 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def input_fingerprint(paths: list[str]) -> list[dict]:
     """Per input: absolute path, size, mtime, and sha256 for files up to HASH_LIMIT bytes (a folder: file count
-    and total size). Enough to tell whether a rerun reads the same inputs."""
+    and total size; a remote file: size and the store's ETag / modification time, never downloaded). Enough to
+    tell whether a rerun reads the same inputs."""
     out = []
     for p in paths:
-        if os.path.isfile(p):
+        if storage.is_url(p):
+            entry = {"path": storage.redact_url(p)}
+            try:
+                entry.update(storage.info(p))
+            except (OSError, ValueError):  # unreachable now: named as it is; the read reports it
+                pass
+            out.append(entry)
+        elif os.path.isfile(p):
             st = os.stat(p)
             entry = {"path": os.path.abspath(p), "bytes": st.st_size, "mtime": int(st.st_mtime)}
             if st.st_size <= HASH_LIMIT:
@@ -96,38 +105,54 @@ def fingerprint(spec: RunSpec) -> str:
 def prepare_output(spec: RunSpec, fp: str) -> str:
     """Check and claim the output folder. Returns 'fresh' or 'resumed'."""
     out = spec.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
+    try:
+        return _prepare_output(spec, fp, out)
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:  # an object store: missing bucket, denied access, bad endpoint
+        raise UserError(f"output {storage.redact_url(out)!r}: {_why(exc)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        return f"access denied ({exc})"
+    if isinstance(exc, FileNotFoundError):
+        return f"bucket or folder does not exist ({exc})"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _prepare_output(spec: RunSpec, fp: str, out: str) -> str:
+    if storage.isfile(out):
         raise UserError(f"output {out!r} exists and is not a folder")
-    if spec.overwrite and os.path.isdir(out):
+    if spec.overwrite and storage.isdir(out):
         for name in OWNED:
-            path = os.path.join(out, name)
+            path = storage.join(out, name)
             try:
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
+                storage.remove(path, recursive=True)
             except OSError as exc:
                 raise UserError(f"--overwrite cannot clear {path!r}: {exc.strerror or exc}") from None
     state = "fresh"
-    if os.path.exists(os.path.join(out, SUCCESS)):
+    if storage.exists(storage.join(out, SUCCESS)):
         raise UserError(f"output {out!r} already holds a finished run; pass --overwrite to replace it")
-    run_file = os.path.join(out, RUN_FILE)
-    if os.path.exists(run_file):
-        with open(run_file) as f:
+    run_file = storage.join(out, RUN_FILE)
+    if storage.exists(run_file):
+        with storage.open(run_file, "rb") as f:
             previous = json.load(f).get("fingerprint")
         if previous != fp:
             raise UserError(f"output {out!r} holds an unfinished run with another command, config, input or shard "
                             f"count (fingerprint {previous} vs {fp}); pass --overwrite to replace it")
         state = "resumed"
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        storage.makedirs(out)
+        probe = storage.join(out, f".write-test-{os.getpid()}")
+        storage.write_bytes(probe, b"ok")
+        storage.remove(probe)
     except OSError as exc:
-        raise UserError(f"output {out!r} is not writable: {exc.strerror or exc}") from None
-    shutil.rmtree(os.path.join(out, TMP_DIR), ignore_errors=True)  # half-written shards of a killed run
+        raise UserError(f"output {storage.redact_url(out)!r} is not writable: {_why(exc)}") from None
+    try:
+        storage.remove(storage.join(out, TMP_DIR), recursive=True)  # half-written shards of a killed run
+    except OSError:
+        pass
     if state == "fresh":
         _write_json(run_file, {"fingerprint": fp, "command": spec.command, "started": _now()})
     return state
@@ -138,11 +163,7 @@ def _now() -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    storage.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def read_counts(out_dir: str, kind: Kind) -> dict[tuple[str, str, str], int]:
@@ -203,17 +224,21 @@ def check_counts(spec: RunSpec, stages: list[dict], written: dict[str, int]) -> 
 
 def fill_empty_shards(out_dir: str, kind: Kind, fp: str) -> None:
     """Shards that got no rows are written empty so a folder always has all N parts."""
+    present = set(storage.listdir(storage.join(out_dir, kind.folder)))
     for i in range(kind.shards):
-        path = os.path.join(out_dir, kind.folder, shard_name(i, kind.shards, kind.suffix))
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if kind.writer is not None:
-                os.makedirs(os.path.join(out_dir, TMP_DIR), exist_ok=True)
-                kind.writer.write([], path, os.path.join(out_dir, TMP_DIR), kind.schema, fp)
-                continue
-            tmp = os.path.join(out_dir, f".{kind.folder}-{i}.tmp")
-            pq.write_table(schemas.to_table([], kind.schema, fp), tmp, compression="zstd")
-            os.replace(tmp, path)
+        name = shard_name(i, kind.shards, kind.suffix)
+        if name in present:
+            continue
+        path = storage.join(out_dir, kind.folder, name)
+        storage.makedirs(storage.dirname(path))
+        if kind.writer is not None:  # its own empty file (an empty tar, ...)
+            tmp_dir = storage.join(out_dir, TMP_DIR)
+            storage.makedirs(tmp_dir)
+            kind.writer.write([], path, tmp_dir, kind.schema, fp)
+            continue
+        buf = pa.BufferOutputStream()  # no row group at all: `datasets` refuses a 0-row group (batch size 0)
+        pq.ParquetWriter(buf, schemas.with_metadata(kind.schema, fp), compression="zstd").close()
+        storage.write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def execute(spec: RunSpec, args, build) -> dict:
@@ -227,7 +252,7 @@ def execute(spec: RunSpec, args, build) -> dict:
     started = time.time()
     start_iso = _now()
     how = progress.mode()
-    folder = os.path.join(os.path.abspath(spec.out_dir), progress.PROGRESS_DIR) if how else None
+    folder = progress_folder(spec.out_dir) if how else None
     monitor = (progress.Monitor(folder, spec.command, spec.stages, how) if how else contextlib.nullcontext())
     with pipeline_options(args) as (options, runner_info), monitor:
         with beam.Pipeline(options=options) as p, progress.building(folder):
@@ -243,7 +268,7 @@ def execute(spec: RunSpec, args, build) -> dict:
     stats = {
         "schema_version": schemas.SCHEMA_VERSION,
         "command": spec.command,
-        "argv": command_line(),
+        "argv": command_line(),  # --storage-option secrets replaced by ***
         "cwd": os.getcwd(),
         "python_executable": sys.executable,
         "platform": platform.platform(),
@@ -263,17 +288,42 @@ def execute(spec: RunSpec, args, build) -> dict:
         **spec.extra_stats,
     }
     schemas.validate_stats(stats)
-    shutil.rmtree(os.path.join(spec.out_dir, TMP_DIR), ignore_errors=True)
-    _write_json(os.path.join(spec.out_dir, STATS), stats)
-    with open(os.path.join(spec.out_dir, SUCCESS), "w") as f:
-        f.write(stats["finished"] + "\n")
+    storage.remove(storage.join(spec.out_dir, TMP_DIR), recursive=True)
+    _write_json(storage.join(spec.out_dir, STATS), stats)
+    storage.write_bytes(storage.join(spec.out_dir, SUCCESS), (stats["finished"] + "\n").encode())
     return stats
+
+
+def progress_folder(out_dir: str) -> str:
+    """OUT/_progress; for an object-store output a local folder of this machine (workers elsewhere skip it)."""
+    if not storage.is_url(out_dir):
+        return os.path.join(os.path.abspath(out_dir), progress.PROGRESS_DIR)
+    import tempfile
+
+    key = hashlib.sha256(out_dir.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"mmcorpus-progress-{key}")
 
 
 def command_line() -> list[str]:
     """The command as typed (`mmcorpus ...`) when run through the CLI, else the process's argv."""
     cli = sys.modules.get("mmcorpus.pipelines.cli")
-    return list(getattr(cli, "ARGV", None) or sys.argv)
+    return redact_argv(list(getattr(cli, "ARGV", None) or sys.argv))
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with --storage-option secrets and URL credentials replaced (stats.json is shared)."""
+    out, after_option = [], False
+    for item in argv:
+        if after_option:
+            item, after_option = storage.redact_options([item])[0], False
+        elif item.startswith("--storage-option="):
+            item = "--storage-option=" + storage.redact_options([item.split("=", 1)[1]])[0]
+        elif item == "--storage-option":
+            after_option = True
+        elif storage.is_url(item):
+            item = storage.redact_url(item)
+        out.append(item)
+    return out
 
 
 def versions() -> dict:

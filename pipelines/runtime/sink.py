@@ -3,7 +3,8 @@
 All outputs of a run (kept rows, rejects, stat counters, ...) travel as `(kind, key, row)` tuples in one
 PCollection, because the DaskRunner computes only the last leaf of a graph. Rows go to a deterministic shard
 (`hash(key) % shards`), each shard is sorted by key and written once to `_tmp/`, then renamed atomically to
-`OUT/<dir>/part-SSSSS-of-NNNNN.parquet`. A worker holds one shard's rows at a time (written one row group at a
+`OUT/<dir>/part-SSSSS-of-NNNNN.parquet` (on an object store, where nothing renames: copied to its final key,
+which appears whole or not at all, then the temporary key is deleted). A worker holds one shard's rows at a time (written one row group at a
 time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the
 same files under every runner, and a rerun into a killed run's folder skips the shards that are already there.
 
@@ -21,7 +22,6 @@ import hashlib
 import itertools
 import json
 import operator
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -29,6 +29,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 
 from mmcorpus import schemas
+from mmcorpus.schemas import storage
 
 TMP_DIR = "_tmp"
 
@@ -176,19 +177,27 @@ class _WriteShard(beam.DoFn):
     def process(self, element):
         (kind, index), items = element
         spec = self.kinds[kind]
-        final = os.path.join(self.out_dir, spec.folder, shard_name(index, spec.shards, spec.suffix))
-        if os.path.exists(final):  # finished by an earlier attempt of this same run (same fingerprint)
+        final = storage.join(self.out_dir, spec.folder, shard_name(index, spec.shards, spec.suffix))
+        if storage.exists(final):  # finished by an earlier attempt of this same run (same fingerprint)
             return
         rows = ordered(items)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp_dir = os.path.join(self.out_dir, TMP_DIR)
-        os.makedirs(tmp_dir, exist_ok=True)
-        if spec.writer is not None:
+        storage.makedirs(storage.dirname(final))
+        tmp_dir = storage.join(self.out_dir, TMP_DIR)
+        storage.makedirs(tmp_dir)
+        if spec.writer is not None:  # its own file format, the same temp-then-rename contract
             spec.writer.write(rows, final, tmp_dir, spec.schema, self.fingerprint)
             return
-        tmp = os.path.join(tmp_dir, f"{kind}-{index:05d}-{uuid.uuid4().hex}.parquet")
+        tmp = storage.join(tmp_dir, f"{kind}-{index:05d}-{uuid.uuid4().hex}.parquet")
+        if storage.is_url(tmp):  # an object store: streamed up (multipart) under the temporary key
+            with storage.open(tmp, "wb") as fh:
+                self._write(fh, rows, spec, final)
+        else:
+            self._write(tmp, rows, spec, final)
+        storage.move(tmp, final)
+
+    def _write(self, where, rows, spec: Kind, final: str) -> None:
         step = self.row_group_rows
-        with pq.ParquetWriter(tmp, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
+        with pq.ParquetWriter(where, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
             for start, group in _row_groups(rows, step):  # one row group at a time: no copy of the whole shard
                 try:
                     chunk = schemas.to_table(group, spec.schema, self.fingerprint)
@@ -196,7 +205,6 @@ class _WriteShard(beam.DoFn):
                     end = start + len(group) - 1
                     raise schemas.SchemaError(f"{final}: rows {start}-{end} of the shard: {exc}") from exc
                 w.write_table(chunk, row_group_size=step)
-        os.replace(tmp, final)
 
 
 class WriteAll(beam.PTransform):
@@ -204,7 +212,7 @@ class WriteAll(beam.PTransform):
 
     def __init__(self, out_dir: str, kinds: dict[str, Kind], fingerprint: str, row_group_rows: int = 512):
         super().__init__()
-        self.out_dir = os.path.abspath(out_dir)
+        self.out_dir = storage.abspath(out_dir)
         self.kinds = kinds
         self.fingerprint = fingerprint
         self.row_group_rows = row_group_rows
@@ -219,10 +227,9 @@ class WriteAll(beam.PTransform):
 
 
 def shard_files(out_dir: str, kind: Kind) -> list[str]:
-    folder = os.path.join(out_dir, kind.folder)
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("part-") and f.endswith(kind.suffix))
+    folder = storage.join(out_dir, kind.folder)
+    return [storage.join(folder, f) for f in storage.listdir(folder)
+            if f.startswith("part-") and f.endswith(kind.suffix)]
 
 
 def count_rows(out_dir: str, kind: Kind) -> int:
