@@ -97,7 +97,7 @@ def model_sources(cfg) -> dict:
 def run(args) -> int:
     from mmcorpus.pipelines.capfilt import stages as capfilt
     from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
-    from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind
+    from mmcorpus.pipelines.runtime.sink import Kind, spool_folder
 
     if args.num_captions < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserError("--num-captions must be >= 0, --top-p in (0, 1], --max-new-tokens and --batch-size >= 1")
@@ -122,7 +122,7 @@ def run(args) -> int:
                    stages=[capfilt.STAGE_CANDIDATES, capfilt.STAGE_ITM], overwrite=args.overwrite,
                    extra_stats={"models": sources, "itm_threshold": args.itm_threshold})
     print(f"capfilt: {len(files)} input file(s) -> {args.output}", flush=True)
-    spool_dir = os.path.join(os.path.abspath(args.output), TMP_DIR, "images")
+    spool_dir = spool_folder(args.output)
     stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg, spool_dir))
     stats["itm_histograms"] = capfilt.histograms(stats["stages"])
     from mmcorpus.schemas import storage

@@ -342,7 +342,7 @@ def write_m3w(out_dir: str, kind) -> int:
 
 def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
-    from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind
+    from mmcorpus.pipelines.runtime.sink import Kind, spool_folder
     from mmcorpus.pipelines.interleaved.sources import expand_sources, load_url_manifest
     from mmcorpus.schemas import storage
 
@@ -372,7 +372,7 @@ def run(args) -> int:
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied,
               "path_prefix": storage.redact_url(args.path_prefix), "skip": args.skip, "limit": args.limit}
-    spool_dir = os.path.join(os.path.abspath(args.output), TMP_DIR, "images")  # fetched bytes wait there
+    spool_dir = spool_folder(args.output)  # fetched bytes wait there
     fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir)
     workers = args.workers or os.cpu_count() or 1
     parts = args.read_parts or read_parts(items, workers)

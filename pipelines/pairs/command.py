@@ -152,6 +152,7 @@ class ImageStage:
         from mmcorpus.filters.reasons import Reject
         from mmcorpus.pipelines.pairs.sources import load_bytes
         from mmcorpus.pipelines.runtime.sink import spool
+        from mmcorpus.schemas import storage
 
         if row.get("_fetch_error"):
             return Reject(row["_fetch_reason"], row["_fetch_error"])
@@ -172,7 +173,7 @@ class ImageStage:
         if self.spool_dir is None:  # bytes stay in the row (callers without an output folder)
             place = {"_data": data}
         else:
-            path = os.path.abspath(row["image_path"]) if from_file else spool(self.spool_dir, data, info.sha256).path
+            path = storage.abspath(row["image_path"]) if from_file else spool(self.spool_dir, data, info.sha256).path
             place = {"_data": None, "_file": path}
         return dict(row, **place, image_bytes=None, sha256=info.sha256, phash=info.phash, width=info.width,
                     height=info.height, metadata=meta, _phash_variants=info.phash_transforms)
@@ -391,7 +392,7 @@ def run(args) -> int:
     from mmcorpus.pipelines.models.clip import STAGE_CLIP, ClipConfig, load_model
     from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
     from mmcorpus.pipelines.runtime.runner import chosen_runner, worker_count
-    from mmcorpus.pipelines.runtime.sink import TMP_DIR, Kind, shard_files
+    from mmcorpus.pipelines.runtime.sink import Kind, shard_files, spool_folder
 
     if args.keep_top_fraction is not None and not 0 < args.keep_top_fraction <= 1:
         raise UserError("--keep-top-fraction must be in (0, 1]")
@@ -437,7 +438,7 @@ def run(args) -> int:
         "store_embeddings": args.store_embeddings, "fetch_timeout": args.fetch_timeout,
         # one img2dataset call per worker over its whole share of the URLs (each call costs seconds to start)
         "fetch_groups": worker_count(args),
-        "spool_dir": os.path.join(os.path.abspath(args.output), TMP_DIR, "images"),
+        "spool_dir": spool_folder(args.output),
         "allow_private": args.allow_private_urls, "score_groups": args.score_groups,
         "safety": safety, "nsfw": None if nsfw_head is None else (nsfw_head, nsfw_policy),
         "group_batches": chosen_runner(args) == "dask",

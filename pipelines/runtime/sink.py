@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import operator
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -72,14 +73,23 @@ class FileBytes:
     path: str
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
+        return storage.read_bytes(self.path)
+
+
+def spool_folder(out_dir: str) -> str:
+    """Where a run keeps the image bytes its rows refer to (removed with _tmp/ when the run ends); beside the
+    output, so every worker reaches it (an object store for a remote output)."""
+    return storage.join(storage.abspath(out_dir), TMP_DIR, "images")
 
 
 def spool(folder: str, data: bytes, name: str) -> FileBytes:
-    """Store `data` once under `folder` as `name` (a content digest; atomic rename, a copy already there is
-    kept) and return the reference that rows carry instead of the bytes."""
-    path = os.path.join(folder, name[:2], name)
+    """Store `data` once under `folder` as `name` (a content digest; atomic rename, or one PUT on an object
+    store; a copy already there is kept) and return the reference that rows carry instead of the bytes."""
+    path = storage.join(folder, name[:2], name)
+    if storage.is_url(path):
+        if not storage.exists(path):
+            storage.write_bytes(path, data)
+        return FileBytes(path)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
