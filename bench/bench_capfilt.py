@@ -1,5 +1,5 @@
 """CapFilt throughput: BLIP captioning (img/s, nucleus sampling, exactly --new-tokens tokens) and ITM (pairs/s),
-the eager transformers path against mmcorpus's path (pipelines/capfilt_models.py), in the same run, for each N
+the eager transformers path against mmcorpus's path (pipelines/models/blip.py), in the same run, for each N
 of --num-captions (default 1 and 3).
 
 Baseline captioning: `BlipForConditionalGeneration.generate(do_sample=True, top_p, repetition_penalty)` on the

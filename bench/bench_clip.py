@@ -1,10 +1,10 @@
 """CLIP scoring throughput: end to end (JPEG decode + preprocess + model) against the model alone on the same
-batches, with pipelines.clip_score.ClipScorer (the code the pipeline runs), and the pipeline's other per-image
+batches, with pipelines.models.clip.ClipScorer (the code the pipeline runs), and the pipeline's other per-image
 work, so the end-to-end ratio is honest.
 
 Measured, on the coco-mini photos (full-size JPEGs; captions their first caption), ViT-B-32 with random weights
 (no hub here; throughput does not depend on the weights):
-- image_stage: what `mmcorpus pairs`' image stage does per image before CLIP (cmd_pairs.ImageStage: decode
+- image_stage: what `mmcorpus pairs`' image stage does per image before CLIP (pairs.command.ImageStage: decode
   check, sha256, pHash on the reduced decode via filters.imageinfo.inspect_image), one image at a time on one
   core as a Beam worker does; its `image_stage` section has it on the coco-mini photos and on large JPEGs made
   from them (upscaled to 3000x2000, quality 90), against the full-resolution work the stage did before (PIL
@@ -60,7 +60,7 @@ def upscaled(data: bytes) -> bytes:
 
 
 def run_stage(images: list[bytes]) -> list[dict]:
-    """cmd_pairs.ImageStage over the images, one at a time, as a worker runs it (a Reject here is a bench bug)."""
+    """pairs.command.ImageStage over the images, one at a time, as a worker runs it (a Reject here is a bench bug)."""
     stage = ImageStage(max_pixels=89_478_485)
     rows = [stage({"_data": d, "metadata": {}, "image_ref": str(i)}) for i, d in enumerate(images)]
     if not all(isinstance(r, dict) for r in rows):
@@ -69,7 +69,7 @@ def run_stage(images: list[bytes]) -> list[dict]:
 
 
 def image_stage_rates(photos: list[bytes], repeats: int) -> dict:
-    """img/s on one core of cmd_pairs.ImageStage and of the full-resolution reference, on the photos and on
+    """img/s on one core of pairs.command.ImageStage and of the full-resolution reference, on the photos and on
     upscaled copies of some of them (best of `repeats`)."""
     sets = {"coco": photos, "large": [upscaled(d) for d in photos[:8]]}
     runs = {"stage": run_stage, "full_decode": lambda data: [full_decode_reference(d) for d in data]}
@@ -163,7 +163,7 @@ def main() -> None:
         "pipeline_img_per_s": round(pipeline, 1), "pipeline_vs_model": round(pipeline / model_alone, 3),
         "image_stage": image_stage_section,
         "note": "model alone = image + text towers on preprocessed tensors of the same batches; pipeline = image "
-                "stage (cmd_pairs.ImageStage: decode check + sha256 + pHash on the reduced decode, 1 thread) then "
+                "stage (pairs.command.ImageStage: decode check + sha256 + pHash on the reduced decode, 1 thread) then "
                 "CLIP scoring, in series per image; image_stage: that stage on one core against the full-"
                 "resolution decode + pHash it did before; measured on a 2-core machine shared with other jobs "
                 "(inflated times)",

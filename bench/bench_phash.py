@@ -1,4 +1,4 @@
-"""pHash near-duplicate search, timed through the code the pipeline runs: pipelines.pair_dedup.phash_part
+"""pHash near-duplicate search, timed through the code the pipeline runs: pipelines.pairs.dedup.phash_part
 (one worker's share of the multi-index keys; filters.phash_index.duplicates underneath), on synthetic
 64-bit hashes with planted copies.
 

@@ -17,7 +17,7 @@ keys at 28 per hash, or 21-bit keys at 84).
 100k blank images costs what one image costs), only the distinct hashes go through the index, and each
 dropped item keeps one witness, so memory stays O(n) whatever the bucket sizes. It can also match
 transformed copies (flips, rotations) by cross-joining extra query hashes against the plain ones.
-Pure: numpy arrays and ints in, arrays out. Beam wiring lives in pipelines/pair_dedup.py.
+Pure: numpy arrays and ints in, arrays out. Beam wiring lives in pipelines/pairs/dedup.py.
 """
 
 from __future__ import annotations

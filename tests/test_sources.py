@@ -1,4 +1,4 @@
-"""pipelines/sources.py on every bundled WARC (broken ones included), on damaged copies of real WARCs, and on
+"""pipelines/interleaved/sources.py on every bundled WARC (broken ones included), on damaged copies of real WARCs, and on
 real pages whose bytes and charset labels disagree."""
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ class Fetcher:
         return parser is None or parser.can_fetch(USER_AGENT, url)
 
     def fetch(self, url: str, source: str) -> dict:
-        """A page record for pipelines.sources.decode_page, or a bad marker."""
+        """A page record for interleaved.sources.decode_page, or a bad marker."""
         from mmcorpus.pipelines.interleaved.sources import bad
 
         chain = [url]

@@ -177,7 +177,7 @@ def load_url_manifest(path: str) -> dict[str, str]:
 
 
 def read_items(item: tuple, max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
-    """Yield page records / bad markers of one WARC or HTML work item (URL lists: pipelines.fetch); `urls`: page
+    """Yield page records / bad markers of one WARC or HTML work item (URL lists: fetching/pages.py); `urls`: page
     URLs of HTML files by absolute path (load_url_manifest)."""
     kind, path = item[:2]
     if kind == "bad":

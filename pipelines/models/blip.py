@@ -119,7 +119,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def pick_dtype(precision: str, auto: torch.dtype) -> torch.dtype:
     """The dtype of a precision name (fp32, fp16, bf16); `auto` is the caller's choice for "auto".
-    Shared with pipelines.clip_score."""
+    Shared with models/clip.py."""
     if precision == "auto":
         return auto
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]

@@ -1,5 +1,5 @@
 """Start-up hooks for the child processes mmcorpus starts itself: Beam's multi-process workers and the
-img2dataset downloads (pipelines.childenv puts this folder first on their PYTHONPATH; the folder name has a
+img2dataset downloads (pipelines/runtime/childenv.py puts this folder first on their PYTHONPATH; the folder name has a
 dash so it is never imported as a package). Each hook runs only when its variable is set, then any other
 `sitecustomize` on the path is loaded as it would have been.
 
