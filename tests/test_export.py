@@ -131,7 +131,7 @@ def test_pairs_hf_folder_loads_with_datasets(pairs_run, tmp_path):
 
     out = tmp_path / "hf"
     assert export(pairs_run, out, "hf", "--samples-per-shard", "80") == 0
-    ds = datasets.load_dataset(str(out), split="train")
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     src = {r["image_id"]: r for r in source_rows(pairs_run)}
     assert len(ds) == len(src) and isinstance(ds.features["image"], datasets.Image)
     raw = ds.cast_column("image", datasets.Image(decode=False))
@@ -173,7 +173,7 @@ def test_photo_stories_mmc4_obelics_and_hf(stories_run, tmp_path):
 
     hf = tmp_path / "hf"
     assert export(stories_run, hf, "hf") == 0
-    ds = datasets.load_dataset(str(hf), split="train")
+    ds = datasets.load_dataset(str(hf), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert len(ds) == len(docs)
     for row in ds:
         doc = docs[row["doc_id"]]

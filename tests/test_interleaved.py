@@ -69,7 +69,7 @@ def test_bundled_warcs_and_pages_both_runners(bundled):
     assert stages["read"]["reasons"]["warc_file_truncated"] >= 1 and stages["read"]["reasons"]["warc_invalid_record"] >= 5
     assert s["main_stages"][-1] == "image_count_after_dedup"
     # pages without any image markup go before extraction; the stages that call a function are timed
-    assert s["main_stages"][2:4] == ["precheck", "extract"] and stages["precheck"]["reasons"]["no_images"] >= 10
+    assert s["main_stages"][2:5] == ["opt_out", "precheck", "extract"] and stages["precheck"]["reasons"]["no_images"] >= 10
     assert stages["extract"]["in"] == stages["precheck"]["out"] and stages["extract"]["cpu_seconds"] > 0
     assert all(stages[name]["cpu_seconds"] is not None for name in ("decode", "language", "quality"))
     rows = data_rows(direct)

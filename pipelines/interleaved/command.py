@@ -310,9 +310,10 @@ def build(p, items, opts):
 
 
 def read_parts(items, workers: int) -> int:
-    """Parts per WARC: two per worker over all WARCs (every part reads its file through, so no more than that)."""
+    """Parts per WARC: two per worker over all WARCs (every part reads its file through, so no more than that);
+    one worker reads each file once."""
     warcs = sum(item[0] == "warc" for item in items)
-    return max(1, -(-2 * workers // warcs)) if warcs else 1
+    return max(1, -(-2 * workers // warcs)) if warcs and workers > 1 else 1
 
 
 def write_m3w(out_dir: str, kind) -> int:
