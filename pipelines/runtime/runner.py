@@ -88,6 +88,7 @@ def pipeline_options(args):
     """Yield (PipelineOptions, runner description) for the chosen runner; closes a local Dask cluster after."""
     workers = worker_count(args)
     runner = chosen_runner(args)
+    extra = _extra(args)  # a bad --beam-option is refused before any cluster starts
     if runner == "direct":
         mode = "in_memory" if workers == 1 else "multi_processing"
         if mode == "multi_processing":
@@ -99,7 +100,7 @@ def pipeline_options(args):
                  f"--default_sdk_harness_log_level={level}"]
         quiet = {"MMCORPUS_QUIET_BEAM_WORKER": "1"} if level == "ERROR" else {}
         with children_started_with(**quiet):  # Beam starts its worker processes with this process's environment
-            yield PipelineOptions(flags + _extra(args)), {"runner": "direct", "mode": mode, "workers": workers}
+            yield PipelineOptions(flags + extra), {"runner": "direct", "mode": mode, "workers": workers}
         return
     if runner == "dask":
         if getattr(args, "log_level", "WARNING") != "DEBUG":  # a notice per run about Beam's own partitioning
@@ -107,15 +108,16 @@ def pipeline_options(args):
         flags = [f"--runner={DASK_RUNNER}"] + _dask_partitions(args)
         if args.dask_address:
             flags += [f"--dask_client_address={args.dask_address}"]
-            yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "address": args.dask_address}
+            yield PipelineOptions(flags + extra), {"runner": "dask", "address": args.dask_address}
             return
         from distributed import LocalCluster
 
         _quiet_distributed(args)
 
+        # dashboard on any free port: no clash with another cluster on this machine, no warning
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=40) as cluster:
+                          dashboard_address=":0", silence_logs=40) as cluster:
             flags += [f"--dask_client_address={cluster.scheduler_address}"]
-            yield PipelineOptions(flags + _extra(args)), {"runner": "dask", "local_cluster_workers": workers}
+            yield PipelineOptions(flags + extra), {"runner": "dask", "local_cluster_workers": workers}
         return
-    yield PipelineOptions([f"--runner={runner}"] + _extra(args)), {"runner": runner}
+    yield PipelineOptions([f"--runner={runner}"] + extra), {"runner": runner}
