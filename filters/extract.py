@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urljoin
 
+from lxml import etree
 from lxml import html as lxml_html
 
 from mmcorpus.filters.figures import recover_article_images
@@ -27,8 +28,15 @@ _WS = re.compile(r"\s+")
 _INVISIBLE = re.compile("[\u00ad\u200b\u200c\u200d\u2060\ufeff]")  # soft hyphen, zero-width characters
 # trafilatura's own parser settings (comments and processing instructions dropped at parse time)
 _PARSER_OPTIONS = {"collect_ids": False, "default_doctype": False, "remove_comments": True, "remove_pis": True}
+# Every element is an HtmlElement (trafilatura and readability use its methods), but chosen in C: lxml.html's
+# default lookup calls Python for each element it touches (per tag name, for form classes), which cost about a
+# fifth of extraction time on the trafilatura-eval pages, with identical output (bench/bench_extract_options.py).
+_LOOKUP = etree.ElementDefaultClassLookup(element=lxml_html.HtmlElement, comment=lxml_html.HtmlComment,
+                                          pi=lxml_html.HtmlProcessingInstruction, entity=lxml_html.HtmlEntity)
 _PARSER = lxml_html.HTMLParser(**_PARSER_OPTIONS)
 _UTF8_PARSER = lxml_html.HTMLParser(encoding="utf-8", **_PARSER_OPTIONS)
+for _parser in (_PARSER, _UTF8_PARSER):
+    _parser.set_element_class_lookup(_LOOKUP)
 
 
 def largest_candidate(srcset: str) -> tuple[str | None, int | None]:

@@ -36,7 +36,11 @@ def _same_image(src: str | None) -> str:
 
 
 def _key(text: str | None) -> str:
-    return _WS.sub(" ", text or "").strip()[:_KEY_CHARS].lower()
+    text = text or ""
+    head = _WS.sub(" ", text[:8 * _KEY_CHARS]).strip()  # the text of a whole article is not normalised in full
+    if len(head) > _KEY_CHARS or len(text) <= 8 * _KEY_CHARS:
+        return head[:_KEY_CHARS].lower()
+    return _WS.sub(" ", text).strip()[:_KEY_CHARS].lower()
 
 
 def _body_keys(body) -> list[tuple[str, object]]:
@@ -121,6 +125,14 @@ def recover_article_images(tree, body) -> int:
         if kind == "img":
             page_order.setdefault(_same_image(el.get("src")), i)
     inside = set(scope.iter())
+    # for each event, the block number of the next text event inside the scope (one pass from the end)
+    following_block: list = [None] * len(events)
+    next_block = None
+    for i in range(len(events) - 1, -1, -1):
+        following_block[i] = next_block
+        kind, n, el = events[i]
+        if kind == "text" and el in inside:
+            next_block = n
     first_text = next((i for i, (kind, _, el) in enumerate(events) if kind == "text" and el in inside), len(events))
     lead_taken = False
     inserts = []  # (block number to insert before | None for the end, img)
@@ -135,8 +147,7 @@ def recover_article_images(tree, body) -> int:
         if not (in_figure or lead):
             continue
         lead_taken = lead_taken or i < first_text
-        following = next((n for kind2, n, e in events[i + 1:] if kind2 == "text" and e in inside), None)
-        inserts.append((following, i, el))
+        inserts.append((following_block[i], i, el))
         have.add(_same_image(src))
     for following, at, el in inserts:
         graphic = etree.Element("graphic", src=el.get("src").strip())

@@ -20,7 +20,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from mmcorpus.pipelines.runtime.childenv import children_started_with
 from mmcorpus.pipelines.errors import UserError
 
-DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+DASK_RUNNER = "mmcorpus.pipelines.runtime.dask_graph.BoundedDaskRunner"  # Beam's, with bounded partitions
+BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +79,7 @@ def chosen_runner(args) -> str:
     """'direct' or 'dask' for the embedded runners (`auto` resolved), else the Beam runner name as given."""
     if args.runner == "auto":
         return "direct" if worker_count(args) == 1 else "dask"
-    if args.runner in ("dask", DASK_RUNNER, "DaskRunner"):
+    if args.runner in ("dask", DASK_RUNNER, BEAM_DASK_RUNNER, "DaskRunner"):
         return "dask"
     return args.runner
 
@@ -110,13 +111,16 @@ def pipeline_options(args):
             flags += [f"--dask_client_address={args.dask_address}"]
             yield PipelineOptions(flags + extra), {"runner": "dask", "address": args.dask_address}
             return
+        import dask
         from distributed import LocalCluster
 
         _quiet_distributed(args)
 
-        # dashboard on any free port: no clash with another cluster on this machine, no warning
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0", silence_logs=40) as cluster:
+        # dashboard on any free port: no clash with another cluster on this machine, no warning; no statistical
+        # profiler sampling every worker's stack each 10 ms (the workers get this process's dask config)
+        with dask.config.set({"distributed.worker.profile.enabled": False}), \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             dashboard_address=":0", silence_logs=40) as cluster:
             flags += [f"--dask_client_address={cluster.scheduler_address}"]
             yield PipelineOptions(flags + extra), {"runner": "dask", "local_cluster_workers": workers}
         return
