@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ import glob, sys, time
 import pyarrow.parquet as pq
 from mmcorpus.pipelines.export.writers import TarStream
 src, out = sys.argv[1], sys.argv[2]
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for i, f in enumerate(sorted(glob.glob(src + "/data/*.parquet"))):
     with open(f"{out}/floor-{i}.tar", "wb") as fh:
         tar, k = TarStream(fh), 0
@@ -53,7 +54,7 @@ for i, f in enumerate(sorted(glob.glob(src + "/data/*.parquet"))):
                 tar.add(f"{i}-{k}.txt", caption.encode())
                 k += 1
         tar.close()
-print(time.perf_counter() - start)
+print(time.perf_counter() - start, time.process_time() - cpu)
 """
 WRITERS = r"""
 import glob, os, sys, time
@@ -61,12 +62,12 @@ import pyarrow.parquet as pq
 from mmcorpus.pipelines.export.samples import ExportConfig
 from mmcorpus.pipelines.export.writers import HfShard, TarShard, plan
 src, out, per_shard, fmt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 files = [(f, pq.ParquetFile(f).metadata.num_rows) for f in sorted(glob.glob(src + "/data/*.parquet"))]
 writer = (TarShard if fmt == "webdataset" else HfShard)(ExportConfig("pair"), per_shard, sum(n for _, n in files))
 for task in plan(files, per_shard):
     writer.export(task, os.path.join(out, f"part-{task.index:05d}{writer.suffix}"), out, "bench")
-print(time.perf_counter() - start)
+print(time.perf_counter() - start, time.process_time() - cpu)
 """
 
 
@@ -118,22 +119,35 @@ def warm(folder: pathlib.Path) -> None:
                     pass
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in MB, stdout) of a command run in its own process."""
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds, CPU seconds (user + system), peak RSS in MB and stdout of a command in its own process."""
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed: {proc.stderr[-2000:]}")
-    return wall, int(proc.stderr.strip().splitlines()[-1]) // 1024, proc.stdout
+    user, system, rss = proc.stderr.strip().splitlines()[-1].split()
+    return {"wall": wall, "cpu": float(user) + float(system), "rss": int(rss) // 1024, "stdout": proc.stdout}
 
 
-def figures(n: int, mb: float, seconds: float, cp_s: float, floor_s: float, rss: int | None = None) -> dict:
-    out = {"seconds": round(seconds, 2), "samples_per_s": round(n / seconds, 1), "mb_per_s": round(mb / seconds, 1),
-           "vs_cp_warm": round(cp_s / seconds, 3), "vs_floor": round(floor_s / seconds, 3)}
-    if rss is not None:
-        out["peak_rss_mb"] = rss
-    return out
+def inner(got: dict) -> dict:
+    """The timing a FLOOR / WRITERS script printed (its work only, not its imports)."""
+    wall, cpu = (float(x) for x in got["stdout"].split())
+    return dict(got, wall=wall, cpu=cpu)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def figures(n: int, mb: float, runs: list[dict], base: dict) -> dict:
+    """Median wall and CPU seconds over the repeats, samples/s and MB/s (wall), ratios to warm cp (wall) and to the
+    floor (wall, and CPU), peak RSS (max over repeats)."""
+    wall, cpu = median([r["wall"] for r in runs]), median([r["cpu"] for r in runs])
+    return {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "runs": [round(r["wall"], 2) for r in runs],
+            "samples_per_s": round(n / wall, 1), "mb_per_s": round(mb / wall, 1),
+            "vs_cp_warm": round(base["cp_warm"] / wall, 3), "vs_floor": round(base["floor_wall"] / wall, 3),
+            "vs_floor_cpu": round(base["floor_cpu"] / cpu, 3), "peak_rss_mb": max(r["rss"] for r in runs)}
 
 
 def baseline_tree(ref: str, where: pathlib.Path) -> dict:
@@ -147,82 +161,97 @@ def baseline_tree(ref: str, where: pathlib.Path) -> dict:
     return dict(os.environ, PYTHONPATH=str(where))
 
 
+def measure(n: int, tmp: pathlib.Path, args, env: dict | None) -> dict:
+    mm = [sys.executable, "-m", "mmcorpus.pipelines.cli"]
+    py = [sys.executable, "-c"]
+    per = str(args.samples_per_shard)
+    src = tmp / "src"
+    image_mb = make_source(src, n) / 1e6
+    parquet_mb = sum(p.stat().st_size for p in (src / "data").iterdir()) / 1e6
+
+    def run(cmd, cold=False, environ=None):
+        out = tmp / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        (drop_cache if cold else warm)(src)
+        got = timed([c.replace("{out}", str(out)) for c in cmd], environ)
+        shutil.rmtree(out)
+        return got
+
+    cases = {
+        "cp_cold": (["cp", "-r", str(src / "data"), "{out}/data"], True, None),
+        "cp_warm": (["cp", "-r", str(src / "data"), "{out}/data"], False, None),
+        "floor": ([*py, FLOOR, str(src), "{out}"], False, None),
+    }
+    for fmt in ("webdataset", "hf"):
+        export = [*mm, "export", str(src), "--format", fmt, "-o", "{out}/x", "--samples-per-shard", per]
+        cases[f"{fmt}_writers_no_beam"] = ([*py, WRITERS, str(src), "{out}", per, fmt], False, None)
+        cases[f"{fmt}_direct_1_worker"] = ([*export, "--runner", "direct", "--workers", "1"], False, None)
+    export = [*mm, "export", str(src), "--format", "webdataset", "-o", "{out}/x", "--samples-per-shard", per]
+    cases["webdataset_direct_1_worker_cold"] = ([*export, "--runner", "direct", "--workers", "1"], True, None)
+    cases["webdataset_default_runner"] = (export, False, None)
+    if env is not None:
+        cases["webdataset_baseline_direct_1_worker"] = ([*export, "--workers", "1"], False, env)
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.repeat):  # rounds: every case once per round, so load changes hit all cases alike
+        for name, (cmd, cold, environ) in cases.items():
+            got = run(cmd, cold, environ)
+            runs[name].append(inner(got) if name == "floor" or name.endswith("_no_beam") else got)
+        load.append(os.getloadavg()[0])
+    base = {"cp_warm": median([r["wall"] for r in runs["cp_warm"]]),
+            "cp_cold": median([r["wall"] for r in runs["cp_cold"]]),
+            "floor_wall": median([r["wall"] for r in runs["floor"]]),
+            "floor_cpu": median([r["cpu"] for r in runs["floor"]])}
+    row = {"samples": n, "image_mb": round(image_mb, 1), "parquet_mb": round(parquet_mb, 1),
+           "load_average_1min": [round(x, 2) for x in load],
+           "cp": {"cold_seconds": round(base["cp_cold"], 3), "warm_seconds": round(base["cp_warm"], 3),
+                  "cold_mb_per_s": round(parquet_mb / base["cp_cold"], 1),
+                  "warm_mb_per_s": round(parquet_mb / base["cp_warm"], 1),
+                  "warm_cpu_seconds": round(median([r["cpu"] for r in runs["cp_warm"]]), 3)},
+           "floor_pyarrow_to_tar": {"seconds": round(base["floor_wall"], 3), "cpu_seconds": round(base["floor_cpu"], 3),
+                                    "mb_per_s": round(image_mb / base["floor_wall"], 1),
+                                    "vs_cp_warm": round(base["cp_warm"] / base["floor_wall"], 3)}}
+    for name in cases:
+        if name.startswith(("webdataset", "hf")):
+            row[name] = figures(n, image_mb, runs[name], base)
+    row["webdataset_direct_1_worker_cold"]["vs_cp_cold"] = round(
+        base["cp_cold"] / row["webdataset_direct_1_worker_cold"]["seconds"], 3)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000,4000")
     ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of every measurement (medians reported)")
     ap.add_argument("--baseline", default="", help="git revision whose export to time on the same source")
     args = ap.parse_args()
-    mm = [sys.executable, "-m", "mmcorpus.pipelines.cli"]
-    py = [sys.executable, "-c"]
-    per = str(args.samples_per_shard)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as top:
         env = baseline_tree(args.baseline, pathlib.Path(top) / "baseline") if args.baseline else None
         for n in [int(x) for x in args.sizes.split(",")]:
-            tmp = pathlib.Path(top) / str(n)
-            src = tmp / "src"
-            image_bytes = make_source(src, n)
-            image_mb = image_bytes / 1e6
-            parquet_mb = sum(p.stat().st_size for p in (src / "data").iterdir()) / 1e6
-            row = {"samples": n, "image_mb": round(image_mb, 1), "parquet_mb": round(parquet_mb, 1),
-                   "load_average_before": round(os.getloadavg()[0], 2)}
-
-            def run(name, cmd, cold=False, environ=None):
-                out = tmp / name
-                out.mkdir(parents=True, exist_ok=True)
-                (drop_cache if cold else warm)(src)
-                got = timed([c.replace("{out}", str(out)) for c in cmd], environ)
-                shutil.rmtree(out)
-                return got
-
-            cp_cold, _, _ = run("cp", ["cp", "-r", str(src / "data"), "{out}/data"], cold=True)
-            cp_warm, _, _ = run("cp", ["cp", "-r", str(src / "data"), "{out}/data"])
-            _, _, floor_out = run("floor", [*py, FLOOR, str(src), "{out}"])
-            floor_s = float(floor_out.strip().splitlines()[-1])
-            row["cp"] = {"cold_seconds": round(cp_cold, 3), "warm_seconds": round(cp_warm, 3),
-                         "cold_mb_per_s": round(parquet_mb / cp_cold, 1), "warm_mb_per_s": round(parquet_mb / cp_warm, 1)}
-            row["floor_pyarrow_to_tar"] = {"seconds": round(floor_s, 3), "mb_per_s": round(image_mb / floor_s, 1),
-                                           "vs_cp_warm": round(cp_warm / floor_s, 3)}
-            for fmt in ("webdataset", "hf"):
-                _, _, got = run("writers", [*py, WRITERS, str(src), "{out}", per, fmt])
-                row[f"{fmt}_writers_no_beam"] = figures(n, image_mb, float(got.strip().splitlines()[-1]), cp_warm,
-                                                        floor_s)
-                export = [*mm, "export", str(src), "--format", fmt, "-o", "{out}/x", "--samples-per-shard", per]
-                s, rss, _ = run("export", [*export, "--runner", "direct", "--workers", "1"])
-                row[f"{fmt}_direct_1_worker"] = figures(n, image_mb, s, cp_warm, floor_s, rss)
-                if fmt == "webdataset":
-                    s, rss, _ = run("export", [*export, "--runner", "direct", "--workers", "1"], cold=True)
-                    row["webdataset_direct_1_worker_cold"] = dict(figures(n, image_mb, s, cp_warm, floor_s, rss),
-                                                                  vs_cp_cold=round(cp_cold / s, 3))
-                    s, rss, _ = run("export", export)
-                    row["webdataset_default_runner"] = figures(n, image_mb, s, cp_warm, floor_s, rss)
-                    if env is not None:
-                        s, rss, _ = run("export", [*export, "--workers", "1"], environ=env)
-                        row["webdataset_baseline_direct_1_worker"] = figures(n, image_mb, s, cp_warm, floor_s, rss)
-            row["load_average_after"] = round(os.getloadavg()[0], 2)
+            row = measure(n, pathlib.Path(top) / str(n), args, env)
             print(json.dumps(row), flush=True)
             results.append(row)
-            shutil.rmtree(tmp)
+            shutil.rmtree(pathlib.Path(top) / str(n))
     fixed = {}
     if len(results) >= 2:  # per-sample and fixed cost of the export process, from the smallest and largest size
         a, b = results[0], results[-1]
-        for key in ("webdataset_direct_1_worker", "hf_direct_1_worker"):
-            per_sample = (b[key]["seconds"] - a[key]["seconds"]) / (b["samples"] - a["samples"])
-            fixed[key] = {"fixed_seconds": round(a[key]["seconds"] - per_sample * a["samples"], 2),
-                          "marginal_samples_per_s": round(1 / per_sample, 1) if per_sample > 0 else None,
-                          "marginal_mb_per_s": round((b["image_mb"] - a["image_mb"]) /
-                                                     (b[key]["seconds"] - a[key]["seconds"]), 1)
-                          if per_sample > 0 else None}
+        for key in ("webdataset_direct_1_worker", "hf_direct_1_worker", "webdataset_default_runner"):
+            dt, dn = b[key]["seconds"] - a[key]["seconds"], b["samples"] - a["samples"]
+            fixed[key] = {"fixed_seconds": round(a[key]["seconds"] - dt / dn * a["samples"], 2),
+                          "marginal_samples_per_s": round(dn / dt, 1) if dt > 0 else None,
+                          "marginal_mb_per_s": round((b["image_mb"] - a["image_mb"]) / dt, 1) if dt > 0 else None}
     out = {"benchmark": "export",
-           "machine": f"shared: {os.cpu_count()} cores, other jobs running (load average in each row); ratios "
-                      "measured within one run",
-           "page_cache": "cp cold: the source's pages dropped (fsync + posix_fadvise DONTNEED, this benchmark's files "
-                         "only) before the copy; every other run warm (source read just before); outputs are "
-                         "written to the page cache and not synced, for cp and export alike",
+           "machine": f"shared: {os.cpu_count()} cores, other jobs running (1-minute load average per round in each "
+                      "row); ratios measured within one run; medians of the rounds",
+           "page_cache": "cp cold and export cold: the source's pages dropped (fsync + posix_fadvise DONTNEED, this "
+                         "benchmark's files only) before the run; every other run warm (source read just before); "
+                         "outputs are written to the page cache and not synced, for cp and export alike",
            "floor": "pyarrow iter_batches of the image and caption columns written as tar members with the export's "
-                    "TarStream, one process, no Beam, no checks, no index: the least a Python export does",
-           "samples_per_shard": args.samples_per_shard, "baseline": args.baseline or None,
+                    "TarStream, one process, no Beam, no checks, no index, its imports not timed: the least a "
+                    "Python export does; *_writers_no_beam: the export's shard writers called the same way",
+           "samples_per_shard": args.samples_per_shard, "repeat": args.repeat, "baseline": args.baseline or None,
            "results": results, "fixed_and_marginal_cost": fixed}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "export.json").write_text(json.dumps(out, indent=2) + "\n")

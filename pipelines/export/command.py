@@ -6,7 +6,7 @@ import json
 
 from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
 from mmcorpus.pipelines.errors import UserError
-from mmcorpus.pipelines.runtime.runner import add_runner_args
+from mmcorpus.pipelines.runtime.runner import add_runner_args, worker_count
 
 HELP = "export a pairs or interleaved output to WebDataset tars or a Hugging Face dataset folder"
 DESCRIPTION = (
@@ -145,7 +145,9 @@ def run(args) -> int:
                           "rejects": Kind("reject", "rejects", shards), "stats": Kind("stat", "_stats", 1)},
                    stages=[pipeline.STAGE], overwrite=args.overwrite)
     fp = fingerprint(spec)  # what execute() computes from the same spec: the shards' files carry it
-    args.dask_partitions = shards  # one shard per Dask partition: shards are written in parallel
+    # shards are written in parallel by the Dask workers: two partitions per worker (the DaskRunner otherwise puts
+    # up to 128 created elements in one partition)
+    args.dask_partitions = min(shards, 2 * worker_count(args))
     print(f"export: {total} {kind} rows in {len(files)} file(s) -> {args.format} in {args.output} "
           f"({shards} shard(s))", flush=True)
     stats = execute(spec, args, lambda p: pipeline.build(p, tasks, writer, args.output, "data", fp))
