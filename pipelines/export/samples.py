@@ -189,9 +189,8 @@ class Batch:
                 "image_bytes": pa.array([sum(len(x.data) for x in i) for i in self.images], pa.int64()),
                 "source_file": pa.array([source_file] * n, pa.string()),
                 "source_row": pa.array([first_row + r for r in self.rows], pa.int64())}
-        for name, get in (("width", "width"), ("height", "height"), ("original_width", "original_width"),
-                          ("original_height", "original_height"), ("sha256", "sha256")):
-            values = [None if i is None else getattr(i, get) for i in one]
+        for name in ("width", "height", "original_width", "original_height", "sha256"):
+            values = [None if i is None else getattr(i, name) for i in one]
             cols[name] = pa.array(values, pa.string() if name == "sha256" else pa.int32())
         cols.update(self._index_columns())
         return table(cols, "export_index", fingerprint)
