@@ -331,3 +331,24 @@ def test_export_from_and_to_s3(pairs_run, s3_endpoint):
                     assert tar.extractfile(f"{meta['key']}.jpg").read() == src[meta["image_id"]]["image_bytes"]
                     seen += 1
     assert seen == len(src)
+
+
+def test_shards_span_source_files_and_row_groups(pairs_run, tmp_path):
+    """Output shards cut across source files and row groups: keys are the global row numbers, in order, and each
+    sample holds its source row's bytes."""
+    import webdataset as wds
+
+    rows = source_rows(pairs_run)
+    src = tmp_path / "split"
+    shutil.copytree(pairs_run, src, ignore=shutil.ignore_patterns("data"))
+    (src / "data").mkdir()
+    cuts = [0, len(rows) // 3, len(rows) // 3 + 5, len(rows)]  # three files, one of 5 rows
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        pq.write_table(schemas.to_table(rows[a:b], "pair"), src / "data" / f"part-{i:05d}-of-00003.parquet",
+                       row_group_size=7)
+    out = tmp_path / "wds"
+    assert export(src, out, "webdataset", "--samples-per-shard", "11") == 0
+    samples = list(wds.WebDataset(tar_urls(out), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(len(rows))]
+    for sample, row in zip(samples, rows):
+        assert sample["jpg"] == row["image_bytes"] and json.loads(sample["json"])["image_id"] == row["image_id"]
