@@ -205,7 +205,8 @@ class _Writer(ShardWriter):
         """The sink's entry point, for the empty shards a run fills in: the shard of no rows."""
         if items:
             raise ValueError("export shards are written by the export stage, not from sink rows")
-        self.export(ShardTask(0, ()), final, tmp_dir, fingerprint)
+        index = int(storage.basename(final).split("-")[1])  # part-SSSSS-of-NNNNN
+        self.export(ShardTask(index, ()), final, tmp_dir, fingerprint)
 
 
 def key_width(total: int) -> int:
