@@ -141,7 +141,7 @@ def run(args) -> int:
                            "samples_per_shard": args.samples_per_shard, "image_format": args.image_format,
                            "max_pixels": args.max_pixels, "decode_check": args.decode_check},
                    inputs=[f for f, _ in files],
-                   kinds={"data": Kind("export_index", "data", shards, writer, args.samples_per_shard),
+                   kinds={"data": Kind("export_index", "data", shards, writer),  # written by the export stage
                           "rejects": Kind("reject", "rejects", shards), "stats": Kind("stat", "_stats", 1)},
                    stages=[pipeline.STAGE], overwrite=args.overwrite)
     fp = fingerprint(spec)  # what execute() computes from the same spec: the shards' files carry it
