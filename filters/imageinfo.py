@@ -192,7 +192,8 @@ def header_size(data: bytes) -> tuple[str, int, int] | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
         chunk = data[12:16]
         if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
-            return "WEBP", int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+            width, height = int.from_bytes(data[26:28], "little"), int.from_bytes(data[28:30], "little")
+            return "WEBP", width & 0x3FFF, height & 0x3FFF
         if chunk == b"VP8L" and data[20] == 0x2F:
             bits = int.from_bytes(data[21:25], "little")
             return "WEBP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
