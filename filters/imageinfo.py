@@ -145,11 +145,79 @@ def _ends_whole(data: bytes, fmt: str) -> bool:
     return True
 
 
+_JPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman frames: what every decoder reads
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type -> depths
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, walking the marker segments before it."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
+            i += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # a second start, the end or a scan before any frame header
+            return None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_FRAMES:
+            if length < 8 or i + 2 + length > n or data[i + 4] != 8 or data[i + 9] not in (1, 3, 4):
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or length < 2:
+            return None  # another frame type (lossless, arithmetic, ...) or a broken segment
+        i += 2 + length
+    return None
+
+
+def header_size(data: bytes) -> tuple[str, int, int] | None:
+    """(PIL format name, width, height) read from the first bytes of a plain 8-bit JPEG, a PNG, a GIF or a WebP,
+    without PIL (a few microseconds instead of PIL's full header parse); None for any other format or anything
+    unusual in the header, so the caller asks PIL. A JPEG that PIL would call MPO (a multi-picture JPEG) is a
+    JPEG here: its first picture is a plain JPEG stream."""
+    if data[:3] == b"\xff\xd8\xff":
+        size = _jpeg_size(data)
+        return None if size is None else ("JPEG", *size)
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 26:
+        if data[24] not in _PNG_DEPTHS.get(data[25], ()):
+            return None
+        return "PNG", int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return "GIF", int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+            width, height = int.from_bytes(data[26:28], "little"), int.from_bytes(data[28:30], "little")
+            return "WEBP", width & 0x3FFF, height & 0x3FFF
+        if chunk == b"VP8L" and data[20] == 0x2F:
+            bits = int.from_bytes(data[21:25], "little")
+            return "WEBP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8X":
+            return "WEBP", int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
 def check_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False) -> tuple[str, int, int] | Reject:
     """(PIL format name, width, height) of image bytes that pass, or a Reject (image_decode_failed,
     image_too_large). Without `decode`: the header, the pixel guard and the format's end marker (catches
-    random bytes and truncation, no pixel decoded). With `decode`: the pixels too; a JPEG at 1/8 scale (PIL
+    random bytes and truncation, no pixel decoded); the header of a JPEG, PNG, GIF or WebP is read by
+    `header_size`, any other (or an unusual one) by PIL. With `decode`: the pixels too; a JPEG at 1/8 scale (PIL
     draft: the whole entropy-coded stream is still read, so corruption inside is found)."""
+    if not decode and isinstance(data, bytes):
+        found = header_size(data)
+        if found is not None and found[1] > 0 and found[2] > 0:
+            fmt, width, height = found
+            if width * height > max_pixels:
+                return Reject("image_too_large",
+                              f"decompression bomb: {width}x{height} = {width * height} pixels > {max_pixels}")
+            if not _ends_whole(data, fmt):
+                return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
+            return found
     img, problem = _open_checked(data, max_pixels)
     if problem is not None:
         return problem

@@ -238,3 +238,21 @@ def test_check_image_header_end_marker_and_decode(coco):
             found = check_image(bad, decode=decode)
             assert isinstance(found, Reject) and found.reason == "image_decode_failed", (decode, len(bad))
     assert check_image(data, max_pixels=width * height - 1).reason == "image_too_large"
+
+
+def test_header_size_agrees_with_pil(coco):
+    """The header reader check_image uses for JPEG, PNG, GIF and WebP gives PIL's format and size; other
+    formats and unusual headers are left to PIL (None)."""
+    from mmcorpus.filters.imageinfo import header_size
+
+    base = Image.open(io.BytesIO(photo(coco)))
+    base.load()
+    cases = [photo(coco), encode(base, "JPEG", progressive=True), encode(base.convert("L"), "JPEG"),
+             encode(base.convert("CMYK"), "JPEG"), encode(base.convert("RGBA"), "PNG"),
+             encode(base.convert("P"), "PNG"), encode(base.convert("I;16"), "PNG"), encode(base, "GIF"),
+             encode(base, "WEBP"), encode(base, "WEBP", lossless=True), encode(base.convert("RGBA"), "WEBP")]
+    for data in cases:
+        img = Image.open(io.BytesIO(data))
+        assert header_size(data) == (img.format, *img.size)
+    for data in (encode(base, "BMP"), encode(base, "TIFF"), b"\xff\xd8\xff\xe0 not a jpeg", b""):
+        assert header_size(data) is None

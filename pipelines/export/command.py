@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import json
-import math
-import os
 
 from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
 from mmcorpus.pipelines.errors import UserError
-from mmcorpus.pipelines.runtime.runner import add_runner_args
+from mmcorpus.pipelines.runtime.runner import add_runner_args, worker_count
 
 HELP = "export a pairs or interleaved output to WebDataset tars or a Hugging Face dataset folder"
 DESCRIPTION = (
@@ -49,26 +46,34 @@ def add_arguments(parser) -> None:
 
 
 def source_files(source: str) -> tuple[str, list[tuple[str, int]]]:
-    """(schema name, [(data file, rows)]) of a finished mmcorpus output; UserError naming what is wrong."""
+    """(schema name, [(data file, rows)]) of a finished mmcorpus output, local or on an object store; UserError
+    naming what is wrong."""
     from mmcorpus import schemas
+    from mmcorpus.schemas import storage
 
-    if not os.path.isdir(source):
-        raise UserError(f"source {source!r} is not a folder (give a pipeline output folder)")
-    files = sorted(glob.glob(os.path.join(source, "data", "*.parquet")))
-    if not files or not os.path.exists(os.path.join(source, "stats.json")):
+    try:
+        if not storage.isdir(source):
+            raise UserError(f"source {source!r} is not a folder (give a pipeline output folder)")
+        files = storage.glob(storage.join(source, "data", "*.parquet"))
+        finished = storage.exists(storage.join(source, "_SUCCESS"))
+        has_stats = storage.exists(storage.join(source, "stats.json"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"source {storage.redact_url(source)!r}: cannot be read ({exc})") from None
+    if not files or not has_stats:
         raise UserError(f"source {source!r} is not an mmcorpus output (no data/*.parquet and stats.json)")
-    if not os.path.exists(os.path.join(source, "_SUCCESS")):
+    if not finished:
         raise UserError(f"source {source!r} is an unfinished run (no _SUCCESS); finish or rerun it first")
     out, kinds = [], set()
     for f in files:
         try:
             name, _ = schemas.read_schema_name(f)
+            rows = schemas.open_parquet(f).metadata.num_rows
         except schemas.SchemaError as exc:
             raise UserError(f"source {source!r}: {exc}") from None
         if name not in ("pair", "interleaved"):
             raise UserError(f"source {source!r}: {f} holds {name!r} rows; export takes pairs or interleaved outputs")
         kinds.add(name)
-        out.append((os.path.abspath(f), schemas.open_parquet(f).metadata.num_rows))
+        out.append((storage.abspath(f), rows))
     if len(kinds) > 1:
         raise UserError(f"source {source!r} mixes {sorted(kinds)} rows")
     return kinds.pop(), out
@@ -92,8 +97,10 @@ def yaml_features(schema_name: str) -> list[dict]:
 def write_hf_card(out: str, kind: str, stats: dict) -> None:
     import yaml
 
-    data = sorted(glob.glob(os.path.join(out, "data", "*.parquet")))
-    size = sum(os.path.getsize(f) for f in data)
+    from mmcorpus.schemas import storage
+
+    data = storage.glob(storage.join(out, "data", "*.parquet"))
+    size = sum(storage.info(f)["bytes"] for f in data)
     schema_name = "hf_pair" if kind == "pair" else "hf_interleaved"
     meta = {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/part-*.parquet"}]}],
@@ -106,39 +113,44 @@ def write_hf_card(out: str, kind: str, stats: dict) -> None:
             f"`{stats['config']['source']}`; {stats['totals']['rejected']} rows were not exported (see "
             "`rejects/` and `stats.json`).\n\n```python\nfrom datasets import load_dataset\n"
             "ds = load_dataset(\"path/to/this/folder\", split=\"train\")\n```\n")
-    tmp = os.path.join(out, "README.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body)
-    os.replace(tmp, os.path.join(out, "README.md"))
+    text = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + body
+    storage.write_bytes(storage.join(out, "README.md"), text.encode())
 
 
 def run(args) -> int:
     from mmcorpus.pipelines.export import pipeline
     from mmcorpus.pipelines.export.samples import ExportConfig
-    from mmcorpus.pipelines.export.writers import HfShard, TarShard
-    from mmcorpus.pipelines.runtime.run import RunSpec, execute
+    from mmcorpus.pipelines.export.writers import HfShard, TarShard, plan
+    from mmcorpus.pipelines.runtime.run import RunSpec, execute, fingerprint
     from mmcorpus.pipelines.runtime.sink import Kind
+    from mmcorpus.schemas import storage
 
     if args.samples_per_shard < 1 or args.max_pixels < 1:
         raise UserError("--samples-per-shard and --max-pixels must be at least 1")
-    if os.path.abspath(args.output) == os.path.abspath(args.source):
+    if storage.abspath(args.output).rstrip("/") == storage.abspath(args.source).rstrip("/"):
         raise UserError("--output must not be the source folder")
     kind, files = source_files(args.source)
     total = sum(n for _, n in files)
-    shards = max(1, math.ceil(total / args.samples_per_shard))
+    tasks = plan(files, args.samples_per_shard)
     cfg = ExportConfig(kind=kind, image_format=args.image_format, max_pixels=args.max_pixels,
                        decode_check=args.decode_check)
     writer = (TarShard if args.format == "webdataset" else HfShard)(cfg, args.samples_per_shard, total)
+    shards = len(tasks)
     spec = RunSpec(command="export", out_dir=args.output,
-                   config={"source": os.path.abspath(args.source), "format": args.format, "kind": kind,
+                   config={"source": storage.abspath(args.source), "format": args.format, "kind": kind,
                            "samples_per_shard": args.samples_per_shard, "image_format": args.image_format,
                            "max_pixels": args.max_pixels, "decode_check": args.decode_check},
                    inputs=[f for f, _ in files],
-                   kinds={"data": Kind("export_index", "data", shards, writer, args.samples_per_shard)},
+                   kinds={"data": Kind("export_index", "data", shards, writer),  # written by the export stage
+                          "rejects": Kind("reject", "rejects", shards), "stats": Kind("stat", "_stats", 1)},
                    stages=[pipeline.STAGE], overwrite=args.overwrite)
+    fp = fingerprint(spec)  # what execute() computes from the same spec: the shards' files carry it
+    # shards are written in parallel by the Dask workers: two partitions per worker (the DaskRunner otherwise puts
+    # up to 128 created elements in one partition)
+    args.dask_partitions = min(shards, 2 * worker_count(args))
     print(f"export: {total} {kind} rows in {len(files)} file(s) -> {args.format} in {args.output} "
           f"({shards} shard(s))", flush=True)
-    stats = execute(spec, args, lambda p: pipeline.build(p, files, cfg))
+    stats = execute(spec, args, lambda p: pipeline.build(p, tasks, writer, args.output, "data", fp))
     if args.format == "hf":
         write_hf_card(args.output, kind, stats)
     t = stats["totals"]

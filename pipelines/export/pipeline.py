@@ -1,55 +1,58 @@
-"""The Beam graph of `mmcorpus export`: source rows -> export check (stage `export`) -> index rows into the sink,
-whose ShardWriters (writers.py) write the samples."""
+"""The Beam graph of `mmcorpus export`: one element per output shard (its source files and row ranges,
+writers.ShardTask) -> stage `export`, which writes the whole shard (writers.py) and emits only its reject rows
+and counters -> the sink (rejects/ and _stats/).
+
+The image bytes never enter the runner: a shard's writer reads them from the source Parquet and streams them
+out, so the runner moves a few small elements per shard, whatever the number of samples. A shard already
+written (a resumed run) is not written again, but its rows are still checked so that its rejects and counts
+are the same as the first attempt's.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+
 import apache_beam as beam
 
-from mmcorpus.filters.reasons import Reject
-from mmcorpus.pipelines.export import samples
-from mmcorpus.pipelines.runtime.stage import Collector, as_output
+from mmcorpus.pipelines.export.writers import ShardTask
+from mmcorpus.pipelines.runtime.sink import TMP_DIR, ShardWriter, shard_name
+from mmcorpus.pipelines.runtime.stage import COUNTS, CPU_METRIC, REJECTS, Collector, reject_output, split_tags
+from mmcorpus.schemas import storage
 
 STAGE = "export"
 
 
-def key_width(total: int) -> int:
-    return max(9, len(str(max(total - 1, 0))))  # img2dataset's keys are 9 digits
+class _ExportShard(beam.DoFn):
+    """Writes one shard; yields (REJECTS, sink tuple) per reject and (COUNTS, counter) for the stage."""
+
+    def __init__(self, writer: ShardWriter, out_dir: str, folder: str, shards: int, fingerprint: str):
+        self.writer, self.out_dir, self.folder = writer, storage.abspath(out_dir), folder
+        self.shards, self.fingerprint = shards, fingerprint
+
+    def process(self, task: ShardTask):
+        started = time.process_time()
+        final = storage.join(self.out_dir, self.folder, shard_name(task.index, self.shards, self.writer.suffix))
+        tmp_dir = storage.join(self.out_dir, TMP_DIR)
+        write = not storage.exists(final)
+        if write:
+            storage.makedirs(storage.dirname(final))
+            storage.makedirs(tmp_dir)
+        read, written, rejects = self.writer.export(task, final, tmp_dir, self.fingerprint, write)
+        for source, reject in rejects:
+            yield REJECTS, reject_output(STAGE, reject, source)
+        counts = Counter({(STAGE, "in", ""): read, (STAGE, "out", ""): written,
+                          (STAGE, CPU_METRIC, ""): int((time.process_time() - started) * 1e6)})
+        counts.update((STAGE, "rejected", reject.reason) for _, reject in rejects)
+        for key, n in counts.items():
+            yield COUNTS, (key, n)
 
 
-class _ReadRows(beam.DoFn):
-    """(global index, file, row in file, row or Reject) of one source file; a row group that breaks off gives a
-    read_failed Reject for each row it could not deliver."""
-
-    def __init__(self, columns: list[str]):
-        self.columns = columns
-
-    def process(self, element):
-        from mmcorpus.pipelines.pairs.sources import BadRecord, parquet_rows
-
-        path, offset = element
-        for i, row in parquet_rows(path, columns=self.columns):
-            if isinstance(row, BadRecord):
-                row = Reject("read_failed", str(row))
-            yield offset + i, path, i, row
-
-
-def build(p, files: list[tuple[str, int]], cfg: samples.ExportConfig):
-    total = sum(n for _, n in files)
-    width = key_width(total)
-    offsets, start = [], 0
-    for path, n in files:
-        offsets.append((path, start))
-        start += n
-    columns = samples.PAIR_COLUMNS if cfg.kind == "pair" else samples.DOC_COLUMNS
-
-    def check(element):
-        index, path, i, row = element
-        if isinstance(row, Reject):
-            return row
-        return samples.check_row(row, f"{index:0{width}d}", path, i, cfg)
-
+def build(p, tasks: list[ShardTask], writer: ShardWriter, out_dir: str, folder: str, fingerprint: str):
+    tagged = (p | "Shards" >> beam.Create(tasks)
+              | "Export" >> beam.ParDo(_ExportShard(writer, out_dir, folder, len(tasks), fingerprint)))
+    parts = split_tags(tagged, (REJECTS, COUNTS), label="Export")
     c = Collector()
-    rows = (p | "Files" >> beam.Create(offsets) | "ReadRows" >> beam.ParDo(_ReadRows(columns)))
-    kept = c.stage(rows, STAGE, check, lambda e: f"{e[1]}:{e[2]}")
-    c.add(kept | "IndexRows" >> as_output("data", lambda r: r["key"]))
+    c.add(parts[REJECTS])
+    c.add_counts(parts[COUNTS])
     return c.finish()

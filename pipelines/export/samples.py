@@ -1,12 +1,17 @@
-"""What one exported sample holds, from one source row: pure functions, no Beam, no file I/O.
+"""What exported samples hold, one record batch of source rows at a time: pure functions, no Beam, no file I/O.
 
-- `prepare_image`: the image bytes to ship (as stored, or JPEG on request), checked to decode.
-- `check_row`: the index row of a sample (what the sink shards and the writers re-read), or a Reject.
-- `wds_members`: the files of a sample in a WebDataset tar. Pairs follow img2dataset (KEY.jpg|png|webp as
-  stored, KEY.txt caption, KEY.json metadata); documents are one KEY.json in the MMC4 layout OpenFlamingo's
-  loader reads (`text_list`, `image_info` with `image_base64`, `matched_text_index`, `matched_sim`, and the
-  images x sentences `similarity_matrix`), plus OBELICS' aligned `texts`/`images` lists.
-- `hf_row`: the row of a Hugging Face Parquet shard (image columns as `datasets` Image structs).
+- `prepare_image`: the image bytes to ship (as stored, or JPEG on request), checked cheaply (header, pixel
+  guard, end marker: `check_image`; pixels only with `decode_check` or to re-encode), with the sha256, width and
+  height the pipelines stored beside the bytes (computed only where a row lacks them or the bytes were
+  re-encoded).
+- `pair_batch` / `doc_batch`: the samples of one record batch and the rows that are rejects; a batch gives the
+  writers its WebDataset tar members in order, its per-shard index table and its Hugging Face table. Pairs are
+  assembled column-wise with Arrow (the image bytes go into the Hugging Face table without a copy when none was
+  rejected or re-encoded); documents row by row (their MMC4 JSON is per document anyway).
+- Pairs follow img2dataset (KEY.jpg|png|webp as stored, KEY.txt caption, KEY.json metadata); documents are one
+  KEY.json in the MMC4 layout OpenFlamingo's loader reads (`text_list`, `image_info` with `image_base64`,
+  `matched_text_index`, `matched_sim`, and the images x sentences `similarity_matrix`), plus OBELICS' aligned
+  `texts`/`images` lists; Hugging Face rows have `datasets` Image structs.
 
 Documents carry no image-text similarity: each image is matched to the text it precedes in reading order (the
 last text when it comes last), `matched_sim` 1.0 and the similarity matrix one-hot on that match; the JSON
@@ -16,11 +21,15 @@ says so in `"matched_by": "position"`.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import pyarrow as pa
+
+from mmcorpus import schemas
 from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS, check_image, decode_rgb
 from mmcorpus.filters.reasons import Reject
 
@@ -48,62 +57,51 @@ class Image:
     height: int
     original_width: int
     original_height: int
+    digest: str | None = None  # the sha256 the source stored for these bytes
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        return self.digest or hashlib.sha256(self.data).hexdigest()
 
 
-def prepare_image(data: bytes | None, cfg: ExportConfig, checked: bool = False) -> Image | Reject:
+def prepare_image(data: bytes | None, cfg: ExportConfig, sha256: str | None = None, width: int | None = None,
+                  height: int | None = None) -> Image | Reject:
     """The bytes to write: as stored, or (image_format jpg) non-JPEG images decoded and re-encoded as RGB JPEG.
-    Bytes that fail the check are a Reject, never a sample. `checked`: the export stage checked these bytes
-    already (the writers), so only the header is read again."""
+    Bytes that fail the check are a Reject, never a sample. `sha256`, `width`, `height`: what the source stored
+    for these bytes (width and height after EXIF orientation, as the pipelines measure them); the header's
+    size where they are missing."""
     if not data:
         return Reject("no_image_bytes", "the row stores no image bytes")
-    found = check_image(data, cfg.max_pixels, decode=cfg.decode_check and not checked)
+    found = check_image(data, cfg.max_pixels, decode=cfg.decode_check)
     if isinstance(found, Reject):
         return found
-    fmt, width, height = found
+    fmt, w, h = found
+    if width and height:
+        w, h = width, height
     if cfg.image_format == "keep" or fmt == "JPEG":
-        return Image(bytes(data), EXTENSIONS.get(fmt, fmt.lower() or "bin"), width, height, width, height)
+        return Image(data, EXTENSIONS.get(fmt, fmt.lower() or "bin"), w, h, w, h, sha256)
     rgb = decode_rgb(data, cfg.max_pixels)
     if isinstance(rgb, Reject):
         return rgb
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return Image(buf.getvalue(), "jpg", rgb.width, rgb.height, width, height)
+    return Image(buf.getvalue(), "jpg", rgb.width, rgb.height, w, h)
 
 
-def doc_images(row: dict, cfg: ExportConfig, checked: bool = False) -> list[Image] | Reject:
+def doc_images(row: dict, cfg: ExportConfig) -> list[Image] | Reject:
     """The images of a document in order; the whole document is a Reject when one lacks bytes or fails."""
     out = []
     for pos, (url, info) in enumerate(zip(row["images"], row.get("image_info") or [None] * len(row["images"]))):
         if url is None:
             continue
-        image = prepare_image((info or {}).get("bytes"), cfg, checked)
+        info = info or {}
+        image = prepare_image(info.get("bytes"), cfg, info.get("sha256"), info.get("width"), info.get("height"))
         if isinstance(image, Reject):
             return Reject(image.reason, f"image at position {pos} ({url}): {image.detail}")
         out.append(image)
     if not out:
         return Reject("no_images", "the document holds no image")
     return out
-
-
-def check_row(row: dict, key: str, source_file: str, source_row: int, cfg: ExportConfig) -> dict | Reject:
-    """The sample's index row (schema export_index), or why the row cannot be exported."""
-    if cfg.kind == "pair":
-        image = prepare_image(row.get("image_bytes"), cfg)
-        if isinstance(image, Reject):
-            return image
-        return {"key": key, "url": row.get("url"), "caption": row.get("caption"), "status": "success",
-                "width": image.width, "height": image.height, "original_width": image.original_width,
-                "original_height": image.original_height, "sha256": image.sha256, "id": row["image_id"],
-                "images": 1, "image_bytes": len(image.data), "source_file": source_file, "source_row": source_row}
-    images = doc_images(row, cfg)
-    if isinstance(images, Reject):
-        return images
-    return {"key": key, "url": row.get("url"), "status": "success", "id": row["doc_id"], "images": len(images),
-            "image_bytes": sum(len(i.data) for i in images), "source_file": source_file, "source_row": source_row}
 
 
 def matched_text_indices(texts: list) -> list[int]:
@@ -147,35 +145,8 @@ def doc_json(row: dict, key: str, images: list[Image]) -> dict:
             "texts": list(texts), "images": [None if u is None else next(it) for u in urls]}
 
 
-def wds_members(row: dict, key: str, cfg: ExportConfig) -> list[tuple[str, bytes]] | Reject:
-    """(member name, bytes) of one sample, in tar order (of a row the export stage checked)."""
-    if cfg.kind == "pair":
-        image = prepare_image(row.get("image_bytes"), cfg, checked=True)
-        if isinstance(image, Reject):
-            return image
-        meta = json.dumps(pair_json(row, key, image), ensure_ascii=False, sort_keys=False)
-        return [(f"{key}.{image.ext}", image.data), (f"{key}.txt", (row.get("caption") or "").encode()),
-                (f"{key}.json", meta.encode())]
-    images = doc_images(row, cfg, checked=True)
-    if isinstance(images, Reject):
-        return images
-    return [(f"{key}.json", json.dumps(doc_json(row, key, images), ensure_ascii=False).encode())]
-
-
-def hf_row(row: dict, key: str, cfg: ExportConfig) -> dict | Reject:
-    """One row of a Hugging Face shard (schema hf_pair or hf_interleaved), of a row the export stage checked."""
-    if cfg.kind == "pair":
-        image = prepare_image(row.get("image_bytes"), cfg, checked=True)
-        if isinstance(image, Reject):
-            return image
-        return {"image": {"bytes": image.data, "path": f"{key}.{image.ext}"}, "caption": row.get("caption"),
-                "caption_source": row.get("caption_source"), "url": row.get("url"), "image_id": row["image_id"],
-                "width": image.width, "height": image.height, "sha256": image.sha256,
-                "clip_score": row.get("clip_score"), "itm_score": row.get("itm_score"),
-                "source_dataset": row.get("source_dataset"), "key": key}
-    images = doc_images(row, cfg, checked=True)
-    if isinstance(images, Reject):
-        return images
+def hf_doc_row(row: dict, key: str, images: list[Image]) -> dict:
+    """One row of a Hugging Face interleaved shard (OBELICS layout, images as `datasets` Image structs)."""
     it = iter(enumerate(images))
     structs = []
     for url in row["images"]:
@@ -186,3 +157,134 @@ def hf_row(row: dict, key: str, cfg: ExportConfig) -> dict | Reject:
             structs.append({"bytes": image.data, "path": f"{key}_{j}.{image.ext}"})
     return {"texts": list(row["texts"]), "images": structs, "image_urls": list(row["images"]),
             "doc_id": row["doc_id"], "url": row.get("url"), "language": row.get("language"), "key": key}
+
+
+def table(columns: dict, name: str, fingerprint: str = "") -> pa.Table:
+    """A validated table of schema `name` from whole Arrow columns (in any order)."""
+    schema = schemas.with_metadata(name, fingerprint)
+    try:
+        out = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as exc:
+        raise schemas.SchemaError(f"{name} schema v{schemas.SCHEMA_VERSION}: columns do not convert: {exc}") from exc
+    return schemas.validate(out, name)
+
+
+@dataclass
+class Batch:
+    """The samples made from one record batch: `rejects` are (row in the batch, Reject)."""
+
+    keys: list[str]
+    rows: list[int]  # row in the batch of each sample
+    images: list[list[Image]]  # per sample (one for a pair)
+    rejects: list[tuple[int, Reject]] = field(default_factory=list)
+    sized = False  # the index carries the image's size and sha256 (pairs)
+
+    def index_table(self, source_file: str, first_row: int, fingerprint: str) -> pa.Table:
+        """img2dataset's per-shard index rows (schema export_index) of these samples."""
+        n = len(self.keys)
+        one = [imgs[0] if self.sized else None for imgs in self.images]  # a pair's image; none for documents
+        cols = {"key": pa.array(self.keys, pa.string()), "status": pa.array(["success"] * n, pa.string()),
+                "error_message": pa.nulls(n, pa.string()), "exif": pa.nulls(n, pa.string()),
+                "images": pa.array([len(i) for i in self.images], pa.int32()),
+                "image_bytes": pa.array([sum(len(x.data) for x in i) for i in self.images], pa.int64()),
+                "source_file": pa.array([source_file] * n, pa.string()),
+                "source_row": pa.array([first_row + r for r in self.rows], pa.int64())}
+        for name in ("width", "height", "original_width", "original_height", "sha256"):
+            values = [None if i is None else getattr(i, name) for i in one]
+            cols[name] = pa.array(values, pa.string() if name == "sha256" else pa.int32())
+        cols.update(self._index_columns())
+        return table(cols, "export_index", fingerprint)
+
+
+@dataclass
+class PairBatch(Batch):
+    sized = True
+    batch: pa.RecordBatch | None = None
+    fields: dict = field(default_factory=dict)  # column -> Python values of the batch (all but image_bytes)
+    unchanged: bool = True  # every row a sample, every image as stored
+
+    def _index_columns(self) -> dict:
+        taken = self.batch.select(["url", "caption", "image_id"]).take(pa.array(self.rows, pa.int32()))
+        return {"url": taken.column("url"), "caption": taken.column("caption"), "id": taken.column("image_id")}
+
+    def members(self):
+        """(name, bytes) of the tar members of every sample, in order."""
+        f = self.fields
+        for key, r, (image,) in zip(self.keys, self.rows, self.images):
+            row = {name: values[r] for name, values in f.items()}
+            meta = json.dumps(pair_json(row, key, image), ensure_ascii=False)
+            yield f"{key}.{image.ext}", image.data
+            yield f"{key}.txt", (row["caption"] or "").encode()
+            yield f"{key}.json", meta.encode()
+
+    def hf_table(self, fingerprint: str) -> pa.Table:
+        """The Hugging Face rows (schema hf_pair) of these samples, column by column."""
+        idx = pa.array(self.rows, pa.int32())
+        taken = self.batch.select(["caption", "caption_source", "url", "image_id", "clip_score", "itm_score",
+                                   "source_dataset"]).take(idx)
+        data = (self.batch.column("image_bytes") if self.unchanged else
+                pa.array([i.data for (i,) in self.images], pa.binary()))
+        paths = pa.array([f"{k}.{i.ext}" for k, (i,) in zip(self.keys, self.images)], pa.string())
+        cols = {name: taken.column(name) for name in taken.column_names}
+        cols.update(image=pa.StructArray.from_arrays([data, paths], fields=list(schemas.HF_IMAGE)),
+                    width=pa.array([i.width for (i,) in self.images], pa.int32()),
+                    height=pa.array([i.height for (i,) in self.images], pa.int32()),
+                    sha256=pa.array([i.sha256 for (i,) in self.images], pa.string()),
+                    key=pa.array(self.keys, pa.string()))
+        return table(cols, "hf_pair", fingerprint)
+
+
+def pair_batch(batch: pa.RecordBatch, keys: list[str], cfg: ExportConfig) -> PairBatch:
+    """The samples of a record batch of pair rows (PAIR_COLUMNS); `keys` one per row."""
+    fields = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "image_bytes"}
+    data = batch.column("image_bytes").to_pylist()
+    out = PairBatch([], [], [], batch=batch, fields=fields)
+    sha, width, height = fields["sha256"], fields["width"], fields["height"]
+    for r, value in enumerate(data):
+        image = prepare_image(value, cfg, sha[r], width[r], height[r])
+        if isinstance(image, Reject):
+            out.rejects.append((r, image))
+            continue
+        out.unchanged = out.unchanged and image.data is value
+        out.keys.append(keys[r])
+        out.rows.append(r)
+        out.images.append([image])
+    out.unchanged = out.unchanged and not out.rejects
+    return out
+
+
+@dataclass
+class DocBatch(Batch):
+    docs: list[dict] = field(default_factory=list)  # the source row of each sample
+
+    def _index_columns(self) -> dict:
+        return {"url": pa.array([d.get("url") for d in self.docs], pa.string()),
+                "caption": pa.nulls(len(self.docs), pa.string()),
+                "id": pa.array([d["doc_id"] for d in self.docs], pa.string())}
+
+    def members(self):
+        for key, doc, images in zip(self.keys, self.docs, self.images):
+            yield f"{key}.json", json.dumps(doc_json(doc, key, images), ensure_ascii=False).encode()
+
+    def hf_table(self, fingerprint: str) -> pa.Table:
+        rows = [hf_doc_row(doc, key, images) for key, doc, images in zip(self.keys, self.docs, self.images)]
+        return schemas.to_table(rows, "hf_interleaved", fingerprint)
+
+
+def doc_batch(batch: pa.RecordBatch, keys: list[str], cfg: ExportConfig) -> DocBatch:
+    """The samples of a record batch of interleaved documents (DOC_COLUMNS); `keys` one per row."""
+    out = DocBatch([], [], [])
+    for r, doc in enumerate(batch.to_pylist()):
+        images = doc_images(doc, cfg)
+        if isinstance(images, Reject):
+            out.rejects.append((r, images))
+            continue
+        out.keys.append(keys[r])
+        out.rows.append(r)
+        out.images.append(images)
+        out.docs.append(doc)
+    return out
+
+
+def make_batch(batch: pa.RecordBatch, keys: list[str], cfg: ExportConfig) -> Batch:
+    return (pair_batch if cfg.kind == "pair" else doc_batch)(batch, keys, cfg)
