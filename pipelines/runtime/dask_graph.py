@@ -4,7 +4,7 @@ Beam 2.78's DaskRunner turns a Flatten into `dask.bag.concat`, which adds up its
 GroupByKey into `bag.groupby` keeping them. Every stage of a pipeline here feeds its rejects and counters into
 the one flattened sink, so the sink's input had some hundred partitions, each shuffled and each running every
 later step as its own task: 11,645 tasks for 576 WARC records (`interleaved --no-images`, 2 workers), against
-717 with the bound, a third less CPU in all (the scheduler's own halved), the same output files.
+717 with the bound: a fifth less CPU in all (the scheduler's own nearly halved), the same output files.
 The bound is `--dask_npartitions` when given, else two per worker thread of the cluster.
 """
 

@@ -8,9 +8,10 @@ which appears whole or not at all, then the temporary key is deleted). A worker 
 time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the
 same files under every runner, and a rerun into a killed run's folder skips the shards that are already there.
 
-A kind may bring its own `ShardWriter` (a WebDataset tar, a Hugging Face Parquet shard: `mmcorpus export`),
-which gets the same sorted rows of one shard and the same temp-then-rename contract; and `rows_per_shard`
-for fixed-size shards: keys are then zero-padded row numbers and row i goes to shard i // rows_per_shard.
+A kind may bring its own `ShardWriter` for another file format: it gets a shard's sorted rows under the same
+temp-then-rename contract, counts a finished shard's rows for the run check and writes the empty shards a run
+fills in. (`mmcorpus export` sends no rows of its tar / Hugging Face kinds: it writes those shards in its own
+DoFn, one element per shard, and uses the writer for counting and filling.)
 
 A cell may hold `FileBytes(path)` instead of bytes: the sink reads the file when it writes that row group, so
 large payloads (image bytes) cross every shuffle as a path and a worker holds one row group of them at a time.
@@ -52,14 +53,13 @@ class ShardWriter:
 
 @dataclass(frozen=True)
 class Kind:
-    """Where rows of one kind go: schema name, folder under OUT, shard count; optionally a ShardWriter and
-    fixed-size shards (see the module docstring)."""
+    """Where rows of one kind go: schema name, folder under OUT, shard count; optionally a ShardWriter (see the
+    module docstring)."""
 
     schema: str
     folder: str
     shards: int = 1
     writer: ShardWriter | None = None
-    rows_per_shard: int = 0
 
     @property
     def suffix(self) -> str:
@@ -170,11 +170,7 @@ class _AssignShard(beam.DoFn):
         spec = self.kinds.get(kind)
         if spec is None:
             raise ValueError(f"sink got rows of unknown kind {kind!r}; known: {sorted(self.kinds)}")
-        if spec.rows_per_shard:
-            index = min(int(key) // spec.rows_per_shard, spec.shards - 1)
-        else:
-            index = stable_hash(key) % spec.shards
-        yield (kind, index), (key, row)
+        yield (kind, stable_hash(key) % spec.shards), (key, row)
 
 
 class _WriteShard(beam.DoFn):
