@@ -22,7 +22,8 @@ from mmcorpus.filters.urllists import ListError, parse_list
 from mmcorpus.pipelines.cli import main
 from mmcorpus.pipelines.errors import UserError
 from mmcorpus.pipelines.interleaved.sources import decode_bytes
-from mmcorpus.pipelines.safety.stages import load_nsfw_head, read_list
+from mmcorpus.pipelines.safety.nsfw import load_nsfw_head
+from mmcorpus.pipelines.safety.stages import read_list
 
 PAGES = "trafilatura-eval/pages"
 EMAIL, IPV4, IPV6, PHONE = "anna.schmidt+news@Beispiel-Verlag.de", "203.0.113.57", "2001:db8:85a3::8a2e:370:7334", \
@@ -373,3 +374,88 @@ def test_older_pair_files_read_with_nsfw_score_null(tmp_path):
     assert back.column_names == schemas.PAIR.names and back.column("nsfw_score").to_pylist() == [None]
     assert schemas.read_table(str(tmp_path / "old.parquet"), "pair", columns=["caption", "nsfw_score"]).to_pylist() == [
         {"caption": "a cat", "nsfw_score": None}]
+
+
+# ---- interleaved: the NSFW head over one CLIP embedding per fetched image ----------------------------------
+
+from tests.test_interleaved import server  # noqa: E402,F401  (photo-story pages and COCO photos on 127.0.0.1)
+
+
+def _gap_threshold(values, lo: float, hi: float) -> float:
+    """The middle of the widest gap between sorted `values` whose lower side lies at quantile lo..hi."""
+    v = sorted(values)
+    i = max(range(int(lo * (len(v) - 1)), int(hi * (len(v) - 1)) + 1), key=lambda k: v[k + 1] - v[k])
+    assert v[i + 1] - v[i] > 0.01  # a clear margin on both sides
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def test_interleaved_nsfw_head_drops_images_and_documents_end_to_end(server, coco, tmp_path, capsys):
+    from mmcorpus.filters.imageinfo import to_rgb
+    from mmcorpus.pipelines.models.clip import ClipConfig, load_model
+
+    clip = tmp_path / "mmcorpus-tiny-safety-clip.json"
+    clip.write_text(json.dumps(TINY))
+    pages = {"page0.html": range(0, 3), "page1.html": range(3, 6), "page2.html": range(6, 9),
+             "page3.html": range(9, 12), "repost.html": [11]}  # the server's stories: photos by caption index
+    photos = [json.loads(line)["file_name"] for line in (coco / "captions.jsonl").read_text().splitlines()][:12]
+    loaded = load_model(ClipConfig(model=str(clip), allow_random=True))
+    with torch.no_grad():
+        emb = loaded.model.encode_image(torch.stack([loaded.extras["preprocess"](to_rgb((coco / "images" / f).read_bytes()))
+                                                     for f in photos]))
+        emb = torch.nn.functional.normalize(emb, dim=-1).numpy()
+    direction = emb[4] - emb.mean(0)  # known weights: a direction through the photos' own embeddings
+    w = (direction / np.linalg.norm(direction) * 40).astype(np.float32)[None, :]
+    b = (-(emb @ w[0]).mean() * np.ones(1)).astype(np.float32)
+    np.savez(tmp_path / "nsfw.npz", weight_0=w, bias_0=b)
+    expected = dict(zip(photos, NsfwHead([(w, b)]).scores(emb).tolist()))
+    doc_max = {p: max(expected[photos[i]] for i in idx) for p, idx in pages.items()}
+    doc_threshold = _gap_threshold(list(doc_max.values()), 0.5, 0.99)  # the top document(s) go whole
+    kept_docs = [p for p, m in doc_max.items() if m <= doc_threshold]
+    image_threshold = _gap_threshold([expected[photos[i]] for p in kept_docs for i in pages[p]], 0.2, 0.8)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{server}/{p}\n" for p in pages))
+    config = tmp_path / "c.yaml"
+    config.write_text("pages: {host_delay: 0.0, retries: 0, timeout: 5}\nfetch: {groups: 1}\n"
+                      "quality: {max_duplicate_ngram_chars: {}}\n")
+    out = tmp_path / "out"
+    assert main(["interleaved", str(urls), "-o", str(out), "--allow-private-network", "--config", str(config),
+                 "--workers", "1", "--num-shards", "1", "--nsfw-head", str(tmp_path / "nsfw.npz"),
+                 "--clip-model", str(clip), "--allow-random-weights", "--nsfw-threshold", str(image_threshold),
+                 "--nsfw-document-threshold", str(doc_threshold)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    t = stats["totals"]
+    assert t["read"] == t["written"] + t["rejected"] == 5
+    by_stage = {s["stage"]: s for s in stats["stages"]}
+    assert by_stage["nsfw"]["counters"]["images_embedded"] == 12  # repost's photo is page3's: embedded once
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    line_of = {p: f"urls.txt:{i + 1}" for i, p in enumerate(pages)}  # a page's reject source names its list line
+    doc_rejects = {r["source"].rsplit("/", 1)[-1] for r in rejects if r["stage"] == "nsfw"}
+    assert doc_rejects == {line_of[p] for p, m in doc_max.items() if m > doc_threshold} and doc_rejects
+    assert all(r["reason"] == "nsfw_document" for r in rejects if r["stage"] == "nsfw")
+    dropped = {r["detail"].split(": ")[0].rsplit("/", 1)[-1] for r in rejects if r["stage"] == "nsfw_images"}
+    assert all(r["reason"] == "nsfw_image" for r in rejects if r["stage"] == "nsfw_images")
+    above = {photos[i] for p in kept_docs for i in pages[p] if expected[photos[i]] > image_threshold}
+    assert dropped == above and above
+    n_kept_images = sum(len(pages[p]) for p in kept_docs)
+    assert by_stage["nsfw_images"]["in"] == n_kept_images and by_stage["nsfw_images"]["out"] == n_kept_images - len(
+        [r for r in rejects if r["stage"] == "nsfw_images"])
+    rows = [r for f in sorted((out / "data").glob("*.parquet")) for r in schemas.read_table(str(f), "interleaved").to_pylist()]
+    assert rows
+    for row in rows:  # the document stays, its text too, without the dropped images; every image left is scored
+        page = row["url"].rsplit("/", 1)[-1]
+        images = [u.rsplit("/", 1)[-1] for u in row["images"] if u]
+        assert page in kept_docs and images == [photos[i] for i in pages[page] if photos[i] not in dropped]
+        assert row["texts"][0].startswith(("Photo story", "Repost"))
+        for url, info in zip(row["images"], row["image_info"]):
+            if url is not None:
+                name = url.rsplit("/", 1)[-1]
+                assert info["nsfw_score"] == pytest.approx(expected[name], abs=1e-3) and expected[name] <= image_threshold
+    nsfw = stats["safety"]["nsfw"]
+    assert nsfw["weights"] == str(tmp_path / "nsfw.npz") and nsfw["clip_weights"] == "random"
+    assert nsfw["document_threshold"] == doc_threshold
+    assert main(["card", str(out)]) == 0
+    section = (out / "README.md").read_text().split("## Safety and opt-outs")[1].split("## Limitations")[0]
+    assert "NSFW head over the CLIP image embedding" in section and f"above {doc_threshold} dropped whole" in section
+    assert "| `nsfw` | `nsfw_document` |" in section and "| `nsfw_images` | `nsfw_image` |" in section
+    assert "CLIP model had RANDOM weights" in section and "no classifier run" not in section
