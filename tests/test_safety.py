@@ -132,6 +132,33 @@ def test_image_decisions_and_flagged_words():
     assert image_reject("https://ok.test/garden.jpg", "a garden", lists) is None
 
 
+def test_doc_safety_copies_its_input_checks_a_page_url_once_and_screens_captions():
+    import copy
+
+    from mmcorpus.pipelines.safety.stages import DocSafety, SafetySpec, screen_caption
+
+    lists = Lists(opt_out=(parse_list("o.txt", ["optout.test"]),))
+    stage = DocSafety(SafetySpec(), lists)
+    doc = {"url": "https://www.optout.test/a", "_record_url": "https://www.optout.test/a", "_noimageai": None,
+           "source": "x.warc:0", "texts": [f"mail {EMAIL}", None], "images": [None, "https://ok.test/g.jpg"],
+           "image_info": [None, {"alt": f"call {PHONE}"}], "metadata": {}}
+    before = copy.deepcopy(doc)
+    out = stage(doc)
+    assert doc == before  # the Beam element is not changed; the stage returns a copy
+    kept = out[0]  # the record's own URL was opt_out's to check: not a second time here
+    assert kept["texts"][0] == "mail [EMAIL]" and kept["image_info"][1]["alt"] == "call [PHONE]"
+    assert "_record_url" not in kept and "_noimageai" not in kept
+    canonical = dict(before, _record_url=None)  # a URL only extraction found (the page's canonical one) is checked
+    assert stage(canonical).reason == "opt_out_list"
+    noimageai = stage(dict(before, _noimageai="X-Robots-Tag"))
+    assert noimageai[0]["images"] == [None] and doc == before
+    assert screen_caption("a porn cat", SafetySpec()).reason == "flagged_image_words"
+    assert screen_caption("a porn cat", SafetySpec(flagged_image_words=False)) == ("a porn cat", {})
+    assert screen_caption(f"call {PHONE}", SafetySpec()) == ("call [PHONE]", {"phone": 1})
+    assert screen_caption(f"call {PHONE}", SafetySpec(pii="reject")).detail == "1 phone"
+    assert screen_caption(f"call {PHONE}", SafetySpec(pii="off")) == (f"call {PHONE}", {})
+
+
 def test_pii_on_real_text_is_masked_and_ordinary_numbers_stay(shared_data):
     texts, *_ = extract(real_page(shared_data, "tour-magazin.de-unfall.html.gz"), "https://www.tour-magazin.de/x")
     text = "\n".join(t for t in texts if t)
@@ -296,6 +323,12 @@ def test_pii_reject_mode_and_bad_list_is_exit_2(safety_run, tmp_path, capsys):
     assert main(["interleaved", str(src), "-o", str(tmp_path / "x"), "--opt-out-list", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.txt, line 3" in err[0]
+    assert main(["interleaved", str(src), "-o", str(tmp_path / "y"), "--no-images", "--nsfw-head", "random",
+                 "--allow-random-weights"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nsfw-head" in err[0] and "--no-images" in err[0]
+    assert main(["interleaved", str(src), "-o", str(tmp_path / "z"), "--nsfw-head", "random"]) == 2
+    assert "--allow-random-weights" in capsys.readouterr().err
 
 
 # ---- pairs: lists, flagged captions, PII and the NSFW head over tiny CLIP features ------------------------
@@ -364,7 +397,7 @@ def test_pairs_nsfw_head_with_known_weights_end_to_end(tmp_path, coco):
     assert "NSFW head over the CLIP image embedding" in section and "`nsfw_image`" in section
 
 
-def test_older_pair_files_read_with_nsfw_score_null(tmp_path):
+def test_older_files_read_with_nsfw_score_null(tmp_path):
     old = schemas.PAIR.remove(schemas.PAIR.get_field_index("nsfw_score"))
     table = __import__("pyarrow").Table.from_pylist(
         [{"image_id": "a", "caption": "a cat", "caption_source": "web", "source_dataset": "x"}],
@@ -374,6 +407,19 @@ def test_older_pair_files_read_with_nsfw_score_null(tmp_path):
     assert back.column_names == schemas.PAIR.names and back.column("nsfw_score").to_pylist() == [None]
     assert schemas.read_table(str(tmp_path / "old.parquet"), "pair", columns=["caption", "nsfw_score"]).to_pylist() == [
         {"caption": "a cat", "nsfw_score": None}]
+    # interleaved 1.1: image_info without nsfw_score (schema 1.2 added it to the struct)
+    pa = __import__("pyarrow")
+    info_11 = pa.struct([f for f in schemas.IMAGE_INFO if f.name != "nsfw_score"])
+    old = schemas.INTERLEAVED.set(schemas.INTERLEAVED.get_field_index("image_info"),
+                                  pa.field("image_info", pa.list_(info_11)))
+    doc = {"doc_id": "d", "texts": ["a cat", None], "images": [None, "https://x.test/c.jpg"], "source": "s",
+           "image_info": [None, {"url": "https://x.test/c.jpg", "sha256": "ab", "width": 200, "alt": "a cat"}]}
+    pq.write_table(pa.Table.from_pylist([doc], schema=old.with_metadata(
+        {schemas.META_SCHEMA: b"interleaved", schemas.META_VERSION: b"1.1"})), tmp_path / "old-docs.parquet")
+    back = schemas.read_table(str(tmp_path / "old-docs.parquet"), "interleaved")
+    assert back.schema.field("image_info").type == schemas.INTERLEAVED.field("image_info").type
+    info = back.column("image_info").to_pylist()[0]
+    assert info[0] is None and info[1]["nsfw_score"] is None and info[1]["sha256"] == "ab" and info[1]["width"] == 200
 
 
 # ---- interleaved: the NSFW head over one CLIP embedding per fetched image ----------------------------------

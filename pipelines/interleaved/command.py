@@ -386,10 +386,9 @@ def nsfw_option(args, fetch_cfg):
     if "random" in (weights, loaded.source):
         print("interleaved: WARNING: the NSFW check runs with RANDOM weights (--allow-random-weights); its scores "
               "are meaningless", flush=True)
-    what = "drop the image" + ("" if policy.document_threshold is None else
-                               f"; drop the document when an image scores above {policy.document_threshold}")
     groups = 2 * (args.workers or os.cpu_count() or 1)
-    return (clip_cfg, head, policy, groups), nsfw_stats(weights, loaded.source, policy, args.clip_model, what)
+    return (clip_cfg, head, policy, groups), nsfw_stats(weights, loaded.source, policy, args.clip_model,
+                                                        "drop the image, keep the text")
 
 
 def run(args) -> int:

@@ -43,8 +43,8 @@ def safety_section(stats: dict, table) -> list[str]:
         document = (f"; documents with an image above {nsfw['document_threshold']} dropped whole"
                     if nsfw.get("document_threshold") is not None else "")
         applied.append(f"NSFW head over the CLIP image embedding (weights `{nsfw.get('weights')}`{clip}): images "
-                       f"scoring above {nsfw.get('image_threshold')} dropped{document} "
-                       f"({nsfw.get('policy', 'drop image')}); the score is kept per image (`nsfw_score`)")
+                       f"scoring above {nsfw.get('image_threshold')} dropped ({nsfw.get('policy', 'drop image')})"
+                       f"{document}; the score is kept per image (`nsfw_score`)")
     lines += ["Applied:", ""] + [f"- {a}" for a in applied] + [""]
     rows = []
     for s in stats.get("stages", []):
