@@ -138,9 +138,12 @@ def run(args) -> int:
     by = {s["stage"]: s for s in stats["stages"]}
     im, itm = by.get(capfilt.STAGE_IMAGES, {}), by.get(capfilt.STAGE_ITM, {})
     ctr = itm.get("counters", {})
+    why = by.get(capfilt.STAGE_CANDIDATES, {}).get("reasons", {})
+    masked = by.get("safety", {}).get("counters", {}).get("documents_pii_masked", 0)
     print(f"capfilt: {im.get('in', 0)} images, {im.get('out', 0)} kept with a caption, {im.get('rejected', 0)} rejected; "
           f"captions kept web {ctr.get('web_kept', 0)}/{ctr.get('web_kept', 0) + ctr.get('web_dropped', 0)}, "
           f"synthetic {ctr.get('synthetic_kept', 0)}/{ctr.get('synthetic_kept', 0) + ctr.get('synthetic_dropped', 0)}; "
-          f"{stats['totals']['written']} rows written in {stats['wall_seconds']:.1f}s"
+          f"{stats['totals']['written']} rows written in {stats['wall_seconds']:.1f}s; synthetic captions with a "
+          f"flagged word {why.get('flagged_image_words', 0)}, with PII {why.get('pii_found', 0)} rejected / {masked} masked"
           + (" [RANDOM WEIGHTS]" if "random" in sources.values() else ""), flush=True)
     return 0

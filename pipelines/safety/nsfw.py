@@ -1,9 +1,9 @@
 """The NSFW head over CLIP image embeddings (filters/safety.py NsfwHead, NsfwPolicy) in the pipelines.
 
 pairs:       `NsfwStage` runs the head on the embedding clip_score left in the row (no second encoding).
-interleaved: `score_images` embeds every fetched image once (keyed by sha256: an image on many pages is
-             embedded once), in batches, reading its spooled bytes only there; the scores join back to the
-             documents (image_info.nsfw_score); then `DocNsfw` (stage `nsfw`) applies the policy: a document
+interleaved: `score_images` embeds every fetched image once (its references grouped by hash(sha256): an
+             image on many pages is embedded once), in batches, reading its spooled bytes only there; the
+             scores join back to the documents (image_info.nsfw_score); then `DocNsfw` (stage `nsfw`) applies the policy: a document
              with an image above the document threshold is rejected whole (OBELICS style), images above the
              image threshold are dropped (rejects under `nsfw_images`, the text stays).
 """
@@ -113,26 +113,30 @@ class NsfwStage:
 
 # ---- interleaved: one embedding per distinct image, joined back to the documents ---------------------------
 
-def _image_refs(doc):
-    """(sha256, (doc_id, image bytes or their spool reference)) for every fetched image of a document."""
-    for url, info in zip(doc["images"], doc.get("image_info") or []):
-        if url is not None and info and info.get("sha256"):
-            yield info["sha256"], (doc["doc_id"], info.get("bytes"))
-
-
-def _one_image(element, groups: int):
-    """(batch group, (sha256, bytes ref, the doc_ids showing it)): each distinct image goes on once."""
+def _image_refs(doc, groups: int):
+    """(batch group, (sha256, doc_id, image bytes or their spool reference)) for every fetched image of a
+    document; the group follows from the sha256, so all references to one image meet in one group."""
     from mmcorpus.pipelines.runtime.sink import stable_hash
 
-    sha, refs = element
-    refs = list(refs)
-    data = next((b for _, b in refs if b is not None), None)
-    return stable_hash(sha) % groups, (sha, data, sorted({d for d, _ in refs}))
+    for url, info in zip(doc["images"], doc.get("image_info") or []):
+        if url is not None and info and info.get("sha256"):
+            yield stable_hash(info["sha256"]) % groups, (info["sha256"], doc["doc_id"], info.get("bytes"))
+
+
+def distinct_images(refs) -> list[tuple]:
+    """(sha256, bytes ref, the doc_ids showing it) per distinct image of a batch group, in sha256 order."""
+    by_sha: dict = {}
+    for sha, doc_id, data in refs:
+        entry = by_sha.setdefault(sha, [None, set()])
+        entry[0] = entry[0] if entry[0] is not None else data
+        entry[1].add(doc_id)
+    return [(sha, data, sorted(ids)) for sha, (data, ids) in sorted(by_sha.items())]
 
 
 class _ScoreImages(beam.DoFn):
-    """A batch group of distinct images: bytes read chunk by chunk, CLIP-embedded, scored by the head;
-    yields (doc_id, (sha256, score or why it could not be scored)) for every document showing the image."""
+    """A batch group of image references: each distinct image's bytes read (chunk by chunk), CLIP-embedded once,
+    scored by the head; yields (doc_id, (sha256, score or why it could not be scored)) for every document
+    showing the image."""
 
     def __init__(self, clip_cfg, head):
         self.clip_cfg = clip_cfg
@@ -150,7 +154,7 @@ class _ScoreImages(beam.DoFn):
         from mmcorpus.pipelines.runtime.sink import FileBytes
         from mmcorpus.pipelines.runtime.stage import COUNTS
 
-        images = sorted(element[1])
+        images = distinct_images(element[1])
         step = max(1, self.clip_cfg.batch_size)
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
@@ -201,9 +205,7 @@ def score_images(collector, docs, clip_cfg, head, groups: int):
     from mmcorpus.pipelines.interleaved.dedup import key_by_doc_id
     from mmcorpus.pipelines.runtime.stage import COUNTS, split_tags
 
-    tagged = (docs | "Nsfw_Refs" >> beam.FlatMap(_image_refs)
-              | "Nsfw_GroupImages" >> beam.GroupByKey()
-              | "Nsfw_OneImage" >> beam.Map(_one_image, groups)
+    tagged = (docs | "Nsfw_Refs" >> beam.FlatMap(_image_refs, groups)
               | "Nsfw_GroupBatches" >> beam.GroupByKey()  # batches from a shuffle: the DaskRunner loses
               | "Nsfw_Score" >> beam.ParDo(_ScoreImages(clip_cfg, head)))  # BatchElements' last batches
     parts = split_tags(tagged, ("score", COUNTS), label="Nsfw_")
