@@ -198,6 +198,24 @@ def test_nsfw_head_policy_and_weight_files(tmp_path):
     with pytest.raises(UserError, match="needs --allow-random-weights"):
         load_nsfw_head("random", False, 2)
     assert load_nsfw_head(None, True, 2) == (None, "none")
+    # interleaved: the policy on a document whose images carry scores (one could not be scored)
+    from mmcorpus.pipelines.safety.nsfw import DocNsfw, distinct_images
+
+    urls = ["https://x.test/a.jpg", "https://x.test/b.jpg", "https://x.test/c.jpg"]
+    doc = {"doc_id": "d", "source": "s", "texts": ["t0", None, "t1", None, None],
+           "images": [None, urls[0], None, urls[1], urls[2]], "metadata": {"declared_sizes": {u: [9, 9] for u in urls}},
+           "image_info": [None, {"nsfw_score": 0.2}, None, {"nsfw_score": 0.9}, {"nsfw_score": None}],
+           "_nsfw_unscored": {urls[2]: ("image_decode_failed", "CLIP preprocess: broken")}}
+    kept, *events = DocNsfw(NsfwPolicy(image_threshold=0.8))(doc)
+    assert kept["images"] == [None, urls[0], None] and kept["texts"] == ["t0", None, "t1"]
+    assert set(kept["metadata"]["declared_sizes"]) == {urls[0]} and "_nsfw_unscored" not in kept
+    assert [(e.reject.reason, e.reject.detail) for e in events if hasattr(e, "reject")] == [
+        ("nsfw_image", f"{urls[1]}: nsfw_score 0.9000 > 0.8"), ("image_decode_failed", f"{urls[2]}: not scored: "
+                                                                "CLIP preprocess: broken")]
+    assert {(e.metric, e.n) for e in events if not hasattr(e, "reject")} >= {("in", 3), ("out", 1)}
+    assert DocNsfw(NsfwPolicy(0.8, document_threshold=0.85))(doc).reason == "nsfw_document"
+    assert distinct_images([("s2", "d1", None), ("s1", "d2", "p1"), ("s2", "d3", "p2"), ("s1", "d2", "p1")]) == [
+        ("s1", "p1", ["d2"]), ("s2", "p2", ["d1", "d3"])]
 
 
 # ---- interleaved end to end -----------------------------------------------------------------------------

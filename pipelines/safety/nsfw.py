@@ -164,15 +164,15 @@ class _ScoreImages(beam.DoFn):
                     blobs.append(data.read() if isinstance(data, FileBytes) else data)
                 except OSError as exc:
                     blobs.append(None)
-                    problems[sha] = f"spooled bytes unreadable: {exc.strerror or exc}"
+                    problems[sha] = ("missing_image", f"spooled bytes unreadable: {exc.strerror or exc}")
                 if blobs[-1] is None and sha not in problems:
-                    problems[sha] = "no image bytes kept (fetch keep_bytes: false)"
+                    problems[sha] = ("missing_image", "no image bytes kept (fetch keep_bytes: false)")
             todo = [i for i, (sha, _, _) in enumerate(chunk) if sha not in problems]
             embedded = self.scorer.embed_images([blobs[i] for i in todo]) if todo else []
             good = [(i, e) for i, e in zip(todo, embedded) if not isinstance(e, Reject)]
             for i, e in zip(todo, embedded):
                 if isinstance(e, Reject):
-                    problems[chunk[i][0]] = e.detail
+                    problems[chunk[i][0]] = (e.reason, e.detail)
             scores = self.head.scores(np.stack([e for _, e in good])) if good else []
             outcome = {chunk[i][0]: float(s) for (i, _), s in zip(good, scores)}
             outcome.update(problems)
@@ -184,7 +184,7 @@ class _ScoreImages(beam.DoFn):
 
 def _with_scores(element):
     """A document (each of a doc_id's) with image_info.nsfw_score set from its images' outcomes; an image
-    that could not be scored keeps a null score and its reason in `_nsfw_unscored` (DocNsfw rejects it)."""
+    that could not be scored keeps a null score and (reason, detail) in `_nsfw_unscored` (DocNsfw rejects it)."""
     _, grouped = element
     outcome = dict(grouped["score"])
     for doc in grouped["doc"]:
@@ -195,7 +195,7 @@ def _with_scores(element):
                 if isinstance(got, float):
                     info = dict(info, nsfw_score=got)
                 else:
-                    unscored[url] = got or "no NSFW score"
+                    unscored[url] = got or ("image_decode_failed", "no NSFW score")
             infos.append(info)
         yield dict(doc, image_info=infos, _nsfw_unscored=unscored)
 
@@ -240,7 +240,8 @@ class DocNsfw:
             if url is None:
                 why = None
             elif score is None:
-                why = Reject("image_decode_failed", f"{url}: not scored: {unscored.get(url, 'no NSFW score')}")
+                reason, detail = unscored.get(url, ("image_decode_failed", "no NSFW score"))
+                why = Reject(reason, f"{url}: not scored: {detail}")
             else:
                 events.append(Count(STAGE_NSFW_IMAGES, score_bin(score)))
                 why = self.policy.image(score)
