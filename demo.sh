@@ -4,7 +4,8 @@
 #                documents, with a small opt-out list and blocklist applied (no image fetching: the pages' image hosts are not reachable offline), under the
 #                direct runner and again under Dask (same files); then photo-story pages built
 #                from the COCO photos and captions, served on 127.0.0.1 and crawled from a URL list with
-#                their images fetched (img2dataset), under the Dask runner
+#                their images fetched (img2dataset), under the Dask runner, each image scored by an NSFW
+#                head over its CLIP embedding (both random here: the demo shows the stage, not real scores)
 #   pairs:       COCO photos with their human captions -> CLIP scores, exact + pHash dedup
 #   capfilt:     synthetic captions + ITM filter over those pairs
 #   train:       a small Flamingo on the photo stories + pairs + CapFilt mixture (Flamingo's M3W 1.0 /
@@ -47,6 +48,9 @@ $MM interleaved "${WEB[@]}" --no-images --runner direct --workers 1 "${SAFETY[@]
   --overwrite
 .venv/bin/python demo/same_output.py "$OUT/interleaved" "$OUT/interleaved-direct"
 
+step "tiny model configs for the offline run"
+.venv/bin/python demo/tiny_models.py "$OUT/models" "$DATA/coco-mini" "$OUT/stories" "$OUT/pairs" "$OUT/capfilt"
+
 step "photo-story pages served on 127.0.0.1, crawled with their images (Dask runner)"
 PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 rm -rf "$OUT/site"
@@ -55,15 +59,17 @@ rm -rf "$OUT/site"
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 sleep 1
+# NSFW: a random head over a random tiny CLIP (--allow-random-weights; stats and card say the scores mean
+# nothing). Each photo is embedded once and gets image_info.nsfw_score. The random scores of the coco-mini photos
+# fall between 0.10 and 0.16, so the thresholds sit there to show both decisions (about a tenth of the images
+# dropped, and the documents holding one of the top few); with real weights start from --nsfw-threshold 0.5.
 $MM interleaved "$OUT/photo-stories.txt" --allow-private-network --config demo/stories.yaml --runner dask \
-  --output "$OUT/stories" --overwrite
+  --nsfw-head random --clip-model "$OUT/models/clip-tiny.json" --allow-random-weights \
+  --nsfw-threshold 0.14 --nsfw-document-threshold 0.155 --output "$OUT/stories" --overwrite
 kill $SERVER 2>/dev/null || true
 
 step "image-text pairs from COCO photos and captions"
 $MM pairs coco-mini="$DATA/coco-mini" --allow-random-weights --output "$OUT/pairs" --overwrite
-
-step "tiny model configs for the offline run"
-.venv/bin/python demo/tiny_models.py "$OUT/models" "$DATA/coco-mini" "$OUT/stories" "$OUT/pairs" "$OUT/capfilt"
 
 step "BLIP CapFilt over the pairs"
 # a random ITM head scores every caption about the same (0.44 here), so no threshold would mean anything:
@@ -88,6 +94,7 @@ $MM card "$OUT/interleaved" --name mmcorpus-demo-interleaved \
 sed -n '/^## Safety and opt-outs/,/^## Limitations/p' "$OUT/interleaved/README.md" | head -n -1
 $MM card "$OUT/stories" --name mmcorpus-demo-photo-stories --train-report "$OUT/train/report.json" \
   --description "Photo-story pages built from COCO photos and captions, crawled over HTTP with their images."
+sed -n '/^## Safety and opt-outs/,/^## Limitations/p' "$OUT/stories/README.md" | head -n -1
 $MM card "$OUT/pairs" --name mmcorpus-demo-pairs --train-report "$OUT/train/report.json" \
   --description "COCO photos with their human captions (CLIP scores from random weights)."
 $MM card "$OUT/capfilt" --name mmcorpus-demo-capfilt --train-report "$OUT/train/report.json" \

@@ -4,14 +4,19 @@
    work (`opt_out`: noai/noimageai directives + the page URL on the lists; `safety`: the page URL, every image
    URL and alt text on the lists and flagged words, PII masking of every text) as a fraction of extraction
    time (filters/extract.py, the call the pipeline makes). Lists: a 1M-entry opt-out list and a 1M-entry
-   blocklist. No NSFW model (interleaved runs none). Target: <= 5%.
+   blocklist. The page URL is checked once (opt_out), as in the pipeline. No NSFW model. Target: <= 5%.
 2. List matching per URL against lists of 1k .. 1M entries (half domains, half URL prefixes; half the URLs
    hit; sizes timed in alternating rounds): flat time per URL means O(1) in the list size. Also the time and
    memory to read a 1M-entry list.
+3. The optional NSFW stage of `interleaved` (--nsfw-head): per image, reading its spooled bytes, the CLIP
+   image embedding (open_clip ViT-B-32, the default --clip-model; random weights cost the same time as real
+   ones) and the head, in batches as the stage runs them, on the coco-mini photos; compared with the
+   extraction time per page of part 1 measured in the same run.
 
-Writes bench/results/safety.json. The machine may be shared: compare the ratios, measured within one run.
+Writes bench/results/safety.json (parts not run keep their earlier figures). The machine may be shared:
+compare the ratios, measured within one run; the load average is recorded.
 
-    python bench/bench_safety.py [--rounds 3]
+    python bench/bench_safety.py [--rounds 3] [--parts matching,documents,nsfw]
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ def bench_documents(rounds: int, list_size: int) -> dict:
             if isinstance(result, tuple):
                 texts, images, infos, meta = result
                 doc = {"url": url, "source": name, "texts": texts, "images": images, "image_info": infos,
-                       "metadata": meta}
+                       "metadata": meta, "_record_url": url}  # the record's URL: checked by opt_out above
                 stage(doc)
                 docs += 1
             safety_s += time.perf_counter() - t1
@@ -139,22 +144,74 @@ def bench_documents(rounds: int, list_size: int) -> dict:
     return out
 
 
+def bench_nsfw(rounds: int, n_images: int, batch_size: int, extract_ms_per_page: float | None) -> dict:
+    """The interleaved NSFW stage's work per image: spooled bytes read, CLIP-embedded in batches, scored."""
+    import tempfile
+
+    import numpy as np
+
+    from mmcorpus.pipelines.models.clip import ClipConfig, ClipScorer
+    from mmcorpus.pipelines.runtime.sink import spool
+    from mmcorpus.pipelines.safety.nsfw import load_nsfw_head
+
+    photos = sorted((ROOT.parent / "shared" / "data" / "coco-mini" / "images").glob("*.jpg"))[:n_images]
+    cfg = ClipConfig(model="ViT-B-32", allow_random=True, device="cpu", batch_size=batch_size)
+    scorer = ClipScorer(cfg)
+    head, _ = load_nsfw_head("random", True, int(scorer.model.visual.output_dim))
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = [spool(tmp, p.read_bytes(), p.stem) for p in photos]  # as fetch_images leaves them
+        scorer.embed_images([refs[0].read()])  # warm-up off the clock
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for start in range(0, len(refs), batch_size):
+                emb = scorer.embed_images([r.read() for r in refs[start:start + batch_size]])
+                head.scores(np.stack(emb))
+            times.append((time.perf_counter() - t0) / len(refs))
+    ms = sorted(times)[len(times) // 2] * 1e3
+    out = {"clip_model": "ViT-B-32", "device": "cpu", "images": len(refs), "batch_size": batch_size,
+           "rounds": rounds, "ms_per_image_median": round(ms, 2)}
+    if extract_ms_per_page:
+        out["ms_per_image_over_extract_ms_per_page"] = round(ms / extract_ms_per_page, 3)
+    print(f"nsfw: {ms:.1f} ms per image (ViT-B-32 on CPU, batches of {batch_size})"
+          + (f" = {ms / extract_ms_per_page:.2f}x extraction per page" if extract_ms_per_page else ""), flush=True)
+    return out
+
+
+def load_average() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--urls", type=int, default=20_000)
     ap.add_argument("--sizes", default="1000,10000,100000,1000000")
+    ap.add_argument("--parts", default="matching,documents,nsfw")
+    ap.add_argument("--nsfw-images", type=int, default=64)
+    ap.add_argument("--nsfw-batch-size", type=int, default=32)
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
-    matching = bench_matching(sizes, args.urls)
-    documents = bench_documents(args.rounds, max(sizes))
-    flat = matching[-1]["us_per_url_median"] / matching[0]["us_per_url_median"]
-    result = {"machine": "shared 2-core machine (other jobs running); ratios are within this run",
-              "documents": documents, "matching": matching,
-              "us_per_url_ratio_largest_to_smallest_list": round(flat, 3)}
-    print(f"matching: {matching[-1]['entries']:,}-entry list costs {flat:.2f}x the {matching[0]['entries']:,}-entry "
-          "list per URL", flush=True)
     out = ROOT / "bench" / "results" / "safety.json"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["machine"] = "shared 2-core machine (other jobs running); ratios are within one run"
+    result.setdefault("load_average_1_5_15", {})["start"] = load_average()
+    if "matching" in parts:
+        matching = bench_matching(sizes, args.urls)
+        flat = matching[-1]["us_per_url_median"] / matching[0]["us_per_url_median"]
+        result.update(matching=matching, us_per_url_ratio_largest_to_smallest_list=round(flat, 3))
+        print(f"matching: {matching[-1]['entries']:,}-entry list costs {flat:.2f}x the {matching[0]['entries']:,}-entry "
+              "list per URL", flush=True)
+    if "documents" in parts:
+        result["documents"] = bench_documents(args.rounds, max(sizes))
+    if "nsfw" in parts:
+        extract = result["documents"]["extract_ms_per_page"] if "documents" in parts else None
+        result["nsfw_interleaved"] = bench_nsfw(args.rounds, args.nsfw_images, args.nsfw_batch_size, extract)
+    result["load_average_1_5_15"]["end"] = load_average()
+    result["parts_measured_last"] = sorted(parts)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

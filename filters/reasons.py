@@ -80,7 +80,7 @@ REASONS: dict[str, str] = {
     "opt_out_noimageai": "the page opts its images out of AI training (noimageai)",
     "opt_out_list": "page or image URL is on a user opt-out list (domain, subdomain or URL prefix)",
     "blocklist": "page or image URL is on a blocklist (e.g. UT1 adult)",
-    "flagged_image_words": "flagged word in the image URL or alt text",
+    "flagged_image_words": "flagged word in the image URL, alt text or caption",
     "nsfw_image": "NSFW classifier score of the image above the threshold",
     "nsfw_document": "an image of the document scores above the document NSFW threshold",
     "pii_found": "text holds e-mail addresses, IP addresses or phone numbers (with --pii reject)",

@@ -87,13 +87,20 @@ def url_reject(url: str | None, lists: Lists, what: str) -> Reject | None:
     return None
 
 
+def flagged_word(text: str | None) -> str | None:
+    """The first flagged word of `text` (split at non-letters, lower-cased), or None."""
+    for word in _WORDS.findall((text or "").lower()):
+        if word in FLAGGED_WORDS:
+            return word
+    return None
+
+
 def flagged_in(url: str | None, alt: str | None) -> str | None:
     """The first flagged word among the words of an image URL (decoded, split at non-letters) or its alt text."""
     for where, text in (("URL", unquote(url or "")), ("alt text", alt or "")):
-        if text:
-            for word in _WORDS.findall(text.lower()):
-                if word in FLAGGED_WORDS:
-                    return f"flagged word {word!r} in image {where}"
+        word = flagged_word(text)
+        if word:
+            return f"flagged word {word!r} in image {where}"
     return None
 
 

@@ -8,7 +8,7 @@
   fetching/     network fetching shared by the pipelines: host lookup, page fetching, img2dataset images
   models/       model runners used by the pipelines: CLIP scoring, BLIP captioning and ITM
   runtime/      shared run machinery: stages and counters, the sink, runners, run checks, progress
-  safety/       opt-outs, blocklists, flagged image words, PII masking and the NSFW head (interleaved, pairs)
+  safety/       opt-outs, blocklists, flagged words, PII masking (stages), the NSFW head over CLIP (nsfw)
   outputs/      what reads a finished output: dataset card, plots, inspect
 """
 

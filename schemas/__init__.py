@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1.1"  # 1.1: pair.nsfw_score
+SCHEMA_VERSION = "1.2"  # 1.1: pair.nsfw_score; 1.2: interleaved image_info.nsfw_score
 META_SCHEMA = b"mmcorpus.schema"
 META_VERSION = b"mmcorpus.schema_version"
 META_FINGERPRINT = b"mmcorpus.run_fingerprint"
@@ -29,6 +29,7 @@ IMAGE_INFO = pa.struct(
         ("bytes", pa.binary()),
         ("path", pa.string()),
         ("alt", pa.string()),
+        ("nsfw_score", pa.float32()),  # since 1.2: NSFW head over the CLIP image embedding (null: not run)
     ]
 )
 
@@ -185,7 +186,8 @@ HF_INTERLEAVED = _hf(pa.schema(
         ("key", pa.string()),
     ]), _HF_FEATURES_INTERLEAVED)
 # Columns added after 1.0, by the version that added them: files of an older version are read with them null.
-ADDED_IN: dict[str, dict[str, str]] = {"pair": {"nsfw_score": "1.1"}}
+# "column.field": a field added to the struct (or list of structs) of a column.
+ADDED_IN: dict[str, dict[str, str]] = {"pair": {"nsfw_score": "1.1"}, "interleaved": {"image_info.nsfw_score": "1.2"}}
 
 SCHEMAS: dict[str, pa.Schema] = {
     "interleaved": INTERLEAVED,
@@ -413,9 +415,15 @@ def _version(version: str) -> tuple[int, ...]:
 
 
 def upgrade(table: pa.Table, name: str, version: str) -> pa.Table:
-    """A table read from a file of schema `version` with the columns added since then as nulls, in schema order."""
-    added = [c for c, since in ADDED_IN.get(name, {}).items()
-             if _version(version) < _version(since) and c not in table.column_names]
+    """A table read from a file of schema `version` with the columns (and struct fields) added since then as
+    nulls, in schema order."""
+    newer = [c for c, since in ADDED_IN.get(name, {}).items() if _version(version) < _version(since)]
+    for column in {c.split(".")[0] for c in newer if "." in c}:  # a struct gained a field: cast to the new type
+        if column in table.column_names:
+            field = schema(name).field(column)
+            i = table.column_names.index(column)
+            table = table.set_column(i, field, table.column(column).cast(field.type))
+    added = [c for c in newer if "." not in c and c not in table.column_names]
     if not added:
         return table
     for c in added:

@@ -33,13 +33,10 @@ def build_tokenizer(coco):
     return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, bos_token="[DEC]")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, coco):
-    """Captioner and ITM folders (tiny random BLIP + BlipProcessor), and a config-only folder."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
-                              BlipImageProcessor, BlipProcessor)
+def tiny_blip(tok):
+    """(BlipConfig, BlipProcessor) of a tiny BLIP over tokenizer `tok`."""
+    from transformers import BlipConfig, BlipImageProcessor, BlipProcessor
 
-    tok = build_tokenizer(coco)
     ids = tok.convert_tokens_to_ids
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     config = BlipConfig(
@@ -47,6 +44,15 @@ def models(tmp_path_factory, coco):
                          sep_token_id=ids("[SEP]"), eos_token_id=ids("[SEP]"), pad_token_id=ids("[PAD]"), **small),
         vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=32, image_text_hidden_size=32)
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    return config, processor
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, coco):
+    """Captioner and ITM folders (tiny random BLIP + BlipProcessor), and a config-only folder."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    config, processor = tiny_blip(build_tokenizer(coco))
     root = tmp_path_factory.mktemp("blip")
     torch.manual_seed(0)
     paths = {}
@@ -325,3 +331,56 @@ def test_first_decodable_row_rows_without_identity_and_pixel_limit(models, coco,
         ("a-broken-path", "web"), ("b-bytes", "web"), ("b-bytes#synthetic-0", "synthetic")]
     assert all(r["image_bytes"] == rows[0]["image_bytes"] for r in data)  # the decodable sibling's bytes
     assert stats["totals"]["read"] == stats["totals"]["written"] + stats["totals"]["rejected"]
+
+
+def test_synthetic_captions_are_checked_for_flagged_words_and_pii(models, coco, tmp_path):
+    """A tiny captioner whose output layer favours two number tokens (five of them make a phone number) and
+    a flagged word: each synthetic caption is rejected (flagged word) or kept with the number masked."""
+    from transformers import BertTokenizerFast, BlipForConditionalGeneration
+
+    from mmcorpus.filters.pii import mask_pii
+
+    words = SPECIALS + ["a", "picture", "of", "porn", "18", "25"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True, bos_token="[DEC]")
+    config, processor = tiny_blip(tok)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    with torch.no_grad():  # logits 20 for "18" and "25", 18.6 for "porn": about 1 token in 9 is the flagged word
+        bias = torch.zeros(len(words))
+        bias[words.index("18")] = bias[words.index("25")] = 20.0
+        bias[words.index("porn")] = 18.6
+        model.text_decoder.cls.predictions.bias.copy_(bias)
+        model.text_decoder.cls.predictions.decoder.bias.copy_(bias)
+    model.save_pretrained(tmp_path / "captioner")
+    processor.save_pretrained(tmp_path / "captioner")
+    rows = pair_rows(coco, 6)
+    inp = write_pairs(tmp_path / "in", rows)
+    out = tmp_path / "out"
+    assert cli_main(["capfilt", str(inp), "--captioner", str(tmp_path / "captioner"), "--itm", models["itm"],
+                     "--num-captions", "2", "--repetition-penalty", "1.0", "--max-new-tokens", "5", "--seed", "1",
+                     "--itm-threshold", "0", "--runner", "direct", "--workers", "1", "--output", str(out)]) == 0
+    data, rejects, stats = read_out(out)
+    cfg = capfilt.CapFiltConfig(captioner="", itm="", num_captions=2, repetition_penalty=1.0, max_new_tokens=5, seed=1)
+    raw = Captioner.load(str(tmp_path / "captioner"), device="cpu").captions(
+        images_of(coco, 6), [capfilt.image_key(r) for r in rows], cfg.caption_config())
+    raw = [c for caps in raw for c in caps]
+    flagged = [c for c in raw if "porn" in c.split()]
+    masked = [mask_pii(c) for c in raw if c not in flagged]
+    assert flagged and masked and all(counts == {"phone": 1} for _, counts in masked)  # both kinds happen
+    assert sorted(r["caption"] for r in data if r["caption_source"] == "synthetic") == sorted(m for m, _ in masked)
+    assert all(r["caption"] == "[PHONE]" for r in data if r["caption_source"] == "synthetic")
+    safety = [r for r in rejects if r["reason"] == "flagged_image_words"]
+    assert len(safety) == len(flagged) and all(r["stage"] == "candidates" for r in safety)
+    assert all(r["detail"] == "flagged word 'porn' in the synthetic caption" for r in safety)
+    by_stage = {s["stage"]: s for s in stats["stages"]}
+    assert by_stage["candidates"]["reasons"]["flagged_image_words"] == len(flagged)
+    assert by_stage["safety"]["counters"] == {"documents_pii_masked": len(masked), "pii_masked_phone": len(masked)}
+    assert stats["totals"]["read"] == stats["totals"]["written"] + stats["totals"]["rejected"] == 6 + len(raw)
+    assert stats["safety"]["pii"] == "mask" and stats["safety"]["applies_to"] == "the synthetic captions CapFilt adds"
+    from mmcorpus.pipelines.outputs.card import _table
+    from mmcorpus.pipelines.outputs.safety_card import safety_section
+
+    section = "\n".join(safety_section(stats, _table))  # the card's section
+    assert "checks applied to the synthetic captions CapFilt adds only" in section
+    assert f"| `candidates` | `flagged_image_words` | {len(flagged)} |" in section
+    assert f"pii_masked_phone (masked, kept) | {len(masked)}" in section

@@ -22,7 +22,8 @@ from mmcorpus.filters.urllists import ListError, parse_list
 from mmcorpus.pipelines.cli import main
 from mmcorpus.pipelines.errors import UserError
 from mmcorpus.pipelines.interleaved.sources import decode_bytes
-from mmcorpus.pipelines.safety.stages import load_nsfw_head, read_list
+from mmcorpus.pipelines.safety.nsfw import load_nsfw_head
+from mmcorpus.pipelines.safety.stages import read_list
 
 PAGES = "trafilatura-eval/pages"
 EMAIL, IPV4, IPV6, PHONE = "anna.schmidt+news@Beispiel-Verlag.de", "203.0.113.57", "2001:db8:85a3::8a2e:370:7334", \
@@ -131,6 +132,33 @@ def test_image_decisions_and_flagged_words():
     assert image_reject("https://ok.test/garden.jpg", "a garden", lists) is None
 
 
+def test_doc_safety_copies_its_input_checks_a_page_url_once_and_screens_captions():
+    import copy
+
+    from mmcorpus.pipelines.safety.stages import DocSafety, SafetySpec, screen_caption
+
+    lists = Lists(opt_out=(parse_list("o.txt", ["optout.test"]),))
+    stage = DocSafety(SafetySpec(), lists)
+    doc = {"url": "https://www.optout.test/a", "_record_url": "https://www.optout.test/a", "_noimageai": None,
+           "source": "x.warc:0", "texts": [f"mail {EMAIL}", None], "images": [None, "https://ok.test/g.jpg"],
+           "image_info": [None, {"alt": f"call {PHONE}"}], "metadata": {}}
+    before = copy.deepcopy(doc)
+    out = stage(doc)
+    assert doc == before  # the Beam element is not changed; the stage returns a copy
+    kept = out[0]  # the record's own URL was opt_out's to check: not a second time here
+    assert kept["texts"][0] == "mail [EMAIL]" and kept["image_info"][1]["alt"] == "call [PHONE]"
+    assert "_record_url" not in kept and "_noimageai" not in kept
+    canonical = dict(before, _record_url=None)  # a URL only extraction found (the page's canonical one) is checked
+    assert stage(canonical).reason == "opt_out_list"
+    noimageai = stage(dict(before, _noimageai="X-Robots-Tag"))
+    assert noimageai[0]["images"] == [None] and doc == before
+    assert screen_caption("a porn cat", SafetySpec()).reason == "flagged_image_words"
+    assert screen_caption("a porn cat", SafetySpec(flagged_image_words=False)) == ("a porn cat", {})
+    assert screen_caption(f"call {PHONE}", SafetySpec()) == ("call [PHONE]", {"phone": 1})
+    assert screen_caption(f"call {PHONE}", SafetySpec(pii="reject")).detail == "1 phone"
+    assert screen_caption(f"call {PHONE}", SafetySpec(pii="off")) == (f"call {PHONE}", {})
+
+
 def test_pii_on_real_text_is_masked_and_ordinary_numbers_stay(shared_data):
     texts, *_ = extract(real_page(shared_data, "tour-magazin.de-unfall.html.gz"), "https://www.tour-magazin.de/x")
     text = "\n".join(t for t in texts if t)
@@ -170,6 +198,24 @@ def test_nsfw_head_policy_and_weight_files(tmp_path):
     with pytest.raises(UserError, match="needs --allow-random-weights"):
         load_nsfw_head("random", False, 2)
     assert load_nsfw_head(None, True, 2) == (None, "none")
+    # interleaved: the policy on a document whose images carry scores (one could not be scored)
+    from mmcorpus.pipelines.safety.nsfw import DocNsfw, distinct_images
+
+    urls = ["https://x.test/a.jpg", "https://x.test/b.jpg", "https://x.test/c.jpg"]
+    doc = {"doc_id": "d", "source": "s", "texts": ["t0", None, "t1", None, None],
+           "images": [None, urls[0], None, urls[1], urls[2]], "metadata": {"declared_sizes": {u: [9, 9] for u in urls}},
+           "image_info": [None, {"nsfw_score": 0.2}, None, {"nsfw_score": 0.9}, {"nsfw_score": None}],
+           "_nsfw_unscored": {urls[2]: ("image_decode_failed", "CLIP preprocess: broken")}}
+    kept, *events = DocNsfw(NsfwPolicy(image_threshold=0.8))(doc)
+    assert kept["images"] == [None, urls[0], None] and kept["texts"] == ["t0", None, "t1"]
+    assert set(kept["metadata"]["declared_sizes"]) == {urls[0]} and "_nsfw_unscored" not in kept
+    assert [(e.reject.reason, e.reject.detail) for e in events if hasattr(e, "reject")] == [
+        ("nsfw_image", f"{urls[1]}: nsfw_score 0.9000 > 0.8"), ("image_decode_failed", f"{urls[2]}: not scored: "
+                                                                "CLIP preprocess: broken")]
+    assert {(e.metric, e.n) for e in events if not hasattr(e, "reject")} >= {("in", 3), ("out", 1)}
+    assert DocNsfw(NsfwPolicy(0.8, document_threshold=0.85))(doc).reason == "nsfw_document"
+    assert distinct_images([("s2", "d1", None), ("s1", "d2", "p1"), ("s2", "d3", "p2"), ("s1", "d2", "p1")]) == [
+        ("s1", "p1", ["d2"]), ("s2", "p2", ["d1", "d3"])]
 
 
 # ---- interleaved end to end -----------------------------------------------------------------------------
@@ -295,6 +341,12 @@ def test_pii_reject_mode_and_bad_list_is_exit_2(safety_run, tmp_path, capsys):
     assert main(["interleaved", str(src), "-o", str(tmp_path / "x"), "--opt-out-list", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.txt, line 3" in err[0]
+    assert main(["interleaved", str(src), "-o", str(tmp_path / "y"), "--no-images", "--nsfw-head", "random",
+                 "--allow-random-weights"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nsfw-head" in err[0] and "--no-images" in err[0]
+    assert main(["interleaved", str(src), "-o", str(tmp_path / "z"), "--nsfw-head", "random"]) == 2
+    assert "--allow-random-weights" in capsys.readouterr().err
 
 
 # ---- pairs: lists, flagged captions, PII and the NSFW head over tiny CLIP features ------------------------
@@ -363,7 +415,7 @@ def test_pairs_nsfw_head_with_known_weights_end_to_end(tmp_path, coco):
     assert "NSFW head over the CLIP image embedding" in section and "`nsfw_image`" in section
 
 
-def test_older_pair_files_read_with_nsfw_score_null(tmp_path):
+def test_older_files_read_with_nsfw_score_null(tmp_path):
     old = schemas.PAIR.remove(schemas.PAIR.get_field_index("nsfw_score"))
     table = __import__("pyarrow").Table.from_pylist(
         [{"image_id": "a", "caption": "a cat", "caption_source": "web", "source_dataset": "x"}],
@@ -373,3 +425,102 @@ def test_older_pair_files_read_with_nsfw_score_null(tmp_path):
     assert back.column_names == schemas.PAIR.names and back.column("nsfw_score").to_pylist() == [None]
     assert schemas.read_table(str(tmp_path / "old.parquet"), "pair", columns=["caption", "nsfw_score"]).to_pylist() == [
         {"caption": "a cat", "nsfw_score": None}]
+    # interleaved 1.1: image_info without nsfw_score (schema 1.2 added it to the struct)
+    pa = __import__("pyarrow")
+    info_11 = pa.struct([f for f in schemas.IMAGE_INFO if f.name != "nsfw_score"])
+    old = schemas.INTERLEAVED.set(schemas.INTERLEAVED.get_field_index("image_info"),
+                                  pa.field("image_info", pa.list_(info_11)))
+    doc = {"doc_id": "d", "texts": ["a cat", None], "images": [None, "https://x.test/c.jpg"], "source": "s",
+           "image_info": [None, {"url": "https://x.test/c.jpg", "sha256": "ab", "width": 200, "alt": "a cat"}]}
+    pq.write_table(pa.Table.from_pylist([doc], schema=old.with_metadata(
+        {schemas.META_SCHEMA: b"interleaved", schemas.META_VERSION: b"1.1"})), tmp_path / "old-docs.parquet")
+    back = schemas.read_table(str(tmp_path / "old-docs.parquet"), "interleaved")
+    assert back.schema.field("image_info").type == schemas.INTERLEAVED.field("image_info").type
+    info = back.column("image_info").to_pylist()[0]
+    assert info[0] is None and info[1]["nsfw_score"] is None and info[1]["sha256"] == "ab" and info[1]["width"] == 200
+
+
+# ---- interleaved: the NSFW head over one CLIP embedding per fetched image ----------------------------------
+
+from tests.test_interleaved import server  # noqa: E402,F401  (photo-story pages and COCO photos on 127.0.0.1)
+
+
+def _gap_threshold(values, lo: float, hi: float) -> float:
+    """The middle of the widest gap between sorted `values` whose lower side lies at quantile lo..hi."""
+    v = sorted(values)
+    i = max(range(int(lo * (len(v) - 1)), int(hi * (len(v) - 1)) + 1), key=lambda k: v[k + 1] - v[k])
+    assert v[i + 1] - v[i] > 0.01  # a clear margin on both sides
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def test_interleaved_nsfw_head_drops_images_and_documents_end_to_end(server, coco, tmp_path, capsys):
+    from mmcorpus.filters.imageinfo import to_rgb
+    from mmcorpus.pipelines.outputs.card import _table
+    from mmcorpus.pipelines.outputs.safety_card import safety_section
+    from mmcorpus.pipelines.models.clip import ClipConfig, load_model
+
+    clip = tmp_path / "mmcorpus-tiny-safety-clip.json"
+    clip.write_text(json.dumps(TINY))
+    pages = {"page0.html": range(0, 3), "page1.html": range(3, 6), "page2.html": range(6, 9),
+             "page3.html": range(9, 12), "repost.html": [11]}  # the server's stories: photos by caption index
+    photos = [json.loads(line)["file_name"] for line in (coco / "captions.jsonl").read_text().splitlines()][:12]
+    loaded = load_model(ClipConfig(model=str(clip), allow_random=True))
+    with torch.no_grad():
+        emb = loaded.model.encode_image(torch.stack([loaded.extras["preprocess"](to_rgb((coco / "images" / f).read_bytes()))
+                                                     for f in photos]))
+        emb = torch.nn.functional.normalize(emb, dim=-1).numpy()
+    direction = emb[4] - emb.mean(0)  # known weights: a direction through the photos' own embeddings
+    w = (direction / np.linalg.norm(direction) * 40).astype(np.float32)[None, :]
+    b = (-(emb @ w[0]).mean() * np.ones(1)).astype(np.float32)
+    np.savez(tmp_path / "nsfw.npz", weight_0=w, bias_0=b)
+    expected = dict(zip(photos, NsfwHead([(w, b)]).scores(emb).tolist()))
+    doc_max = {p: max(expected[photos[i]] for i in idx) for p, idx in pages.items()}
+    doc_threshold = _gap_threshold(list(doc_max.values()), 0.5, 0.99)  # the top document(s) go whole
+    kept_docs = [p for p, m in doc_max.items() if m <= doc_threshold]
+    image_threshold = _gap_threshold([expected[photos[i]] for p in kept_docs for i in pages[p]], 0.2, 0.8)
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{server}/{p}\n" for p in pages))
+    config = tmp_path / "c.yaml"
+    config.write_text("pages: {host_delay: 0.0, retries: 0, timeout: 5}\nfetch: {groups: 1}\n"
+                      "quality: {max_duplicate_ngram_chars: {}}\n")
+    out = tmp_path / "out"
+    assert main(["interleaved", str(urls), "-o", str(out), "--allow-private-network", "--config", str(config),
+                 "--workers", "1", "--num-shards", "1", "--nsfw-head", str(tmp_path / "nsfw.npz"),
+                 "--clip-model", str(clip), "--allow-random-weights", "--nsfw-threshold", str(image_threshold),
+                 "--nsfw-document-threshold", str(doc_threshold)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    t = stats["totals"]
+    assert t["read"] == t["written"] + t["rejected"] == 5
+    by_stage = {s["stage"]: s for s in stats["stages"]}
+    assert by_stage["nsfw"]["counters"]["images_embedded"] == 12  # repost's photo is page3's: embedded once
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    line_of = {p: f"urls.txt:{i + 1}" for i, p in enumerate(pages)}  # a page's reject source names its list line
+    doc_rejects = {r["source"].rsplit("/", 1)[-1] for r in rejects if r["stage"] == "nsfw"}
+    assert doc_rejects == {line_of[p] for p, m in doc_max.items() if m > doc_threshold} and doc_rejects
+    assert all(r["reason"] == "nsfw_document" for r in rejects if r["stage"] == "nsfw")
+    dropped = {r["detail"].split(": ")[0].rsplit("/", 1)[-1] for r in rejects if r["stage"] == "nsfw_images"}
+    assert all(r["reason"] == "nsfw_image" for r in rejects if r["stage"] == "nsfw_images")
+    above = {photos[i] for p in kept_docs for i in pages[p] if expected[photos[i]] > image_threshold}
+    assert dropped == above and above
+    n_kept_images = sum(len(pages[p]) for p in kept_docs)
+    assert by_stage["nsfw_images"]["in"] == n_kept_images and by_stage["nsfw_images"]["out"] == n_kept_images - len(
+        [r for r in rejects if r["stage"] == "nsfw_images"])
+    rows = [r for f in sorted((out / "data").glob("*.parquet")) for r in schemas.read_table(str(f), "interleaved").to_pylist()]
+    assert rows
+    for row in rows:  # the document stays, its text too, without the dropped images; every image left is scored
+        page = row["url"].rsplit("/", 1)[-1]
+        images = [u.rsplit("/", 1)[-1] for u in row["images"] if u]
+        assert page in kept_docs and images == [photos[i] for i in pages[page] if photos[i] not in dropped]
+        assert row["texts"][0].startswith(("Photo story", "Repost"))
+        for url, info in zip(row["images"], row["image_info"]):
+            if url is not None:
+                name = url.rsplit("/", 1)[-1]
+                assert info["nsfw_score"] == pytest.approx(expected[name], abs=1e-3) and expected[name] <= image_threshold
+    nsfw = stats["safety"]["nsfw"]
+    assert nsfw["weights"] == str(tmp_path / "nsfw.npz") and nsfw["clip_weights"] == "random"
+    assert nsfw["document_threshold"] == doc_threshold
+    section = "\n".join(safety_section(stats, _table))  # the card's section (the whole card: test_card.py)
+    assert "NSFW head over the CLIP image embedding" in section and f"above {doc_threshold} dropped whole" in section
+    assert "| `nsfw` | `nsfw_document` |" in section and "| `nsfw_images` | `nsfw_image` |" in section
+    assert "CLIP model had RANDOM weights" in section and "no classifier run" not in section

@@ -21,7 +21,8 @@ DESCRIPTION = (
     "images left with no caption are rejects (no_caption_kept), undecodable images image_decode_failed, "
     "images over --max-pixels image_too_large; each image is decoded from the first of its rows that decodes. "
     "Synthetic rows get image_id '<web image_id>#synthetic-<j>' (image_id stays unique per row). "
-    "stats.json has kept/dropped per source and ITM score histograms. Models: a local folder saved with "
+    "Each synthetic caption is checked as pairs checks web captions: a flagged word rejects it, e-mails/IPs/phone "
+    "numbers are masked (--pii reject: rejected). stats.json has kept/dropped per source and ITM score histograms. Models: a local folder saved with "
     "save_pretrained (model + BlipProcessor) or a cached hub id; no hub here, so --allow-random-weights builds "
     "random weights from the folder's config for a smoke run (stats.json 'models' then says 'random'). "
     "GPU: fp16/bf16 automatically, batches halve on out-of-memory."
@@ -54,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
     add_runner_args(parser)
+    from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
+
+    add_safety_arguments(parser, lists=False)
 
 
 def input_files(path: str) -> list[str]:
@@ -112,15 +116,18 @@ def run(args) -> int:
         repetition_penalty=args.repetition_penalty, prompt=args.prompt, itm_threshold=args.itm_threshold,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
         allow_random_weights=args.allow_random_weights, device=args.device, precision=args.precision,
-        max_pixels=args.max_pixels)
+        max_pixels=args.max_pixels, pii=args.pii, flagged_words=not args.no_flagged_image_words)
     sources = model_sources(cfg)
     if "random" in sources.values():
         print("capfilt: WARNING: running with RANDOM weights (--allow-random-weights); captions and scores are "
               "meaningless", flush=True)
-    spec = RunSpec(command="capfilt", out_dir=args.output, config=capfilt.config_dict(cfg), inputs=files,
-                   kinds={"data": Kind("pair", "data", args.num_shards)},
+    from mmcorpus.pipelines.safety.stages import safety_stats
+
+    safety = safety_stats(cfg.safety(), None, kind="capfilt")
+    spec = RunSpec(command="capfilt", out_dir=args.output, config=dict(capfilt.config_dict(cfg), safety=safety),
+                   inputs=files, kinds={"data": Kind("pair", "data", args.num_shards)},
                    stages=[capfilt.STAGE_CANDIDATES, capfilt.STAGE_ITM], overwrite=args.overwrite,
-                   extra_stats={"models": sources, "itm_threshold": args.itm_threshold})
+                   extra_stats={"models": sources, "itm_threshold": args.itm_threshold, "safety": safety})
     print(f"capfilt: {len(files)} input file(s) -> {args.output}", flush=True)
     spool_dir = spool_folder(args.output)
     stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg, spool_dir))
@@ -131,9 +138,12 @@ def run(args) -> int:
     by = {s["stage"]: s for s in stats["stages"]}
     im, itm = by.get(capfilt.STAGE_IMAGES, {}), by.get(capfilt.STAGE_ITM, {})
     ctr = itm.get("counters", {})
+    why = by.get(capfilt.STAGE_CANDIDATES, {}).get("reasons", {})
+    masked = by.get("safety", {}).get("counters", {}).get("documents_pii_masked", 0)
     print(f"capfilt: {im.get('in', 0)} images, {im.get('out', 0)} kept with a caption, {im.get('rejected', 0)} rejected; "
           f"captions kept web {ctr.get('web_kept', 0)}/{ctr.get('web_kept', 0) + ctr.get('web_dropped', 0)}, "
           f"synthetic {ctr.get('synthetic_kept', 0)}/{ctr.get('synthetic_kept', 0) + ctr.get('synthetic_dropped', 0)}; "
-          f"{stats['totals']['written']} rows written in {stats['wall_seconds']:.1f}s"
+          f"{stats['totals']['written']} rows written in {stats['wall_seconds']:.1f}s; synthetic captions with a "
+          f"flagged word {why.get('flagged_image_words', 0)}, with PII {why.get('pii_found', 0)} rejected / {masked} masked"
           + (" [RANDOM WEIGHTS]" if "random" in sources.values() else ""), flush=True)
     return 0

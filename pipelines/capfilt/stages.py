@@ -8,7 +8,9 @@ Graph: pair rows (Parquet, schema "pair") -> keyed by image (sha256, else hash o
 Counting (every stage balances; stats.json checks it):
 - `candidates` (caption level, main chain): in = web rows read + synthetic captions generated; rejected =
   web rows of undecodable/missing images, unreadable rows (read_failed: a broken row group), empty synthetic
-  captions; out = captions sent to the ITM filter.
+  captions, synthetic captions with a flagged word (flagged_image_words) or, with pii "reject", PII
+  (pii_found); out = captions sent to the ITM filter. A synthetic caption's e-mails, IPs and phone numbers are
+  masked by default (counters pii_masked_<kind>, documents_pii_masked of stage `safety`), as in `pairs`.
 - `itm_filter` (caption level, main chain): in = candidates out; out = rows written; rejected `itm_low`.
   Counters web_kept / web_dropped / synthetic_kept / synthetic_dropped and score histograms (`hist_<source>_<bin>`).
 - `capfilt_images` (image level): in = distinct images; out = images with at least one kept caption;
@@ -39,6 +41,7 @@ from mmcorpus.filters.imageinfo import DEFAULT_MAX_PIXELS
 from mmcorpus.filters.reasons import Reject, shorten
 from mmcorpus.pipelines.runtime.sink import FileBytes, stable_hash
 from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, reject_output
+from mmcorpus.pipelines.safety.stages import pii_counts, screen_caption
 
 log = logging.getLogger("mmcorpus.capfilt")
 
@@ -64,7 +67,14 @@ class CapFiltConfig:
     device: str = "auto"
     precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejects (decompression bombs)
+    pii: str = "mask"  # synthetic captions: mask | reject | off (issue 17)
+    flagged_words: bool = True  # synthetic captions with a flagged word are rejected
     extra: dict = field(default_factory=dict)
+
+    def safety(self):
+        from mmcorpus.pipelines.safety.stages import SafetySpec
+
+        return SafetySpec(directives=False, flagged_image_words=self.flagged_words, pii=self.pii)
 
     def caption_config(self):
         from mmcorpus.pipelines.models.blip import CaptionConfig
@@ -234,6 +244,7 @@ class CapFiltFn(beam.DoFn):
             if c.num_captions > 0 else None
         self.matcher = Matcher.load(c.itm, c.allow_random_weights, c.device, c.precision, c.batch_size * 4)
         self.caption_cfg = c.caption_config()
+        self.safety = c.safety()
         self.done = 0
         self.started = time.time()
         self.last_report = self.started
@@ -277,11 +288,18 @@ class CapFiltFn(beam.DoFn):
             yield _count(STAGE_CANDIDATES, "synthetic", len(caps))
             yield _count(STAGE_CANDIDATES, "in", len(caps))
             for j, text in enumerate(caps):
-                if text:
-                    cands.append(("synthetic", j, text, base))
-                else:
-                    yield from _reject(STAGE_CANDIDATES, "caption_empty", "captioner produced no words",
-                                       f"{base.get('image_id') or key}#synthetic-{j}")
+                tag = f"{base.get('image_id') or key}#synthetic-{j}"
+                if not text:
+                    yield from _reject(STAGE_CANDIDATES, "caption_empty", "captioner produced no words", tag)
+                    continue
+                screened = screen_caption(text, self.safety)
+                if isinstance(screened, Reject):
+                    yield from _reject(STAGE_CANDIDATES, screened.reason, screened.detail, tag)
+                    continue
+                text, pii = screened
+                for e in pii_counts(pii) if pii else ():
+                    yield _count(e.stage, e.metric, e.n)
+                cands.append(("synthetic", j, text, base))
             candidates.append(cands)
         scores = self.matcher.score(images, [[cand[2] for cand in cands] for cands in candidates])
         for key, rows, image, cands, image_scores, base in zip(keys, groups, images, candidates, scores, bases):

@@ -28,7 +28,10 @@ DESCRIPTION = (
     "paragraphs (OBELICS node rules, removes paragraphs) "
     "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
     "document; per-image rejects under image_rules_images) -> fetch_images (img2dataset; decoded size rules; "
-    "skipped with --no-images, then images stay URL references) -> image_count -> dedup_exact -> dedup_near "
+    "skipped with --no-images, then images stay URL references) -> nsfw (with --nsfw-head: every fetched image "
+    "embedded once with CLIP (--clip-model), scored by the head, image_info.nsfw_score; images above "
+    "--nsfw-threshold dropped under nsfw_images, the document rejected when one scores above "
+    "--nsfw-document-threshold) -> image_count -> dedup_exact -> dedup_near "
     "(MinHash LSH) -> dedup_images (images in more than K documents) -> image_count_after_dedup (a document "
     "whose images were all boilerplate). Thresholds come from --config "
     "FILE (YAML): sections extract (trafilatura's options: fast, favor_precision, favor_recall, include_tables, "
@@ -53,7 +56,7 @@ STAGE_IMAGE_RULES = "image_rules"
 STAGE_IMAGE_RULES_ITEMS = "image_rules_images"
 STAGE_IMAGE_COUNT = "image_count"
 STAGE_IMAGE_RECOUNT = "image_count_after_dedup"  # dedup_images removes boilerplate images: count again
-INFO_KEYS = ("url", "sha256", "width", "height", "phash", "bytes", "path", "alt")
+INFO_KEYS = ("url", "sha256", "width", "height", "phash", "bytes", "path", "alt", "nsfw_score")
 
 
 def add_arguments(parser) -> None:
@@ -85,6 +88,17 @@ def add_arguments(parser) -> None:
     from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
 
     add_safety_arguments(parser)
+    from mmcorpus.pipelines.safety import nsfw
+
+    nsfw.add_arguments(parser, documents=True)
+    g = parser.add_argument_group("CLIP (image embeddings for --nsfw-head)")
+    g.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name or a model-config .json path")
+    g.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+    g.add_argument("--allow-random-weights", action="store_true",
+                   help="run with a randomly initialised CLIP (and --nsfw-head random) when no weights are given "
+                        "(tests and demos only)")
+    g.add_argument("--clip-batch-size", type=int, default=64, help="images per CLIP batch (halves on CUDA out-of-memory)")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
 
 
 # ---- stage functions (module level: workers import them by name) ----------------------------------------
@@ -144,7 +158,8 @@ def extract_record(rec, options: dict | None = None):
     return {"doc_id": doc_id_of(url, rec["source"]), "url": url, "warc_record_id": rec.get("warc_record_id"),
             "crawl_date": rec.get("crawl_date"), "source": rec["source"], "language": None, "language_score": None,
             "texts": texts, "images": images, "image_info": infos, "metadata": meta,
-            "_noimageai": rec.get("_noimageai")}  # the page's noimageai directive (safety stage, issue 17)
+            # for the safety stage (issue 17): the page's noimageai directive, the URL opt_out checked
+            "_noimageai": rec.get("_noimageai"), "_record_url": rec.get("url")}
 
 
 class DocStep:
@@ -248,18 +263,21 @@ def load_config(path: str | None):
     return doc_cfg, dedup_cfg, fetch_cfg, page_cfg
 
 
-def document_stages(dedup_cfg, doc_cfg=None) -> list[str]:
-    """Document-level stages in order; precheck only when documents need images (doc_cfg.images.min_per_doc).
+def document_stages(dedup_cfg, doc_cfg=None, nsfw: bool = False) -> list[str]:
+    """Document-level stages in order; precheck only when documents need images (doc_cfg.images.min_per_doc),
+    nsfw only with an NSFW head.
     Every stage that drops images is followed by an image count, so a document written always holds
     images.min_per_doc..max_per_doc images: image_count after the URL rules and the fetch (failures, decoded-size
     rules), image_count_after_dedup after dedup_images."""
     from mmcorpus.pipelines.interleaved.dedup import document_stages as dedup_stages
+    from mmcorpus.pipelines.safety.nsfw import STAGE_NSFW
     from mmcorpus.pipelines.safety.stages import STAGE_OPT_OUT, STAGE_SAFETY
 
     recount = [STAGE_IMAGE_RECOUNT] if dedup_cfg.images else []
     precheck = [STAGE_PRECHECK] if doc_cfg is not None and doc_cfg.images.min_per_doc >= 1 else []
     return [STAGE_READ, STAGE_DECODE, STAGE_OPT_OUT, *precheck, STAGE_EXTRACT, STAGE_SAFETY, STAGE_LANGUAGE,
-            STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES, STAGE_IMAGE_COUNT, *dedup_stages(dedup_cfg), *recount]
+            STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES, *([STAGE_NSFW] if nsfw else []), STAGE_IMAGE_COUNT,
+            *dedup_stages(dedup_cfg), *recount]
 
 
 def build(p, items, opts):
@@ -301,6 +319,11 @@ def build(p, items, opts):
         x = c.stage(x, name, DocStep(name, doc_cfg), source_of)
     if not opts["no_images"]:
         x = fetch_images(c, x, fetch_cfg, allow_private=opts["allow_private"])
+    if opts.get("nsfw") is not None:  # issue 17: one CLIP embedding per fetched image, the head, the policy
+        from mmcorpus.pipelines.safety.nsfw import STAGE_NSFW, DocNsfw, score_images
+
+        clip_cfg, head, policy, groups = opts["nsfw"]
+        x = c.stage(score_images(c, x, clip_cfg, head, groups), STAGE_NSFW, DocNsfw(policy), source_of)
     x = c.stage(x, STAGE_IMAGE_COUNT, DocStep(STAGE_IMAGE_COUNT, doc_cfg), source_of)
     x = dedup_documents(c, x, dedup_cfg)
     if STAGE_IMAGE_RECOUNT in stages:
@@ -341,6 +364,33 @@ def write_m3w(out_dir: str, kind) -> int:
     return n
 
 
+def nsfw_option(args, fetch_cfg):
+    """((ClipConfig, NsfwHead, NsfwPolicy, batch groups) or None, its stats.json entry or None) from the
+    --nsfw-head/--clip-* options; the CLIP model is loaded here once, so missing weights stop the run now."""
+    from mmcorpus.pipelines.models.clip import ClipConfig, load_model
+    from mmcorpus.pipelines.safety.nsfw import load_nsfw_head, nsfw_stats, policy_from_args
+
+    policy = policy_from_args(args)
+    if args.nsfw_head is None:
+        return None, None
+    if args.no_images:
+        raise UserError("--nsfw-head scores fetched images: it cannot run with --no-images")
+    if not fetch_cfg.keep_bytes:
+        raise UserError("--nsfw-head needs the fetched image bytes: set fetch.keep_bytes true in --config")
+    if args.clip_batch_size < 1:
+        raise UserError("--clip-batch-size must be at least 1")
+    clip_cfg = ClipConfig(model=args.clip_model, pretrained=args.clip_pretrained, allow_random=args.allow_random_weights,
+                          device=args.device, batch_size=args.clip_batch_size)
+    loaded = load_model(clip_cfg)
+    head, weights = load_nsfw_head(args.nsfw_head, args.allow_random_weights, int(loaded.model.visual.output_dim))
+    if "random" in (weights, loaded.source):
+        print("interleaved: WARNING: the NSFW check runs with RANDOM weights (--allow-random-weights); its scores "
+              "are meaningless", flush=True)
+    groups = 2 * (args.workers or os.cpu_count() or 1)
+    return (clip_cfg, head, policy, groups), nsfw_stats(weights, loaded.source, policy, args.clip_model,
+                                                        "drop the image, keep the text")
+
+
 def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from mmcorpus.pipelines.runtime.sink import Kind, spool_folder
@@ -364,7 +414,9 @@ def run(args) -> int:
     from mmcorpus.pipelines.safety.stages import SafetySpec, safety_stats  # issue 17
 
     safety = SafetySpec.from_args(args)
-    safety_applied = safety_stats(safety, nsfw=None)  # reads the lists now: a bad line stops here, exit 2
+    nsfw, nsfw_applied = nsfw_option(args, fetch_cfg)
+    off = "--no-images: no image fetched" if args.no_images else ""
+    safety_applied = safety_stats(safety, nsfw_applied, nsfw_off=off)  # reads the lists: a bad line is exit 2
 
     config = {"documents": doc_cfg.to_dict(),
               "dedup": dataclasses.asdict(dedup_cfg),
@@ -379,13 +431,13 @@ def run(args) -> int:
     parts = args.read_parts or read_parts(items, workers)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
-            "urls": urls, "read_parts": parts}
+            "urls": urls, "read_parts": parts, "nsfw": nsfw}
     # the DaskRunner makes one partition of up to 128 created items and every later step keeps the partitions:
     # two per worker (more only multiply the tasks of every step and shuffle)
     args.dask_partitions = min(sum(parts if item[0] == "warc" else 1 for item in items), 2 * workers)
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=inputs,
                    kinds={"data": Kind("interleaved", "data", args.num_shards)},
-                   stages=document_stages(dedup_cfg, doc_cfg), overwrite=args.overwrite,
+                   stages=document_stages(dedup_cfg, doc_cfg, nsfw is not None), overwrite=args.overwrite,
                    extra_stats={"safety": safety_applied})
     print(f"interleaved: {len(items)} input file(s) -> {args.output}", flush=True)
     stats = execute(spec, args, lambda p: build(p, items, opts))

@@ -46,7 +46,7 @@ FIELD_DOCS = {
         "crawl_date": "crawl date (ISO 8601)", "language": "ISO 639-1 language code",
         "language_score": "language-ID probability", "texts": "text at each position (null where an image sits)",
         "images": "image URL at each position (null where a text sits)",
-        "image_info": "per position: url, sha256, width, height, phash, bytes, path, alt (null at text positions)",
+        "image_info": "per position: url, sha256, width, height, phash, bytes, path, alt, nsfw_score (null at text positions)",
         "source": "input file and offset, or URL", "metadata": "JSON object with extra fields"},
     "pair": {
         "image_id": "stable image id", "url": "image URL", "image_bytes": "encoded image (when embedded)",

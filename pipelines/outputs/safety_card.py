@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mmcorpus.filters.reasons import REASONS
 
-SAFETY_STAGES = ("opt_out", "safety", "safety_images", "nsfw")
+SAFETY_STAGES = ("opt_out", "safety", "safety_images", "nsfw", "nsfw_images")
 SAFETY_REASONS = ("opt_out_noai", "opt_out_noimageai", "opt_out_list", "blocklist", "flagged_image_words",
                   "nsfw_image", "nsfw_document", "pii_found")
 
@@ -19,6 +19,8 @@ def safety_section(stats: dict, table) -> list[str]:
         return lines + ["This output was written without a safety stage: no opt-outs (noai/noimageai, opt-out "
                         "lists), blocklists, NSFW classifier or PII masking were applied.", ""]
     applied = []
+    if safety.get("applies_to"):
+        applied.append(f"checks applied to {safety['applies_to']} only")
     if safety.get("page_directives"):
         applied.append("page directives honoured: " + ", ".join(f"`{d}`" for d in safety["page_directives"])
                        + " in `<meta name=robots|ai|*bot>` and the page's `X-Robots-Tag` header (`noai` drops "
@@ -37,17 +39,21 @@ def safety_section(stats: dict, table) -> list[str]:
                           else "rejected (the item is dropped)"))
     nsfw = safety.get("nsfw")
     if isinstance(nsfw, dict):
-        applied.append(f"NSFW head over the CLIP image embedding (weights `{nsfw.get('weights')}`): images "
-                       f"scoring above {nsfw.get('image_threshold')} dropped ({nsfw.get('policy', 'drop image')})")
+        clip = f", CLIP `{nsfw['clip_model']}` weights `{nsfw.get('clip_weights')}`" if nsfw.get("clip_model") else ""
+        document = (f"; documents with an image above {nsfw['document_threshold']} dropped whole"
+                    if nsfw.get("document_threshold") is not None else "")
+        applied.append(f"NSFW head over the CLIP image embedding (weights `{nsfw.get('weights')}`{clip}): images "
+                       f"scoring above {nsfw.get('image_threshold')} dropped ({nsfw.get('policy', 'drop image')})"
+                       f"{document}; the score is kept per image (`nsfw_score`)")
     lines += ["Applied:", ""] + [f"- {a}" for a in applied] + [""]
     rows = []
     for s in stats.get("stages", []):
-        if s["stage"] in SAFETY_STAGES:
-            for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]):
+        for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]):  # a safety reason in any stage
+            if s["stage"] in SAFETY_STAGES or reason in SAFETY_REASONS:
                 rows.append([f"`{s['stage']}`", f"`{reason}`", n, REASONS.get(reason, "")])
-            for metric, n in sorted((s.get("counters") or {}).items()):
-                if metric.startswith(("pii_masked_", "documents_pii_masked")):
-                    rows.append([f"`{s['stage']}`", f"{metric} (masked, kept)", n, ""])
+        for metric, n in sorted((s.get("counters") or {}).items()):
+            if metric.startswith(("pii_masked_", "documents_pii_masked")):
+                rows.append([f"`{s['stage']}`", f"{metric} (masked, kept)", n, ""])
     if rows:
         lines += table(["stage", "decision", "count", "meaning"], rows) + [""]
     else:

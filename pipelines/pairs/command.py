@@ -103,11 +103,9 @@ def add_arguments(parser) -> None:
     from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
 
     add_safety_arguments(parser)
-    n = parser.add_argument_group("NSFW (a head over the CLIP image embedding clip_score computed)")
-    n.add_argument("--nsfw-head", default=None, metavar="PATH",
-                   help="MLP weights (.pt state dict or .npz) over CLIP image embeddings; 'random' with "
-                        "--allow-random-weights; without it the NSFW check is off (stats and card say so)")
-    n.add_argument("--nsfw-threshold", type=float, default=0.5, help="pairs whose image scores above this are rejected")
+    from mmcorpus.pipelines.safety import nsfw  # the head over the image embedding clip_score computes
+
+    nsfw.add_arguments(parser, documents=False)
 
 
 # ---- stage functions (module level: workers import them by name) ----------------------------------------
@@ -308,7 +306,8 @@ def build(p, opts: dict):
     pairs = c.stage(raw, STAGE_READ, to_candidate, source_of)
     pairs = c.stage(pairs, STAGE_CAPTION, CaptionStage(opts["caption_cfg"]), source_of)
     # safety (issue 17): opt-out lists, blocklists, flagged words and PII, before any image is downloaded
-    from mmcorpus.pipelines.safety.stages import STAGE_NSFW, STAGE_SAFETY, NsfwStage, PairSafety
+    from mmcorpus.pipelines.safety.nsfw import STAGE_NSFW, NsfwStage
+    from mmcorpus.pipelines.safety.stages import STAGE_SAFETY, PairSafety
 
     pair_safety = PairSafety(opts["safety"])
     pairs = c.stage(pairs, STAGE_SAFETY, pair_safety, source_of, setup=pair_safety.setup)
@@ -416,18 +415,15 @@ def run(args) -> int:
                                        phash_distance=args.phash_distance, phash_blocks=args.phash_blocks,
                                        phash_parts=args.phash_parts, phash_transforms=args.phash_transforms,
                                        semantic_eps=args.semantic_eps, semantic_clusters=args.semantic_clusters)
-    from mmcorpus.filters.safety import NsfwPolicy
-    from mmcorpus.pipelines.safety.stages import STAGE_NSFW, STAGE_SAFETY, SafetySpec, load_nsfw_head, safety_stats
+    from mmcorpus.pipelines.safety.nsfw import STAGE_NSFW, load_nsfw_head, nsfw_stats, policy_from_args
+    from mmcorpus.pipelines.safety.stages import STAGE_SAFETY, SafetySpec, safety_stats
 
     safety = SafetySpec.from_args(args)  # issue 17
-    try:
-        nsfw_policy = NsfwPolicy(image_threshold=args.nsfw_threshold)
-    except ValueError as exc:
-        raise UserError(f"--nsfw-threshold: {exc}") from None
+    nsfw_policy = policy_from_args(args)
     nsfw_head, nsfw_weights = load_nsfw_head(args.nsfw_head, args.allow_random_weights,
                                              int(loaded.model.visual.output_dim))
-    nsfw = None if nsfw_head is None else {"weights": nsfw_weights, "image_threshold": args.nsfw_threshold,
-                                           "document_threshold": None, "policy": "drop the pair"}
+    nsfw = None if nsfw_head is None else nsfw_stats(nsfw_weights, weights, nsfw_policy, args.clip_model,
+                                                     "drop the pair")
     safety_applied = safety_stats(safety, nsfw, kind="pair")
     eval_refs, skipped = (eval_references(args.decontaminate, args.max_pixels) if args.decontaminate else (None, 0))
     opts = {

@@ -1,12 +1,14 @@
 """Safety stages of the pipelines: opt-outs (page directives, user lists), blocklists, flagged words on images,
-PII in texts, and the NSFW head over the CLIP embeddings `pairs` already computes. Decisions are made by
-filters/safety.py and filters/pii.py; this module reads the list and weight files and counts.
+PII in texts; the NSFW head is in nsfw.py. Decisions are made by filters/safety.py and filters/pii.py; this module
+reads the list files and counts.
 
 interleaved: opt_out (before extract: the page's noai/noimageai directives, its URL on the lists)
-             -> extract -> safety (the URL again when only the page's canonical URL named it; every image
-             URL and alt text; PII masked or rejected), images dropped counted under safety_images.
+             -> extract -> safety (the URL only when extraction found it, i.e. the page's canonical URL: a
+             record's own URL was checked by opt_out; every image URL and alt text; PII masked or rejected),
+             images dropped counted under safety_images.
 pairs:       safety (image URL on the lists, flagged words in URL and caption, PII in the caption, before
              any download) ... clip_score -> nsfw (the head on the row's CLIP embedding; no second encoding).
+capfilt:     each synthetic caption: flagged words, PII (`screen_caption`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from mmcorpus.pipelines.errors import UserError
 STAGE_OPT_OUT = "opt_out"
 STAGE_SAFETY = "safety"
 STAGE_SAFETY_IMAGES = "safety_images"
-STAGE_NSFW = "nsfw"
 PII_MODES = ("mask", "reject", "off")
 
 
@@ -87,32 +88,79 @@ class SafetySpec:
                 "flagged_image_words": self.flagged_image_words, "pii": self.pii}
 
 
-def add_arguments(parser) -> None:
-    """The safety options shared by `interleaved` and `pairs`."""
+def add_arguments(parser, lists: bool = True) -> None:
+    """The safety options of `interleaved` and `pairs`; `capfilt` (lists=False) checks only the texts it adds."""
     g = parser.add_argument_group("safety and opt-outs")
-    g.add_argument("--opt-out-list", action="append", default=[], metavar="FILE",
-                   help="user opt-out list (domains, URL prefixes, image URLs; one a line), repeatable")
-    g.add_argument("--blocklist", action="append", default=[], metavar="FILE",
-                   help="URL/domain blocklist (UT1 'domains' or 'urls' format), repeatable")
+    if lists:
+        g.add_argument("--opt-out-list", action="append", default=[], metavar="FILE",
+                       help="user opt-out list (domains, URL prefixes, image URLs; one a line), repeatable")
+        g.add_argument("--blocklist", action="append", default=[], metavar="FILE",
+                       help="URL/domain blocklist (UT1 'domains' or 'urls' format), repeatable")
     g.add_argument("--pii", default="mask", choices=PII_MODES,
                    help="e-mail/IP/phone in texts: mask with placeholders (default), reject the item, or off")
-    g.add_argument("--ignore-ai-directives", action="store_true",
-                   help="do not honour noai/noimageai page directives (stats.json and the card say so)")
+    if lists:
+        g.add_argument("--ignore-ai-directives", action="store_true",
+                       help="do not honour noai/noimageai page directives (stats.json and the card say so)")
     g.add_argument("--no-flagged-image-words", action="store_true",
-                   help="do not drop images whose URL or alt text holds a flagged word")
+                   help="do not drop images (captions) whose URL, alt text or caption holds a flagged word")
 
 
-# ---- interleaved ------------------------------------------------------------------------------------------
+# ---- shared by the stages ----------------------------------------------------------------------------------
 
-class PageOptOut:
-    """Stage `opt_out` on a decoded page record (html + its X-Robots-Tag values), before extraction."""
+class _WithLists:
+    """A stage that needs the parsed lists: the spec travels in the graph, each worker reads the lists once
+    (`setup` returns the stage with them)."""
 
     def __init__(self, spec: SafetySpec, lists=None):
         self.spec = spec
         self.lists = lists
 
     def setup(self):
-        return PageOptOut(self.spec, self.spec.lists())
+        return type(self)(self.spec, self.spec.lists())
+
+
+def masked(text: str, counts: dict) -> str:
+    """`text` with its PII replaced by placeholders; what was found is added to `counts`."""
+    from mmcorpus.filters.pii import mask_pii
+
+    out, found = mask_pii(text)
+    for k, n in found.items():
+        counts[k] = counts.get(k, 0) + n
+    return out
+
+
+def pii_counts(counts: dict) -> list:
+    """The counters of one item whose texts had PII masked."""
+    from mmcorpus.pipelines.runtime.stage import Count
+
+    return [Count(STAGE_SAFETY, "documents_pii_masked", 1), *[Count(STAGE_SAFETY, f"pii_masked_{k}", n)
+                                                              for k, n in counts.items()]]
+
+
+def pii_reject(counts: dict):
+    from mmcorpus.filters.pii import describe
+    from mmcorpus.filters.reasons import Reject
+
+    return Reject("pii_found", describe(counts))
+
+
+def drop_positions(doc: dict, keep: list[int]) -> dict:
+    """A copy of `doc` with only the positions `keep` of texts/images/image_info; a dropped image's URL also
+    leaves the metadata's declared sizes."""
+    infos = doc.get("image_info") or [None] * len(doc["images"])
+    out = dict(doc, texts=[doc["texts"][i] for i in keep], images=[doc["images"][i] for i in keep],
+               image_info=[infos[i] for i in keep])
+    meta = doc.get("metadata") or {}
+    if meta.get("declared_sizes"):  # a dropped image's URL must not stay in the output's metadata
+        kept = set(out["images"])
+        out["metadata"] = dict(meta, declared_sizes={u: v for u, v in meta["declared_sizes"].items() if u in kept})
+    return out
+
+
+# ---- interleaved ------------------------------------------------------------------------------------------
+
+class PageOptOut(_WithLists):
+    """Stage `opt_out` on a decoded page record (html + its X-Robots-Tag values), before extraction."""
 
     def __call__(self, rec):
         from mmcorpus.filters.reasons import Reject
@@ -131,70 +179,54 @@ class PageOptOut:
         return rec
 
 
-class DocSafety:
-    """Stage `safety` on an extracted document: URL (a canonical one not checked before), images, PII."""
+# what extract_record carries over from the opt_out stage: the page's noimageai directive, and the record's own
+# URL (checked there), so `safety` checks a URL only when extraction found it (the page's canonical URL)
+OPT_OUT_KEYS = ("_noimageai", "_record_url")
 
-    def __init__(self, spec: SafetySpec, lists=None):
-        self.spec = spec
-        self.lists = lists
 
-    def setup(self):
-        return DocSafety(self.spec, self.spec.lists())
+class DocSafety(_WithLists):
+    """Stage `safety` on an extracted document: its URL when opt_out did not see it, images, PII. The input
+    element is never changed: a changed document is a copy."""
 
     def __call__(self, doc):
-        from mmcorpus.filters.pii import describe, mask_pii
         from mmcorpus.filters.reasons import Reject
         from mmcorpus.filters.safety import image_reject, url_reject
         from mmcorpus.pipelines.runtime.stage import Count, ItemReject
 
-        r = url_reject(doc.get("url"), self.lists, "page URL")
-        if r is not None:
-            return r
-        events, keep, n_images = [], [], 0
+        carried = {k: doc.get(k) for k in OPT_OUT_KEYS}
+        doc = {k: v for k, v in doc.items() if k not in OPT_OUT_KEYS}
+        if doc.get("url") != carried["_record_url"]:
+            r = url_reject(doc.get("url"), self.lists, "page URL")
+            if r is not None:
+                return r
+        rejects, keep, n_images = [], [], 0
         infos = doc.get("image_info") or [None] * len(doc["texts"])
-        noimageai = doc.pop("_noimageai", None)
-        for text, image, info in zip(doc["texts"], doc["images"], infos):
+        for pos, (image, info) in enumerate(zip(doc["images"], infos)):
             if image is not None:
                 n_images += 1
                 why = image_reject(image, (info or {}).get("alt"), self.lists, self.spec.flagged_image_words,
-                                   noimageai)
+                                   carried["_noimageai"])
                 if why is not None:
-                    events.append(ItemReject(STAGE_SAFETY_IMAGES, Reject(why.reason, f"{image}: {why.detail}"),
-                                             doc["source"]))
+                    rejects.append(ItemReject(STAGE_SAFETY_IMAGES, Reject(why.reason, f"{image}: {why.detail}"),
+                                              doc["source"]))
                     continue
-            keep.append((text, image, info))
-        if events:
-            doc["texts"], doc["images"] = [k[0] for k in keep], [k[1] for k in keep]
-            doc["image_info"] = [k[2] for k in keep]
-            meta = doc.get("metadata") or {}
-            if meta.get("declared_sizes"):  # a dropped image's URL must not stay in the output's metadata
-                kept = set(doc["images"])
-                doc["metadata"] = dict(meta, declared_sizes={u: v for u, v in meta["declared_sizes"].items() if u in kept})
-        events = [Count(STAGE_SAFETY_IMAGES, "in", n_images), Count(STAGE_SAFETY_IMAGES, "out", n_images - len(events)),
-                  *events]
-        if self.spec.pii != "off":
-            texts, counts = [], {}
-            for t in doc["texts"]:
-                if t is None:
-                    texts.append(t)
-                    continue
-                masked, found = mask_pii(t)
-                texts.append(masked)
-                for k, n in found.items():
-                    counts[k] = counts.get(k, 0) + n
-            for info in doc.get("image_info") or []:
-                if info and info.get("alt"):
-                    masked, found = mask_pii(info["alt"])
-                    info["alt"] = masked
-                    for k, n in found.items():
-                        counts[k] = counts.get(k, 0) + n
-            if counts and self.spec.pii == "reject":
-                return Reject("pii_found", describe(counts))
-            if counts:
-                doc["texts"] = texts
-                doc["metadata"] = dict(doc.get("metadata") or {}, pii_masked=counts)
-                events += [Count(STAGE_SAFETY, f"pii_masked_{k}", n) for k, n in counts.items()]
-                events.append(Count(STAGE_SAFETY, "documents_pii_masked", 1))
+            keep.append(pos)
+        if rejects:
+            doc = drop_positions(doc, keep)
+        events = [Count(STAGE_SAFETY_IMAGES, "in", n_images), Count(STAGE_SAFETY_IMAGES, "out", n_images - len(rejects)),
+                  *rejects]
+        if self.spec.pii == "off":
+            return [doc, *events]
+        counts: dict = {}
+        texts = [t if t is None else masked(t, counts) for t in doc["texts"]]
+        infos = [dict(i, alt=masked(i["alt"], counts)) if i and i.get("alt") else i
+                 for i in doc.get("image_info") or []]
+        if counts and self.spec.pii == "reject":
+            return pii_reject(counts)
+        if counts:
+            doc = dict(doc, texts=texts, image_info=infos or doc.get("image_info"),
+                       metadata=dict(doc.get("metadata") or {}, pii_masked=counts))
+            events += pii_counts(counts)
         return [doc, *events]
 
 
@@ -205,22 +237,12 @@ def interleaved_stages(spec: SafetySpec) -> tuple[list[str], list[str]]:
 
 # ---- pairs ------------------------------------------------------------------------------------------------
 
-class PairSafety:
+class PairSafety(_WithLists):
     """Stage `safety` on a pair before its image is fetched: the image URL (and the page it came from) on the
     lists, flagged words in the URL and caption, PII in the caption."""
 
-    def __init__(self, spec: SafetySpec, lists=None):
-        self.spec = spec
-        self.lists = lists
-
-    def setup(self):
-        return PairSafety(self.spec, self.spec.lists())
-
     def __call__(self, row):
-        from mmcorpus.filters.pii import describe, mask_pii
-        from mmcorpus.filters.reasons import Reject
         from mmcorpus.filters.safety import image_reject, url_reject
-        from mmcorpus.pipelines.runtime.stage import Count
 
         page = (row.get("metadata") or {}).get("doc_url")
         r = url_reject(page, self.lists, "page URL") if isinstance(page, str) else None
@@ -230,74 +252,35 @@ class PairSafety:
             return r
         if self.spec.pii == "off" or not isinstance(row.get("caption"), str):
             return row
-        masked, counts = mask_pii(row["caption"])
+        counts: dict = {}
+        caption = masked(row["caption"], counts)
         if not counts:
             return row
         if self.spec.pii == "reject":
-            return Reject("pii_found", describe(counts))
+            return pii_reject(counts)
         meta = dict(row.get("metadata") or {}, pii_masked=counts)
-        return [dict(row, caption=masked, metadata=meta), Count(STAGE_SAFETY, "documents_pii_masked", 1),
-                *[Count(STAGE_SAFETY, f"pii_masked_{k}", n) for k, n in counts.items()]]
+        return [dict(row, caption=caption, metadata=meta), *pii_counts(counts)]
 
 
-def load_nsfw_head(path: str | None, allow_random: bool, dim: int):
-    """(NsfwHead or None, weights description). `path`: a torch state dict (.pt/.pth: `N.weight`/`N.bias`
-    of an nn.Sequential of Linear layers, ReLU between) or an .npz of `weight_N`/`bias_N`; 'random' builds
-    a one-layer head (needs --allow-random-weights). None: the stage is off."""
-    import numpy as np
+# ---- capfilt ----------------------------------------------------------------------------------------------
 
-    from mmcorpus.filters.safety import NsfwHead
+def screen_caption(text: str, spec: SafetySpec):
+    """A synthetic caption checked as web captions are: (caption with PII masked, {kind: count}) or a Reject
+    (a flagged word; PII with --pii reject)."""
+    from mmcorpus.filters.reasons import Reject
+    from mmcorpus.filters.safety import flagged_word
 
-    if path is None:
-        return None, "none"
-    if path == "random":
-        if not allow_random:
-            raise UserError("--nsfw-head random needs --allow-random-weights")
-        rng = np.random.default_rng(0)
-        return NsfwHead([(rng.normal(0, 1, (1, dim)).astype(np.float32), np.zeros(1, np.float32))]), "random"
-    if not os.path.isfile(path):
-        raise UserError(f"--nsfw-head {path!r} does not exist (a .pt state dict or .npz of an MLP over CLIP "
-                        "image embeddings)")
-    try:
-        if path.endswith(".npz"):
-            with np.load(path) as z:
-                keys = sorted({int(k.split("_")[1]) for k in z.files if k.startswith("weight_")})
-                layers = [(z[f"weight_{i}"], z[f"bias_{i}"]) for i in keys]
-        else:
-            import torch
-
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            idx = sorted({int(k.split(".")[-2]) for k in state if k.endswith(".weight")})
-            layers = [(next(v for k, v in state.items() if k.endswith(f"{i}.weight")).float().numpy(),
-                       next(v for k, v in state.items() if k.endswith(f"{i}.bias")).float().numpy()) for i in idx]
-        head = NsfwHead(layers)
-    except Exception as exc:  # noqa: BLE001 - any unreadable weight file is one line naming it
-        raise UserError(f"--nsfw-head {path!r}: not an MLP state dict ({type(exc).__name__}: {exc})") from None
-    if head.input_dim != dim:
-        raise UserError(f"--nsfw-head {path!r} takes {head.input_dim}-dimensional embeddings; the CLIP model "
-                        f"gives {dim}")
-    return head, os.path.abspath(path)
-
-
-class NsfwStage:
-    """Stage `nsfw` on a scored pair: the head on its CLIP image embedding (float16 bytes the clip_score stage
-    left in the row), the score kept in `nsfw_score`, the row rejected above the policy's image threshold."""
-
-    def __init__(self, head, policy):
-        self.head = head
-        self.policy = policy
-
-    def __call__(self, row):
-        import numpy as np
-
-        from mmcorpus.pipelines.runtime.stage import Count
-
-        emb = np.frombuffer(row["clip_embedding"], dtype="<f2").astype(np.float32)[None, :]
-        score = float(self.head.scores(emb)[0])
-        r = self.policy.image(score)
-        if r is not None:
-            return r
-        return [dict(row, nsfw_score=score), Count(STAGE_NSFW, f"score_bin_{min(int(score * 10), 9)}", 1)]
+    if spec.flagged_image_words:
+        word = flagged_word(text)
+        if word:
+            return Reject("flagged_image_words", f"flagged word {word!r} in the synthetic caption")
+    counts: dict = {}
+    if spec.pii == "off":
+        return text, counts
+    out = masked(text, counts)
+    if counts and spec.pii == "reject":
+        return pii_reject(counts)
+    return out, counts
 
 
 # ---- what stats.json and the card say ----------------------------------------------------------------------
@@ -310,28 +293,32 @@ ALWAYS_UNCHECKED = [
 ]
 
 
-def safety_stats(spec: SafetySpec, nsfw: dict | None, kind: str = "interleaved") -> dict:
-    """The `safety` entry of stats.json: what was applied, and what was NOT checked. `nsfw`: {'weights',
-    'image_threshold', 'document_threshold'} when the NSFW head ran, else None."""
+def safety_stats(spec: SafetySpec, nsfw: dict | None, kind: str = "interleaved", nsfw_off: str = "") -> dict:
+    """The `safety` entry of stats.json: what was applied, and what was NOT checked. `nsfw`: nsfw.nsfw_stats()
+    when the NSFW head ran, else None (`nsfw_off`: why, when not for want of --nsfw-head). `kind` capfilt:
+    only the synthetic captions it adds are checked."""
     out = spec.describe()
     not_checked = []
-    if not spec.directives:
-        not_checked.append("noai/noimageai page directives (--ignore-ai-directives)")
-    if not out["opt_out_lists"]:
-        not_checked.append("user opt-out lists (none given)")
-    if not out["blocklists"]:
-        not_checked.append("URL/domain blocklists (none given)")
+    if kind == "capfilt":
+        out["applies_to"] = "the synthetic captions CapFilt adds"
+        not_checked.append("the input pairs' images, URLs and web captions: checked (or not) by the run that "
+                           "wrote them (see its stats.json and card)")
+    else:
+        if not spec.directives:
+            not_checked.append("noai/noimageai page directives (--ignore-ai-directives)")
+        if not out["opt_out_lists"]:
+            not_checked.append("user opt-out lists (none given)")
+        if not out["blocklists"]:
+            not_checked.append("URL/domain blocklists (none given)")
     if spec.pii == "off":
         not_checked.append("PII in texts (--pii off)")
     if not spec.flagged_image_words:
-        not_checked.append("flagged words in image URLs and alt texts (--no-flagged-image-words)")
-    if nsfw is None:
-        not_checked.append("NSFW images: no classifier run" + (
-            " (interleaved computes no CLIP embeddings; run `pairs --nsfw-head` on its images)"
-            if kind == "interleaved" else " (no --nsfw-head weights given)"))
-    elif nsfw.get("weights") == "random":
-        not_checked.append("NSFW images: the classifier had RANDOM weights (--allow-random-weights); its "
-                           "scores are meaningless")
+        not_checked.append("flagged words in image URLs, alt texts and captions (--no-flagged-image-words)")
+    if kind != "capfilt" and nsfw is None:
+        not_checked.append(f"NSFW images: no classifier run ({nsfw_off or 'no --nsfw-head weights given'})")
+    elif nsfw is not None and "random" in (nsfw.get("weights"), nsfw.get("clip_weights")):
+        not_checked.append("NSFW images: the classifier or its CLIP model had RANDOM weights "
+                           "(--allow-random-weights); its scores are meaningless")
     out["nsfw"] = nsfw
     out["not_checked"] = not_checked + ALWAYS_UNCHECKED
     return out
