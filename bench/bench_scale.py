@@ -74,11 +74,11 @@ def measured(cmd: list[str], cwd: str) -> dict:
         while p.poll() is None:
             _tree_peaks(p.pid, peaks)
             time.sleep(0.2)
-    others = [v for pid, v in peaks.items() if pid != p.pid]
+    others = sorted((v for pid, v in peaks.items() if pid != p.pid), reverse=True)
     return {"exit": p.returncode, "wall_s": round(time.time() - t, 1),
             "peak_rss_mib_main": round(peaks.get(p.pid, 0) / 1024, 1),
             "peak_rss_mib_largest_worker": round(max(others, default=0) / 1024, 1),
-            "processes": len(peaks)}
+            "peak_rss_mib_each_child": [round(v / 1024, 1) for v in others], "processes": len(peaks)}
 
 
 def pairs_run(rows: pathlib.Path, work: pathlib.Path, runner: list[str], *extra: str) -> dict:
@@ -140,38 +140,64 @@ def fetch_bench(n: int, tmp: pathlib.Path) -> dict:
                     "the target; an overhead at or under 0 means fetching hid under the rest of the run"}
 
 
+def scale_bench(sizes: list[int], runners: list[str], tmp: pathlib.Path, save) -> dict:
+    out: dict = {"runs": []}
+    for n in sizes:
+        rows = write_rows(tmp / f"rows-{n}", n)
+        for runner in runners:
+            work = tmp / f"run-{n}-{runner}"
+            work.mkdir()
+            res = {"rows": n, "runner": runner, **pairs_run(rows, work, RUNNERS[runner])}
+            print(json.dumps(res), flush=True)
+            out["runs"].append(res)
+            save(out)  # kept if cut short
+    for runner in runners:
+        runs = [r for r in out["runs"] if r["runner"] == runner and r["exit"] == 0]
+        if len(runs) > 1:
+            top = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (runs[0], runs[-1])]
+            out.setdefault("largest_process_rss_growth", {})[runner] = {
+                "rows": [runs[0]["rows"], runs[-1]["rows"]], "ratio": round(top[1] / max(top[0], 1), 2)}
+            rate = runs[-1]["rows_per_s"]
+            out.setdefault("projected_50000_rows_s", {})[runner] = round(50_000 / rate) if rate else None
+    return out
+
+
+SECTIONS = ("scale", "fetch", "interleaved", "capfilt")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=1000, help="caption rows at scale 1")
-    ap.add_argument("--scales", default="1,4", help="comma list of scale factors")
-    ap.add_argument("--runners", default="auto,direct1", help=f"comma list of {', '.join(RUNNERS)}")
-    ap.add_argument("--fetch-urls", type=int, default=956, help="URLs for the fetch comparison (0: skip it)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
+    ap.add_argument("--sizes", default="500,2000,8000", help="pairs rows per scale run (1x, 4x, 16x)")
+    ap.add_argument("--runners", default="auto", help=f"comma list of {', '.join(RUNNERS)}")
+    ap.add_argument("--fetch-urls", type=int, default=956, help="URLs for the fetch comparison")
+    ap.add_argument("--pages", default="200,800", help="interleaved: loopback pages per run")
+    ap.add_argument("--capfilt-rows", default="250,1000", help="capfilt: pairs per run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
-    scales = [int(s) for s in args.scales.split(",")]
-    result: dict = {"machine": f"{os.cpu_count()} cores, shared with other jobs", "rows_at_scale_1": args.rows,
-                    "scale": []}
+    out = pathlib.Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["machine"] = f"{os.cpu_count()} cores, shared with other jobs"
+
+    def save_section(name):
+        def save(value):
+            result[name] = {**value, "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        return save
+
+    sections = args.sections.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_name:
         tmp = pathlib.Path(tmp_name)
-        for k in scales:
-            rows = write_rows(tmp / f"rows-{k}", args.rows * k)
-            for runner in args.runners.split(","):
-                work = tmp / f"run-{k}-{runner}"
-                work.mkdir()
-                res = {"scale": k, "rows": args.rows * k, "runner": runner, **pairs_run(rows, work, RUNNERS[runner])}
-                print(json.dumps(res), flush=True)
-                result["scale"].append(res)
-                pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept if cut short
-        for runner in args.runners.split(","):
-            runs = [r for r in result["scale"] if r["runner"] == runner and r["exit"] == 0]
-            if len(runs) > 1:
-                top = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (runs[0], runs[-1])]
-                result.setdefault("largest_process_rss_growth", {})[runner] = round(top[1] / max(top[0], 1), 2)
-        if args.fetch_urls:
-            result["fetch"] = fetch_bench(args.fetch_urls, tmp / "fetch")
-            print(json.dumps(result["fetch"]), flush=True)
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        if "scale" in sections:
+            save = save_section("scale")
+            save(scale_bench([int(n) for n in args.sizes.split(",")], args.runners.split(","), tmp / "scale", save))
+        if "fetch" in sections:
+            save_section("fetch")(fetch_bench(args.fetch_urls, tmp / "fetch"))
+        if "interleaved" in sections:
+            save_section("interleaved")(interleaved_bench([int(n) for n in args.pages.split(",")], tmp / "il"))
+        if "capfilt" in sections:
+            save_section("capfilt")(capfilt_bench([int(n) for n in args.capfilt_rows.split(",")], tmp / "cf"))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
