@@ -266,7 +266,7 @@ def test_downloader_gives_each_url_its_result(site, tmp_path):
     """One downloader, many URLs: successes stored by sha256, and every failure its own reason and error: the
     image's X-Robots-Tag (for any crawler), HTTP errors, a timeout, redirects to private or non-http targets
     (the first URL is the caller's to check: the pipeline did, as fetch_with_record does)."""
-    base, files, _ = site
+    base, files, hits = site
     photo = f"{base}/coco/000000000790.jpg"
     data = files["/coco/000000000790.jpg"].read_bytes()
     urls = {
@@ -295,6 +295,10 @@ def test_downloader_gives_each_url_its_result(site, tmp_path):
     followed = {r.url: r for r in loose.fetch([f"{base}/redirect/{photo}", f"{base}/redirect/ftp://127.0.0.1/x.jpg"])}
     assert followed[f"{base}/redirect/{photo}"].data == data
     assert followed[f"{base}/redirect/ftp://127.0.0.1/x.jpg"].reason == "url_not_allowed"
+    # retries within the run: a 503 is tried again after a back-off
+    flaky = f"{base}/flaky/coco/000000018575.jpg"
+    retried = list(ImageDownloader(DownloadConfig(timeout=TIMEOUT, retries=1), True, "").fetch([flaky]))
+    assert retried[0].ok and hits["/flaky/coco/000000018575.jpg"] == 2
 
 
 def test_rerun_into_the_same_output_fetches_only_the_urls_that_failed(site, coco, tmp_path):

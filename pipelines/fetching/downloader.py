@@ -41,10 +41,12 @@ from mmcorpus.filters.reasons import shorten
 from mmcorpus.filters.safety import header_directives
 from mmcorpus.filters.urls import host_of, redirect_problem, url_refusal
 from mmcorpus.pipelines.fetching.hosts import HostResolver
+from mmcorpus.pipelines.runtime.sink import spool, stable_hash
 
 RECORD_DIR = "_image_fetch"
 USER_AGENT = "mmcorpus/0.1 (+https://github.com/mmcorpus; research crawler; {token})"
 RETRY_STATUS = (429, 500, 502, 503, 504)
+HOST_SLOTS = 4096
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,7 @@ class ImageDownloader:
         self.session.headers["User-Agent"] = USER_AGENT.format(token=cfg.user_agent_token)
         self.pool = ThreadPoolExecutor(cfg.threads, thread_name_prefix="mmcorpus-images")
         self.resolve = HostResolver()
-        self._hosts: dict[str, threading.BoundedSemaphore] = {}
-        self._lock = threading.Lock()
+        self._slots = [threading.BoundedSemaphore(cfg.host_connections) for _ in range(HOST_SLOTS)]
         self._wanted = {d.lower() for d in cfg.disallowed_header_directives}
 
     def fetch(self, urls: Iterable[str]) -> Iterator[Result]:
@@ -121,12 +122,9 @@ class ImageDownloader:
             pending |= {self.pool.submit(self.download, u) for _, u in zip(range(len(done)), todo)}
 
     def _host_slot(self, host: str) -> threading.BoundedSemaphore:
-        with self._lock:
-            if host not in self._hosts:
-                if len(self._hosts) > 100_000:  # forget idle hosts on a long run
-                    self._hosts = {h: s for h, s in self._hosts.items() if s._value < self.cfg.host_connections}
-                self._hosts[host] = threading.BoundedSemaphore(self.cfg.host_connections)
-            return self._hosts[host]
+        """The host's connection cap: one of HOST_SLOTS semaphores by hash of the host (fixed memory on a crawl
+        of millions of hosts; two hosts that share one share its cap, which only errs on the polite side)."""
+        return self._slots[stable_hash(host) % HOST_SLOTS]
 
     def download(self, url: str) -> Result:
         """Download one URL the caller has checked with the URL rules (fetch_with_record does); every redirect
@@ -164,8 +162,6 @@ class ImageDownloader:
                 return _failed(url, "image_fetch_failed", f"over {self.cfg.max_bytes} bytes", status)
             if not body:
                 return _failed(url, "image_fetch_failed", "empty response", status)
-            from mmcorpus.pipelines.runtime.sink import spool
-
             sha = hashlib.sha256(body).hexdigest()
             if not self.images_dir:
                 return Result(url, "success", http_status=status, sha256=sha, size=len(body), data=body)
@@ -182,13 +178,12 @@ class ImageDownloader:
             with slot:
                 try:
                     with self.session.get(url, timeout=self.cfg.timeout, allow_redirects=False, stream=True) as r:
-                        if r.status_code in RETRY_STATUS and not last:
-                            continue
-                        return r.status_code, r.headers, self._body(r) if r.status_code == 200 else b""
+                        if last or r.status_code not in RETRY_STATUS:
+                            return r.status_code, r.headers, self._body(r) if r.status_code == 200 else b""
                 except requests.RequestException:
                     if last:
                         raise
-            time.sleep(0.5 * 2 ** attempt)  # back off outside the host's slot
+            time.sleep(0.5 * 2 ** attempt)  # back off outside the host's slot, then try again
         raise RuntimeError("unreachable")
 
     def _body(self, r) -> bytes | None:
