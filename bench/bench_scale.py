@@ -1,19 +1,25 @@
-"""Real sizes on one machine: rows kept, wall time and peak RSS per process of `mmcorpus pairs` as the input
-grows, and image fetching inside `pairs` against bare img2dataset on the same loopback URL list.
+"""Real sizes on one machine: rows kept, wall time and peak RSS of every process (the command and each process
+under it: Dask workers and nannies, Beam workers, from /proc VmHWM) as the input grows, and image fetching
+against bare img2dataset on the same loopback URL list. Sections (--sections):
 
-- scale: `pairs` over N x each scale factor caption rows built from the bundled COCO photos (each row its own
-  symlinked file name, so no two rows share a path), tiny random CLIP, no dedup, under each runner given
-  (`auto` is the default: a local Dask cluster for 2 workers; `direct2` is Beam's multi-process DirectRunner,
-  which lost rows at these sizes: its exit code and rows written are recorded as they come). Peak RSS of the
-  main process and of the largest process under it (Beam/Dask workers, img2dataset) from /proc VmHWM.
-  Flat memory: the largest process's peak stays about the same from the smallest to the largest scale.
-- fetch: the bundled photos under `--fetch-urls` distinct URLs on a 127.0.0.1 HTTP server; bare img2dataset
-  (2 processes x 16 threads, no re-encoding) against `pairs` over the same URLs as {url, caption} rows, minus
-  `pairs` over the same rows from local files (so CLIP and the rest cancel out): ratio = bare / fetch overhead.
+- scale: `pairs` over --sizes caption rows (1x, 4x, 16x) built from the bundled COCO photos (each row its own
+  symlinked file name, so no two rows share a path), tiny random CLIP, no dedup, under each of --runners
+  (`auto` is the default: a local Dask cluster for 2 workers; `direct1` the in-memory DirectRunner; `direct2`
+  Beam's multi-process DirectRunner, which lost rows at these sizes). Flat memory: the largest process's peak
+  stays about the same from the smallest to the largest size; rows/s at the largest size projects 50,000 rows.
+- fetch: the bundled photos under --fetch-urls distinct URLs on a 127.0.0.1 HTTP server. (a) bare img2dataset
+  (2 processes x 16 threads, no re-encoding, sha256) and mmcorpus's downloader run the same way (2 processes x
+  16 threads, each one fetch_with_record call: the mechanism inside `pairs` and `interleaved`), alternating
+  --fetch-repeats times: ratio of the median walls. (b) `pairs` over the URLs minus `pairs` over the same local
+  files (so CLIP and the rest cancel out): ratio = bare / fetch overhead.
+- interleaved: `interleaved` over a loopback site of --pages photo-story pages (4 photos each, every photo its
+  own URL) with image fetching; at the largest size also --no-images and bare img2dataset over its image URLs.
+- capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows.
 
-    python bench/bench_scale.py [--rows 1000] [--scales 1,4] [--runners auto,direct1] [--fetch-urls 956]
+    python bench/bench_scale.py [--sections scale,fetch,interleaved,capfilt] [--sizes 500,2000,8000]
 
-Writes bench/results/scale.json. Runs on a shared machine: ratios within one run, times vary with its load.
+Writes (merges its sections into) bench/results/scale.json. Runs on a shared machine: compare ratios within
+one run; wall times vary with its load (each section records the load average when it ended).
 """
 
 from __future__ import annotations
@@ -74,11 +80,11 @@ def measured(cmd: list[str], cwd: str) -> dict:
         while p.poll() is None:
             _tree_peaks(p.pid, peaks)
             time.sleep(0.2)
-    others = [v for pid, v in peaks.items() if pid != p.pid]
+    others = sorted((v for pid, v in peaks.items() if pid != p.pid), reverse=True)
     return {"exit": p.returncode, "wall_s": round(time.time() - t, 1),
             "peak_rss_mib_main": round(peaks.get(p.pid, 0) / 1024, 1),
             "peak_rss_mib_largest_worker": round(max(others, default=0) / 1024, 1),
-            "processes": len(peaks)}
+            "peak_rss_mib_each_child": [round(v / 1024, 1) for v in others], "processes": len(peaks)}
 
 
 def pairs_run(rows: pathlib.Path, work: pathlib.Path, runner: list[str], *extra: str) -> dict:
@@ -110,7 +116,55 @@ def serve(folder: pathlib.Path):
     return server
 
 
-def fetch_bench(n: int, tmp: pathlib.Path) -> dict:
+# mmcorpus's downloader alone, as bare img2dataset is run: 2 processes x 16 threads over the URL list, each
+# process one fetch_with_record call (the mechanism inside `pairs` and `interleaved`: stores every image by
+# sha256 and writes the per-URL record)
+FETCH_ONLY = """
+import multiprocessing, sys
+from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, fetch_with_record
+
+def part(urls, folder):
+    got = list(fetch_with_record(urls, DownloadConfig(threads=16, timeout=10), True, FetchRecord(folder)))
+    print(sum(r.ok for r in got), "of", len(urls), "fetched", flush=True)
+
+if __name__ == "__main__":
+    urls = open(sys.argv[1]).read().split()
+    procs = [multiprocessing.Process(target=part, args=(urls[i::2], sys.argv[2])) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+"""
+
+
+def bare_img2dataset(urls: pathlib.Path, work: pathlib.Path) -> dict:
+    work.mkdir()
+    code = ("from img2dataset import download; download(url_list=%r, output_folder=%r, input_format='txt', "
+            "output_format='parquet', processes_count=2, thread_count=16, resize_mode='no', "
+            "disable_all_reencoding=True, compute_hash='sha256', enable_wandb=False, timeout=10)"
+            % (str(urls), str(work / "out")))
+    res = measured([sys.executable, "-c", code], str(work))
+    stats = list((work / "out").glob("*_stats.json"))
+    res["fetched"] = sum(json.loads(f.read_text()).get("successes", 0) for f in stats)
+    return res
+
+
+def downloader_only(urls: pathlib.Path, work: pathlib.Path) -> dict:
+    work.mkdir()
+    res = measured([sys.executable, "-c", FETCH_ONLY, str(urls), str(work / "_image_fetch")], str(work))
+    res["fetched"] = sum(int(line.split()[0]) for line in (work / "log.txt").read_text().splitlines()
+                         if line.endswith(" fetched"))
+    return res
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def fetch_bench(n: int, tmp: pathlib.Path, repeats: int = 3) -> dict:
+    """Bare img2dataset and mmcorpus's downloader alternately `repeats` times on the same loopback URL list
+    (ratio of the median walls), then `pairs` over those URLs and over the same local files (fetch overhead)."""
     site = tmp / "site"
     local = write_rows(site, n)  # the symlinks under site/imgs are what the server serves
     server = serve(site / "imgs")
@@ -119,13 +173,11 @@ def fetch_bench(n: int, tmp: pathlib.Path) -> dict:
         remote = write_rows(tmp / "remote", n, url_base=base)
         urls = tmp / "urls.txt"
         urls.write_text("".join(json.loads(line)["url"] + "\n" for line in remote.read_text().splitlines()))
-        bare_dir = tmp / "bare"
-        bare_dir.mkdir()
-        code = ("from img2dataset import download; download(url_list=%r, output_folder=%r, input_format='txt', "
-                "output_format='parquet', processes_count=2, thread_count=16, resize_mode='no', "
-                "disable_all_reencoding=True, compute_hash='sha256', enable_wandb=False, timeout=10)"
-                % (str(urls), str(bare_dir / "out")))
-        bare = measured([sys.executable, "-c", code], str(bare_dir))
+        bare, ours = [], []
+        for i in range(repeats):
+            bare.append(bare_img2dataset(urls, tmp / f"bare-{i}"))
+            ours.append(downloader_only(urls, tmp / f"ours-{i}"))
+            print(json.dumps({"bare_s": bare[-1]["wall_s"], "mmcorpus_s": ours[-1]["wall_s"]}), flush=True)
         runs = {}
         for name, rows in (("pairs_local", local), ("pairs_urls", remote)):
             work = tmp / name
@@ -133,45 +185,210 @@ def fetch_bench(n: int, tmp: pathlib.Path) -> dict:
             runs[name] = pairs_run(rows, work, [], "--allow-private-urls")
     finally:
         server.shutdown()
+    bare_s, ours_s = _median([r["wall_s"] for r in bare]), _median([r["wall_s"] for r in ours])
     overhead = runs["pairs_urls"]["wall_s"] - runs["pairs_local"]["wall_s"]
-    return {"urls": n, "bare_img2dataset": bare, **runs, "fetch_overhead_s": round(overhead, 1),
-            "ratio_vs_img2dataset": round(bare["wall_s"] / max(overhead, 0.1), 2),
-            "note": "ratio = bare img2dataset wall / (pairs over URLs - pairs over the same local files); >= 0.9 is "
-                    "the target; an overhead at or under 0 means fetching hid under the rest of the run"}
+    return {"urls": n, "bare_img2dataset": bare, "mmcorpus_downloader": ours,
+            "ratio_downloader_vs_img2dataset": round(bare_s / ours_s, 2),
+            "ratio_note": "median wall of bare img2dataset / median wall of mmcorpus's downloader (2 processes x "
+                          "16 threads each, alternating runs, same URL list and server): >= 0.9 is the target",
+            **runs, "pairs_fetch_overhead_s": round(overhead, 1),
+            # no ratio when the URL run was not slower: the fetch hid under the rest of the run
+            "ratio_pairs_vs_img2dataset": round(bare_s / overhead, 2) if overhead > 0 else None,
+            "pairs_urls_over_local_wall": round(runs["pairs_urls"]["wall_s"] / runs["pairs_local"]["wall_s"], 3),
+            "pairs_note": "bare img2dataset median wall / (pairs over URLs - pairs over the same local files); one "
+                          "run each, so the noise of two ~minute-long runs on a shared machine is in it"}
+
+
+def _mm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmcorpus.pipelines.cli", *args]
+
+
+def _totals(res: dict, out: pathlib.Path, work: pathlib.Path) -> dict:
+    stats = out / "stats.json"
+    if stats.exists():
+        data = json.loads(stats.read_text())
+        t = data["totals"]
+        res.update(read=t["read"], written=t["written"], rows_per_s=round(t["read"] / res["wall_s"], 2))
+        fetch = {s["stage"]: s for s in data["stages"]}.get("fetch_images")
+        if fetch:
+            res["fetch_images"] = {"in": fetch["in"], "out": fetch["out"], "counters": fetch.get("counters", {})}
+    else:
+        res["log_tail"] = (work / "log.txt").read_text()[-400:]
+    return res
+
+
+def photo_site(folder: pathlib.Path, pages: int, per_page: int = 4) -> list[str]:
+    """`pages` photo-story pages (demo/photo_pages.py's layout), every image its own URL; the page names."""
+    sys.path.insert(0, str(ROOT / "demo"))
+    from photo_pages import page
+
+    pics = photos()
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    names = []
+    for n in range(pages):
+        group = []
+        for k in range(per_page):
+            path, caps = pics[(n * per_page + k) % len(pics)]
+            name = f"p{n:05d}-{k}.jpg"
+            (folder / "img" / name).symlink_to(path)
+            group.append({"file_name": name, "captions": caps})
+        names.append(f"page-{n:05d}.html")
+        (folder / names[-1]).write_text(page(group[0]["captions"][0], group), encoding="utf-8")
+    return names
+
+
+def decode_cost(n_images: int) -> dict:
+    """CPU seconds of the per-image work `interleaved` adds with images beyond the download (inspect_image:
+    decode, sha256, pHash; one thread) over n_images photos cycled like the site's: part of its fetch overhead
+    that bare img2dataset (no decode) does not do."""
+    from mmcorpus.filters.imageinfo import inspect_image
+
+    datas = [pathlib.Path(path).read_bytes() for path, _ in photos()]
+    t = time.process_time()
+    for i in range(n_images):
+        inspect_image(datas[i % len(datas)])
+    return {"images": n_images, "inspect_image_cpu_s": round(time.process_time() - t, 1)}
+
+
+def interleaved_bench(sizes: list[int], tmp: pathlib.Path) -> dict:
+    """`interleaved` over a loopback site of N pages x 4 photos with image fetching (default runner); at the
+    largest N also with --no-images and bare img2dataset over the site's image URLs (fetch overhead vs bare)."""
+    config = tmp / "site.yaml"
+    tmp.mkdir(parents=True)
+    config.write_text("pages: {host_delay: 0.0}\n")  # our own server: no politeness delay
+    out: dict = {"runs": []}
+    for n in sizes:
+        site = tmp / f"site-{n}"
+        names = photo_site(site, n)
+        server = serve(site)
+        try:
+            base = f"http://127.0.0.1:{server.server_address[1]}"
+            urls = tmp / f"pages-{n}.txt"
+            urls.write_text("".join(f"{base}/{name}\n" for name in names))
+            variants = [("images", [])] + ([("no_images", ["--no-images"])] if n == sizes[-1] else [])
+            for label, extra in variants:
+                work = tmp / f"run-{n}-{label}"
+                work.mkdir()
+                cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(config),
+                          "--allow-private-network", "--overwrite", *extra)
+                res = {"pages": n, "variant": label, **_totals(measured(cmd, str(work)), work / "out", work)}
+                print(json.dumps(res), flush=True)
+                out["runs"].append(res)
+            if n == sizes[-1]:
+                images = tmp / f"images-{n}.txt"
+                images.write_text("".join(f"{base}/img/p{i:05d}-{k}.jpg\n" for i in range(n) for k in range(4)))
+                out["bare_img2dataset_same_images"] = bare_img2dataset(images, tmp / f"bare-{n}")
+                out["decode_cost"] = decode_cost(4 * n)
+        finally:
+            server.shutdown()
+    runs = {(r["pages"], r["variant"]): r for r in out["runs"]}
+    top = sizes[-1]
+    if (top, "no_images") in runs and runs[(top, "images")]["exit"] == 0:
+        overhead = runs[(top, "images")]["wall_s"] - runs[(top, "no_images")]["wall_s"]
+        out["fetch_overhead_s"] = round(overhead, 1)
+        bare_s = out["bare_img2dataset_same_images"]["wall_s"]
+        out["ratio_vs_img2dataset"] = round(bare_s / overhead, 2) if overhead > 0 else None  # None: fetch hidden
+        out["note"] = ("ratio = bare img2dataset wall over the site's image URLs / (interleaved with images - "
+                       "interleaved --no-images) at the largest size; one run each on a shared machine")
+    ok = [r for r in out["runs"] if r["variant"] == "images" and r["exit"] == 0]
+    if len(ok) > 1:
+        top_rss = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (ok[0], ok[-1])]
+        out["largest_process_rss_growth"] = {"pages": [ok[0]["pages"], ok[-1]["pages"]],
+                                             "ratio": round(top_rss[1] / max(top_rss[0], 1), 2)}
+    return out
+
+
+def capfilt_bench(sizes: list[int], tmp: pathlib.Path) -> dict:
+    """`capfilt` with a tiny random BLIP (demo/tiny_models.py) over pairs outputs of N rows (default runner)."""
+    sys.path.insert(0, str(ROOT / "demo"))
+    from tiny_models import captions, tiny_blip
+
+    tmp.mkdir(parents=True)
+    blip = tmp / "blip"
+    tiny_blip(captions(COCO), blip)
+    out: dict = {"runs": []}
+    for n in sizes:
+        rows = write_rows(tmp / f"rows-{n}", n)
+        work = tmp / f"pairs-{n}"
+        work.mkdir()
+        made = pairs_run(rows, work, [])
+        if made["exit"] != 0:
+            out["runs"].append({"rows": n, "pairs_input_failed": made})
+            continue
+        work = tmp / f"capfilt-{n}"
+        work.mkdir()
+        cmd = _mm("capfilt", str(tmp / f"pairs-{n}" / "out"), "--captioner", str(blip), "--itm", str(blip),
+                  "--allow-random-weights", "--itm-threshold", "0", "--output", str(work / "out"), "--overwrite")
+        res = {"rows": n, **_totals(measured(cmd, str(work)), work / "out", work)}
+        print(json.dumps(res), flush=True)
+        out["runs"].append(res)
+    ok = [r for r in out["runs"] if r.get("exit") == 0]
+    if len(ok) > 1:
+        top_rss = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (ok[0], ok[-1])]
+        out["largest_process_rss_growth"] = {"rows": [ok[0]["rows"], ok[-1]["rows"]],
+                                             "ratio": round(top_rss[1] / max(top_rss[0], 1), 2)}
+    return out
+
+
+def scale_bench(sizes: list[int], runners: list[str], tmp: pathlib.Path, save) -> dict:
+    out: dict = {"runs": []}
+    for n in sizes:
+        rows = write_rows(tmp / f"rows-{n}", n)
+        for runner in runners:
+            work = tmp / f"run-{n}-{runner}"
+            work.mkdir()
+            res = {"rows": n, "runner": runner, **pairs_run(rows, work, RUNNERS[runner])}
+            print(json.dumps(res), flush=True)
+            out["runs"].append(res)
+            save(out)  # kept if cut short
+    for runner in runners:
+        runs = [r for r in out["runs"] if r["runner"] == runner and r["exit"] == 0]
+        if len(runs) > 1:
+            top = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (runs[0], runs[-1])]
+            out.setdefault("largest_process_rss_growth", {})[runner] = {
+                "rows": [runs[0]["rows"], runs[-1]["rows"]], "ratio": round(top[1] / max(top[0], 1), 2)}
+            rate = runs[-1]["rows_per_s"]
+            out.setdefault("projected_50000_rows_s", {})[runner] = round(50_000 / rate) if rate else None
+    return out
+
+
+SECTIONS = ("scale", "fetch", "interleaved", "capfilt")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=1000, help="caption rows at scale 1")
-    ap.add_argument("--scales", default="1,4", help="comma list of scale factors")
-    ap.add_argument("--runners", default="auto,direct1", help=f"comma list of {', '.join(RUNNERS)}")
-    ap.add_argument("--fetch-urls", type=int, default=956, help="URLs for the fetch comparison (0: skip it)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
+    ap.add_argument("--sizes", default="500,2000,8000", help="pairs rows per scale run (1x, 4x, 16x)")
+    ap.add_argument("--runners", default="auto", help=f"comma list of {', '.join(RUNNERS)}")
+    ap.add_argument("--fetch-urls", type=int, default=3000, help="URLs for the fetch comparison")
+    ap.add_argument("--fetch-repeats", type=int, default=2, help="alternating runs of img2dataset and ours")
+    ap.add_argument("--pages", default="100,400", help="interleaved: loopback pages per run")
+    ap.add_argument("--capfilt-rows", default="50,200,1000,4000", help="capfilt: pairs per run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
-    scales = [int(s) for s in args.scales.split(",")]
-    result: dict = {"machine": f"{os.cpu_count()} cores, shared with other jobs", "rows_at_scale_1": args.rows,
-                    "scale": []}
+    out = pathlib.Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["machine"] = f"{os.cpu_count()} cores, shared with other jobs"
+
+    def save_section(name):
+        def save(value):
+            result[name] = {**value, "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        return save
+
+    sections = args.sections.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_name:
         tmp = pathlib.Path(tmp_name)
-        for k in scales:
-            rows = write_rows(tmp / f"rows-{k}", args.rows * k)
-            for runner in args.runners.split(","):
-                work = tmp / f"run-{k}-{runner}"
-                work.mkdir()
-                res = {"scale": k, "rows": args.rows * k, "runner": runner, **pairs_run(rows, work, RUNNERS[runner])}
-                print(json.dumps(res), flush=True)
-                result["scale"].append(res)
-                pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept if cut short
-        for runner in args.runners.split(","):
-            runs = [r for r in result["scale"] if r["runner"] == runner and r["exit"] == 0]
-            if len(runs) > 1:
-                top = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (runs[0], runs[-1])]
-                result.setdefault("largest_process_rss_growth", {})[runner] = round(top[1] / max(top[0], 1), 2)
-        if args.fetch_urls:
-            result["fetch"] = fetch_bench(args.fetch_urls, tmp / "fetch")
-            print(json.dumps(result["fetch"]), flush=True)
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        if "scale" in sections:
+            save = save_section("scale")
+            save(scale_bench([int(n) for n in args.sizes.split(",")], args.runners.split(","), tmp / "scale", save))
+        if "fetch" in sections:
+            save_section("fetch")(fetch_bench(args.fetch_urls, tmp / "fetch", args.fetch_repeats))
+        if "interleaved" in sections:
+            save_section("interleaved")(interleaved_bench([int(n) for n in args.pages.split(",")], tmp / "il"))
+        if "capfilt" in sections:
+            save_section("capfilt")(capfilt_bench([int(n) for n in args.capfilt_rows.split(",")], tmp / "cf"))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -341,3 +341,32 @@ def inspect_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, transforms: bool =
 def phash_distance(a_hex: str, b_hex: str) -> int:
     """Hamming distance between two 64-bit pHashes given as 16 hex digits."""
     return (int(a_hex, 16) ^ int(b_hex, 16)).bit_count()
+
+
+RESIZE_MODES = ("keep_ratio", "keep_ratio_largest", "center_crop")
+ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def resize_image(data: bytes, size: int, mode: str = "keep_ratio", fmt: str = "jpg",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | Reject:
+    """A re-encoded copy (`fmt`: jpg, png or webp) of an image with its shorter side `size` (keep_ratio), its
+    longer side `size` (keep_ratio_largest), or cut to a centred `size` x `size` square (center_crop)."""
+    from PIL import Image
+
+    img, problem = _open_checked(data, max_pixels)
+    if problem is not None:
+        return problem
+    try:
+        rgb = _as_rgb(_oriented(img))
+        w, h = rgb.size
+        scale = size / (max(w, h) if mode == "keep_ratio_largest" else min(w, h))
+        rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+        if mode == "center_crop":
+            w, h = rgb.size
+            left, top = (w - size) // 2, (h - size) // 2
+            rgb = rgb.crop((left, top, left + size, top + size))
+        out = io.BytesIO()
+        rgb.save(out, ENCODE_FORMATS[fmt], quality=95)
+        return out.getvalue()
+    except Exception as exc:  # noqa: BLE001
+        return Reject("image_decode_failed", f"resize to {size} ({mode}): {type(exc).__name__}: {exc}")

@@ -48,6 +48,7 @@ REASONS: dict[str, str] = {
     "image_url_pattern": "image URL looks like a logo, icon, sprite, tracking pixel, svg or data URI",
     "image_declared_size": "declared image size is out of bounds",
     "image_fetch_failed": "image could not be downloaded",
+    "image_opt_out": "the image's own X-Robots-Tag header disallows its use (noai, noimageai, noindex, noimageindex)",
     "image_decode_failed": "image bytes could not be decoded",
     "image_too_small": "image side shorter than the minimum",
     "image_too_large": "image side longer than the maximum, or decompression bomb",

@@ -46,6 +46,19 @@ def _header_tokens(value: str) -> set[str]:
     return _tokens(re.sub(r"^\s*[\w.-]+\s*:\s*", "", value)) | _tokens(value)
 
 
+def header_directives(values, wanted) -> list[str]:
+    """Which of the `wanted` directives (lower case) the X-Robots-Tag header values carry, whichever crawler
+    they address ("otherbot: noimageai" counts, as an opt-out from one crawler is one from all). Sorted."""
+    found = set()
+    for value in values or ():
+        if isinstance(value, str):
+            for token in _TOKENS.split(value.lower()):
+                directive = token.strip("\"'").rsplit(":", 1)[-1]
+                if directive in wanted:
+                    found.add(directive)
+    return sorted(found)
+
+
 def page_directives(html: str | None, robots_headers: list[str] | tuple = ()) -> dict[str, str]:
     """{directive: where} for `noai` / `noimageai` found in the page's meta tags or its X-Robots-Tag header
     values (where: 'meta name=robots' or 'X-Robots-Tag'). Malformed tags and values yield nothing."""

@@ -5,7 +5,7 @@
   capfilt/      pairs -> synthetic captions + ITM filter (command, stages)
   export/       finished outputs -> WebDataset tars / Hugging Face folders (command, pipeline, samples, writers)
   train/        the `mmcorpus train` command (the trainer itself is mmcorpus.trainer)
-  fetching/     network fetching shared by the pipelines: host lookup, page fetching, img2dataset images
+  fetching/     network fetching shared by the pipelines: host lookup, page fetching, image downloads (one downloader per worker, per-URL record)
   models/       model runners used by the pipelines: CLIP scoring, BLIP captioning and ITM
   runtime/      shared run machinery: stages and counters, the sink, runners, run checks, progress
   safety/       opt-outs, blocklists, flagged words, PII masking (stages), the NSFW head over CLIP (nsfw)

@@ -110,6 +110,21 @@ RUN_STATS_KEYS = {"schema_version": str, "command": str, "started": str, "finish
 # A plain list of URLs, for a separate, resumable image download step.
 URL_LIST = pa.schema([("url", pa.string())])
 
+# The per-URL record of image downloads beside an output (OUT/_image_fetch/status/*.parquet): one row per
+# attempt; a rerun into the same output reuses the URLs whose last attempt succeeded and fetches the rest.
+IMAGE_FETCH = pa.schema(
+    [
+        ("url", pa.string()),
+        ("status", pa.string()),  # "success" (bytes kept under OUT/_image_fetch/images/) or "failed"
+        ("reason", pa.string()),  # for a failure: image_fetch_failed, url_not_allowed, image_opt_out
+        ("error", pa.string()),
+        ("http_status", pa.int32()),
+        ("sha256", pa.string()),  # of the bytes as downloaded
+        ("bytes", pa.int64()),
+        ("fetched_at", pa.string()),  # ISO time of the attempt (the latest attempt of a URL counts)
+    ]
+)
+
 # `mmcorpus export`: one row per exported sample, the per-shard index beside each WebDataset tar (img2dataset's
 # columns first), pointing back at the source row it was made from.
 EXPORT_INDEX = pa.schema(
@@ -197,6 +212,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "run_stage": RUN_STAGE,
     "url": URL_LIST,
     "export_index": EXPORT_INDEX,
+    "image_fetch": IMAGE_FETCH,
     "hf_pair": HF_PAIR,
     "hf_interleaved": HF_INTERLEAVED,
 }
@@ -211,6 +227,7 @@ NON_NULL: dict[str, tuple[str, ...]] = {
     "stat": ("stage", "metric", "count"),
     "run_stage": ("stage", "in", "out", "rejected", "reasons"),
     "url": ("url",),
+    "image_fetch": ("url", "status", "fetched_at"),
     "export_index": ("key", "status", "id", "images", "image_bytes", "source_file", "source_row"),
     "hf_pair": ("image", "caption", "key"),
     "hf_interleaved": ("texts", "images", "doc_id", "key"),

@@ -234,3 +234,17 @@ def test_real_pages_declared_sizes_and_image_cap(shared_data, cfg):
     assert _texts(doc) == _texts(before)
     doc, dropped = filter_image_urls(_extracted(shared_data, "alacarte.at-purzelbaum.html"), cfg)
     assert dropped == [] and len([i for i in doc["images"] if i]) == 3  # 620 px photos, declared
+
+
+def test_resized_copies_of_a_real_photo(photo):
+    """FetchConfig.image_size: the kept copy re-encoded at the asked size in each mode; bad bytes are a reject."""
+    from mmcorpus.filters.imageinfo import resize_image
+
+    data = photo["bytes"]
+    w, h = Image.open(io.BytesIO(data)).size
+    for mode, fmt, expected in (("keep_ratio", "jpg", 64 / min(w, h)), ("keep_ratio_largest", "png", 64 / max(w, h)),
+                                ("center_crop", "webp", None)):
+        out = Image.open(io.BytesIO(resize_image(data, 64, mode, fmt)))
+        assert out.format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
+        assert out.size == ((64, 64) if expected is None else (round(w * expected), round(h * expected)))
+    assert resize_image(b"not an image", 64).reason == "image_decode_failed"

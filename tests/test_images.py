@@ -1,7 +1,9 @@
-"""Image fetching with img2dataset from a local HTTP server (127.0.0.1) serving real photos and broken files:
-image_info matches PIL/hashlib/imagehash on the served file, failures are rejects with reasons, text stays."""
+"""Image fetching from a local HTTP server (127.0.0.1) serving real photos and broken files: image_info matches
+PIL/hashlib/imagehash on the served file, failures are rejects with reasons, text stays; the downloader's
+per-URL results (X-Robots-Tag, redirects, errors) and a rerun that fetches only the URLs that failed."""
 
 import argparse
+import collections
 import functools
 import hashlib
 import http.server
@@ -20,8 +22,8 @@ from PIL import Image
 
 from mmcorpus.filters.imageinfo import phash_distance
 from mmcorpus.filters.urls import url_refusal
-from mmcorpus.pipelines.fetching.images import (IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, download_batch, fetch_images, image_url_rows,
-                              run_img2dataset)
+from mmcorpus.pipelines.fetching.downloader import DownloadConfig, ImageDownloader
+from mmcorpus.pipelines.fetching.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows
 from mmcorpus.pipelines.runtime.run import RunSpec, execute
 from mmcorpus.pipelines.runtime.runner import add_runner_args
 from mmcorpus.pipelines.runtime.sink import Kind
@@ -34,12 +36,26 @@ RUNNER = "dask"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def __init__(self, *args, files, **kwargs):
-        self.files = files
+    """Serves `files`; /redirect/<URL> redirects, /slow/<path> answers late, /robots/<value>/<path> sends
+    `X-Robots-Tag: <value>` (':' written '~'), /flaky/<path> answers 503 to its first request; `hits` counts
+    the requests of each path."""
+
+    def __init__(self, *args, files, hits, **kwargs):
+        self.files, self.hits = files, hits
         super().__init__(*args, **kwargs)
 
     def do_GET(self):
         path = self.path
+        self.hits[path] += 1
+        robots = None
+        if path.startswith("/robots/"):
+            robots, path = path.removeprefix("/robots/").split("/", 1)
+            robots, path = robots.replace("~", ":").replace("%20", " "), "/" + path
+        if path.startswith("/flaky/"):
+            path = path.removeprefix("/flaky")
+            if self.hits[self.path] == 1:
+                self.send_error(503)
+                return
         if path.startswith("/redirect/"):  # /redirect/<target URL>
             self.send_response(302)
             self.send_header("Location", path.removeprefix("/redirect/"))
@@ -56,6 +72,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
+        if robots:
+            self.send_header("X-Robots-Tag", robots)
         self.end_headers()
         self.wfile.write(data)
 
@@ -76,11 +94,12 @@ def site(shared_data, tmp_path_factory):
         img.thumbnail((100, 100))
         img.save(thumbs / p.name, quality=85)
         files[f"/thumb/{p.name}"] = thumbs / p.name
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, files=files))
+    hits = collections.Counter()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, files=files, hits=hits))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield base, files
+    yield base, files, hits
     server.shutdown()
     server.server_close()
 
@@ -138,11 +157,13 @@ def build_for(docs, cfg, allow_private, url_list=False, fetch=True):
     return build
 
 
-def run_fetch(out, docs, cfg, allow_private=True, runner="direct", workers=1, url_list=False, fetch=True):
+def run_fetch(out, docs, cfg, allow_private=True, runner="direct", workers=1, url_list=False, fetch=True,
+              overwrite=False):
     kinds = {"data": Kind("interleaved", "data", 1)}
     if url_list:
         kinds[IMAGE_URL_KIND] = Kind("url", "image_urls", 1)
-    spec = RunSpec(command="test-images", out_dir=str(out), config={}, inputs=[], kinds=kinds, stages=["read"])
+    spec = RunSpec(command="test-images", out_dir=str(out), config={}, inputs=[], kinds=kinds, stages=["read"],
+                   overwrite=overwrite)
     stats = execute(spec, run_args(runner, workers), build_for(docs, cfg, allow_private, url_list, fetch))
     kept = {r["doc_id"]: r for r in pq.read_table(out / "data").to_pylist()}
     rejects = pq.read_table(out / "rejects").to_pylist()
@@ -198,7 +219,7 @@ def test_url_policy():
 
 
 def test_fetch_images_under_dask(tmp_path, site, coco):
-    base, files = site
+    base, files, _ = site
     docs, ok, bad = documents(base, coco)
     cfg = FetchConfig(timeout=TIMEOUT, groups=2)
     started = time.time()
@@ -211,7 +232,7 @@ def test_fetch_images_under_dask(tmp_path, site, coco):
 
 
 def test_private_urls_refused_without_fetching(tmp_path, site, coco):
-    base, _ = site
+    base, _, _ = site
     docs, _, _ = documents(base, coco)
     stats, kept, rejects = run_fetch(tmp_path, docs, FetchConfig(timeout=TIMEOUT), allow_private=False)
     assert all(u is None for row in kept.values() for u in row["images"])
@@ -224,7 +245,7 @@ def test_private_urls_refused_without_fetching(tmp_path, site, coco):
 def test_url_list_then_img2dataset_then_join(tmp_path, site, coco):
     """The separate, resumable step: the pipeline writes the URL list, img2dataset's own CLI fetches it, and
     `fetched_dir` joins the result back with the same checks as the in-pipeline fetch."""
-    base, files = site
+    base, files, _ = site
     docs, ok, bad = documents(base, coco)
     run_fetch(tmp_path / "list", docs, FetchConfig(), url_list=True, fetch=False)
     url_files = sorted((tmp_path / "list" / "image_urls").glob("*.parquet"))
@@ -241,41 +262,69 @@ def test_url_list_then_img2dataset_then_join(tmp_path, site, coco):
     check_result(stats, kept, rejects, docs, ok, bad, base, files)
 
 
-def test_img2dataset_failure_becomes_image_rejects(tmp_path, site, coco):
-    """img2dataset killed at its time budget (it cannot even import in half a second): every image it was to
-    fetch is an image_fetch_failed reject naming why, the documents and their text go on, counts balance."""
-    base, _ = site
-    docs, _, _ = documents(base, coco)
-    stats, kept, rejects = run_fetch(tmp_path, docs, FetchConfig(timeout=TIMEOUT, batch_timeout=0.5))
-    assert all(u is None for row in kept.values() for u in row["images"])
-    assert all(kept[d["doc_id"]]["texts"] == [t for t in d["texts"] if t] for d in docs)
-    fetchable = [u for d in docs for u in d["images"] if u and not u.startswith("ftp:")]
-    failed = [r for r in rejects if r["reason"] == "image_fetch_failed"]
-    assert len(failed) == len(fetchable) and all("img2dataset timed out after 0.5 s" in r["detail"] for r in failed)
-    assert {r["reason"] for r in rejects} == {"image_fetch_failed", "url_not_allowed"}
-    stage = {s["stage"]: s for s in stats["stages"]}[STAGE_FETCH]
-    assert stage["in"] == stage["rejected"] == len(rejects) and stage["out"] == 0
-    # a run that exits non-zero says so with its last lines
-    options = tmp_path / "bad-options.json"
-    options.write_text(json.dumps({"no_such_option": 1}))
-    why = run_img2dataset(str(options), str(tmp_path), 120)
-    assert why.startswith("img2dataset failed (exit 1)") and "no_such_option" in why
-
-
-def test_img2dataset_redirects_to_private_addresses_are_refused(site):
-    """The first URL was checked by the pipeline; a redirect img2dataset follows is checked in its own processes:
-    to a loopback address it is refused unless private addresses are allowed, and an ftp:// target always."""
-    base, files = site
+def test_downloader_gives_each_url_its_result(site, tmp_path):
+    """One downloader, many URLs: successes stored by sha256, and every failure its own reason and error: the
+    image's X-Robots-Tag (for any crawler), HTTP errors, a timeout, redirects to private or non-http targets
+    (the first URL is the caller's to check: the pipeline did, as fetch_with_record does)."""
+    base, files, hits = site
     photo = f"{base}/coco/000000000790.jpg"
-    via_redirect = f"{base}/redirect/{photo}"
-    to_ftp = f"{base}/redirect/ftp://127.0.0.1/x.jpg"
-    cfg = FetchConfig(timeout=TIMEOUT)
-    refused = dict(download_batch([photo, via_redirect, to_ftp], cfg, allow_private=False))
-    assert refused[photo]["status"] == "success"  # the direct request: checked before, so fetched
-    assert refused[via_redirect]["status"] != "success"
-    assert f"redirect to {photo} refused: address 127.0.0.1 is private" in refused[via_redirect]["error_message"]
-    assert "refused: scheme 'ftp' is not http(s)" in refused[to_ftp]["error_message"]
-    allowed = dict(download_batch([via_redirect, to_ftp], cfg, allow_private=True))
-    assert allowed[via_redirect]["status"] == "success"
-    assert allowed[via_redirect]["sha256"] == hashlib.sha256(files["/coco/000000000790.jpg"].read_bytes()).hexdigest()
-    assert "scheme 'ftp' is not http(s)" in allowed[to_ftp]["error_message"]
+    data = files["/coco/000000000790.jpg"].read_bytes()
+    urls = {
+        photo: ("success", None),
+        f"{base}/robots/noindex,%20nofollow/coco/000000000790.jpg": ("image_opt_out", "X-Robots-Tag: noindex"),
+        f"{base}/robots/otherbot~%20noai/coco/000000000790.jpg": ("image_opt_out", "X-Robots-Tag: noai"),
+        f"{base}/robots/nofollow/coco/000000000790.jpg": ("success", None),  # not a directive that refuses
+        f"{base}/missing.jpg": ("image_fetch_failed", "HTTP 404"),
+        f"{base}/slow/coco/000000000790.jpg": ("image_fetch_failed", "Timeout"),
+        f"{base}/redirect/{photo}": ("url_not_allowed", f"redirect to {photo} refused: address 127.0.0.1 is private"),
+        f"{base}/redirect/ftp://127.0.0.1/x.jpg": ("url_not_allowed", "scheme 'ftp' is not http(s)"),
+    }
+    cfg = DownloadConfig(threads=4, host_connections=2, timeout=TIMEOUT)
+    got = {r.url: r for r in ImageDownloader(cfg, False, str(tmp_path / "images")).fetch(urls)}
+    assert set(got) == set(urls)
+    for url, (status, why) in urls.items():
+        result = got[url]
+        if status == "success":
+            assert result.ok and result.sha256 == hashlib.sha256(data).hexdigest(), result
+            assert open(result.path, "rb").read() == data
+        else:
+            assert (result.status, result.reason) == ("failed", status) and why in result.error, result
+            assert result.error.startswith(f"{url}: ") and result.path is None
+    # private addresses allowed: the redirect is followed; the ftp target is still refused
+    loose = ImageDownloader(cfg, True, "")
+    followed = {r.url: r for r in loose.fetch([f"{base}/redirect/{photo}", f"{base}/redirect/ftp://127.0.0.1/x.jpg"])}
+    assert followed[f"{base}/redirect/{photo}"].data == data
+    assert followed[f"{base}/redirect/ftp://127.0.0.1/x.jpg"].reason == "url_not_allowed"
+    # retries within the run: a 503 is tried again after a back-off
+    flaky = f"{base}/flaky/coco/000000018575.jpg"
+    retried = list(ImageDownloader(DownloadConfig(timeout=TIMEOUT, retries=1), True, "").fetch([flaky]))
+    assert retried[0].ok and hits["/flaky/coco/000000018575.jpg"] == 2
+
+
+def test_rerun_into_the_same_output_fetches_only_the_urls_that_failed(site, coco, tmp_path):
+    """A first run where one URL answers 503 and one is missing; the rerun into the same output (the fetch
+    record under OUT/_image_fetch) requests only those two again, and gets the now-working one."""
+    base, files, hits = site
+    ok = [f"{base}/coco/{n}" for n in ("000000018575.jpg", "000000019221.jpg")]
+    flaky, missing = f"{base}/flaky/coco/000000000790.jpg", f"{base}/missing-rerun.jpg"
+    docs = [make_doc("d-rerun", captions(coco, 1)[0], ok + [flaky, missing])]
+    out = tmp_path / "out"
+    cfg = FetchConfig(timeout=TIMEOUT, record_dir=str(out / "_image_fetch"), spool_dir=str(out / "_tmp" / "images"))
+    before = collections.Counter(hits)
+    first, kept, rejects = run_fetch(out, docs, cfg)
+    assert [u for u in kept["d-rerun"]["images"] if u] == ok
+    assert {r["detail"].split(": ")[0]: r["reason"] for r in rejects} == {flaky: "image_fetch_failed",
+                                                                         missing: "image_fetch_failed"}
+    assert {s["stage"]: s for s in first["stages"]}[STAGE_FETCH]["counters"] == {"urls_fetched": 2, "urls_failed": 2}
+    second, kept, rejects = run_fetch(out, docs, cfg, overwrite=True)  # --overwrite keeps the fetch record
+    requested = {p: n - before[p] for p, n in hits.items() if n > before[p]}
+    assert requested == {"/coco/000000018575.jpg": 1, "/coco/000000019221.jpg": 1,
+                         "/flaky/coco/000000000790.jpg": 2, "/missing-rerun.jpg": 2}
+    assert [u for u in kept["d-rerun"]["images"] if u] == ok + [flaky]
+    info = [i for i in kept["d-rerun"]["image_info"] if i]
+    assert [i["sha256"] for i in info] == [hashlib.sha256(files[u.removeprefix(base).removeprefix("/flaky")]
+                                                          .read_bytes()).hexdigest() for u in ok + [flaky]]
+    assert info[0]["bytes"] == files["/coco/000000018575.jpg"].read_bytes()  # reused bytes reach the output
+    assert [r["reason"] for r in rejects] == ["image_fetch_failed"]
+    counters = {s["stage"]: s for s in second["stages"]}[STAGE_FETCH]["counters"]
+    assert counters == {"urls_reused": 2, "urls_fetched": 1, "urls_failed": 1}

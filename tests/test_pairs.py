@@ -201,7 +201,7 @@ def interleaved_source(tmp, coco):
 
 
 def test_sources_threshold_decontamination_urls(tmp_path, coco, tiny_clip, site):  # noqa: F811
-    base, _ = site
+    base, _, _ = site
     recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()]
     # a table of real photos by path (30 images, first caption), with bad rows mixed in
     rows = [{"path": f"images/{r['file_name']}", "caption": r["captions"][0]} for r in recs[10:40]]
@@ -224,7 +224,7 @@ def test_sources_threshold_decontamination_urls(tmp_path, coco, tiny_clip, site)
     # a photo that passes the threshold, also fetched by URL with the same caption: an exact duplicate across
     # datasets (equal scores; the smaller image_id, the table's, survives and is marked)
     shared = recs[13 + next(i for i, v in probe_scores.items() if v > threshold + 1e-3)]
-    # URLs fetched through img2dataset from a local server: three good, one 404, one corrupt file
+    # URLs fetched from a local server: three good, one 404, one corrupt file
     with open(tmp_path / "web.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["url", "caption"])
@@ -312,7 +312,7 @@ def test_img2dataset_folder_source(tmp_path, coco, tiny_clip, site):  # noqa: F8
 
     import pyarrow as pa
 
-    base, _ = site
+    base, _, _ = site
     recs = [json.loads(line) for line in (coco / "captions.jsonl").read_text().splitlines()[50:53]]
     urls = [f"{base}/coco/{r['file_name']}" for r in recs] + [f"{base}/coco/not-there.jpg"]
     pq.write_table(pa.table({"url": urls, "caption": [r["captions"][0] for r in recs] + ["a photo of a missing cat"]}),

@@ -1,1 +1,1 @@
-"""Network fetching shared by the pipelines: host lookup and URL policy, URL-list pages, img2dataset images."""
+"""Network fetching shared by the pipelines: host lookup and URL policy, URL-list pages, image downloads."""

@@ -1,10 +1,12 @@
-"""Fetch the images of interleaved documents with img2dataset, check them, and join the results back.
+"""Fetch the images of interleaved documents, check them, and join the results back.
 
 Graph (every step a keyed shuffle, so it scales out; stage `fetch_images` counts image positions):
   docs -> refs (url, (doc_id, position, refusal))            URL policy: http(s) only, no private/loopback hosts
-       -> unique allowed URLs, grouped by hash(url) % groups -> img2dataset in batches (a subprocess per batch:
-          its multiprocessing distributor cannot start inside a daemonic Dask worker, and a crash there cannot
-          take the worker down) -> (url, outcome): decoded with `inspect_image`, sized with `check_decoded_image`
+       -> unique allowed URLs, grouped by hash(url) % groups -> each group streamed through the worker's one
+          long-lived downloader (fetching/downloader.py: a thread pool and pooled HTTP session built once per
+          worker process, per-host connection cap, redirects checked, X-Robots-Tag honoured, timeouts; URLs
+          that succeeded in an earlier run into the same output come from OUT/_image_fetch, the rest are
+          fetched) -> (url, outcome): decoded with `inspect_image`, sized with `check_decoded_image`
        -> CoGroupByKey(refs, outcomes) by URL -> (doc_id, position result)
        -> CoGroupByKey(docs, results) by doc_id -> image_info filled (url, sha256, width, height, phash,
           bytes); a failed image's position is removed with a reject row, the text stays.
@@ -19,60 +21,64 @@ Then `FetchConfig(fetched_dir=IMAGES)` joins that folder's Parquet back instead 
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 
-from mmcorpus.filters.reasons import Reject, shorten
+from mmcorpus.filters.imageinfo import ENCODE_FORMATS, RESIZE_MODES
+from mmcorpus.filters.reasons import Reject
 from mmcorpus.filters.urls import url_refusal
-from mmcorpus.pipelines.runtime.childenv import child_env
+from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, Result, fetch_with_record
 from mmcorpus.pipelines.interleaved.dedup import events_to_tags, key_by_doc_id, source_of
 from mmcorpus.pipelines.fetching.hosts import HostResolver
-from mmcorpus.pipelines.runtime.sink import spool, stable_hash
+from mmcorpus.pipelines.runtime.sink import FileBytes, spool, stable_hash
 from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
 
 STAGE_FETCH = "fetch_images"
 IMAGE_URL_KIND = "image_urls"  # sink kind for the URL list: Kind("url", "image_urls", shards)
-DEFAULT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # X-Robots-Tag values img2dataset honours
+DEFAULT_DIRECTIVES = DownloadConfig.disallowed_header_directives  # X-Robots-Tag values honoured (as img2dataset)
 
 
 @dataclass(frozen=True)
 class FetchConfig:
-    groups: int = 16  # hash groups of unique URLs: the fetch runs at most this many batches in parallel
-    # URLs per img2dataset call: each call costs ~6 s of start-up (two interpreters importing img2dataset);
-    # results stream back, so memory does not grow with it
-    batch_size: int = 2000
-    threads: int = 32  # img2dataset download threads per call
-    timeout: int = 10  # seconds per image (img2dataset default)
-    retries: int = 0
-    image_size: int = 0  # 0: keep the original bytes; > 0: store img2dataset's resized, re-encoded copy
-    resize_mode: str = "keep_ratio"  # img2dataset resize mode when image_size > 0
-    encode_format: str = "jpg"  # format of the resized copy
+    groups: int = 16  # hash groups of unique URLs, spread over the workers (each worker keeps one downloader)
+    threads: int = 16  # download threads of a worker's downloader
+    host_connections: int = 16  # requests to one host at once from one worker process (politeness)
+    timeout: int = 10  # seconds per request
+    retries: int = 0  # more tries of a connection error or 429/5xx within the run (a rerun retries failures)
+    max_image_bytes: int = 64 << 20
+    image_size: int = 0  # 0: keep the original bytes; > 0: store a resized, re-encoded copy
+    resize_mode: str = "keep_ratio"  # keep_ratio, keep_ratio_largest or center_crop when image_size > 0
+    encode_format: str = "jpg"  # format of the resized copy: jpg, png or webp
     keep_bytes: bool = True  # store image bytes in image_info.bytes
     user_agent_token: str = "mmcorpus"
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DIRECTIVES
     fetched_dir: str = ""  # read an earlier img2dataset Parquet output instead of downloading
-    batch_timeout: float = 0  # seconds one img2dataset call may run; 0 = derived from batch size and timeout
     rules: object = field(default=None)  # filters.documents.DocumentConfig for check_decoded_image; None = defaults
     # set by the command: kept bytes wait there as files (sink.FileBytes, read by the sink), not in the documents
     spool_dir: str = ""
+    # set by the command: OUT/_image_fetch, the per-URL record a rerun resumes from ("" = none)
+    record_dir: str = ""
 
     def __post_init__(self):
-        if self.groups < 1 or self.batch_size < 1 or self.threads < 1:
-            raise ValueError("groups, batch_size and threads must be at least 1")
-        if self.batch_timeout < 0:
-            raise ValueError(f"batch_timeout must be 0 (derived) or positive, got {self.batch_timeout}")
+        if self.groups < 1:
+            raise ValueError("groups must be at least 1")
+        self.download  # noqa: B018 - the downloader settings are checked here
+        if self.resize_mode not in RESIZE_MODES or self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)} and encode_format one of "
+                             f"{', '.join(ENCODE_FORMATS)}")
         if self.fetched_dir and not os.path.isdir(self.fetched_dir):
             raise ValueError(f"fetched images folder {self.fetched_dir!r} does not exist")
+
+    @property
+    def download(self) -> DownloadConfig:
+        return DownloadConfig(threads=self.threads, host_connections=self.host_connections, timeout=self.timeout,
+                              retries=self.retries, max_bytes=self.max_image_bytes,
+                              user_agent_token=self.user_agent_token,
+                              disallowed_header_directives=tuple(self.disallowed_header_directives))
 
 
 # ---- documents -> image references ----------------------------------------------------------------------
@@ -106,113 +112,55 @@ def _rules(cfg: FetchConfig):
     return DocumentConfig()
 
 
-def assess(url: str, row: dict, cfg: FetchConfig) -> dict:
-    """Outcome of one img2dataset result row: {"info": image_info} or {"reason", "detail"}."""
+def assess_bytes(url: str, data: bytes | None, cfg: FetchConfig, stored: FileBytes | None = None) -> dict:
+    """Outcome of one image's bytes: {"info": image_info} or {"reason", "detail"}. The decode rules apply to the
+    image as downloaded; with `cfg.image_size` the kept copy is a resized one. `stored`: where the bytes already
+    wait as a file (the fetch record), so they are not stored again."""
     from mmcorpus.filters.documents import check_decoded_image
-    from mmcorpus.filters.imageinfo import inspect_image
+    from mmcorpus.filters.imageinfo import inspect_image, resize_image
 
-    status = row.get("status")
-    if status != "success":
-        reason = "image_decode_failed" if status == "failed_to_resize" else "image_fetch_failed"
-        return {"reason": reason, "detail": f"{url}: {row.get('error_message') or status or 'no result'}"}
-    data = row.get(cfg.encode_format) if cfg.image_size else (row.get(cfg.encode_format) or row.get("jpg"))
     if not data:
         return {"reason": "image_fetch_failed", "detail": f"{url}: empty response"}
     info = inspect_image(data)
     if isinstance(info, Reject):
         return {"reason": info.reason, "detail": f"{url}: {info.detail}"}
     checked = {"width": info.width, "height": info.height, "format": info.format, "bytes": data}
-    if cfg.image_size and row.get("original_width"):  # rules apply to the original, not the resized copy
-        checked.update(width=row["original_width"], height=row["original_height"])
     reject = check_decoded_image(checked, _rules(cfg))
     if reject is not None:
         return {"reason": reject.reason, "detail": f"{url}: {reject.detail}"}
-    kept = (spool(cfg.spool_dir, data, info.sha256) if cfg.spool_dir else data) if cfg.keep_bytes else None
+    if cfg.image_size:
+        data = resize_image(data, cfg.image_size, cfg.resize_mode, cfg.encode_format)
+        info = data if isinstance(data, Reject) else inspect_image(data)
+        if isinstance(info, Reject):
+            return {"reason": info.reason, "detail": f"{url}: {info.detail}"}
+        stored = None
+    if not cfg.keep_bytes:
+        kept = None
+    elif stored is not None:
+        kept = stored
+    else:
+        kept = spool(cfg.spool_dir, data, info.sha256) if cfg.spool_dir else data
     return {"info": {"url": url, "sha256": info.sha256, "width": info.width, "height": info.height,
                      "phash": info.phash, "bytes": kept, "path": None}}
 
 
-def img2dataset_options(cfg: FetchConfig, url_list: str, out_dir: str) -> dict:
-    """Arguments for `img2dataset.download` over one batch."""
-    resize = cfg.image_size > 0
-    return {
-        "url_list": url_list, "output_folder": out_dir, "input_format": "txt", "output_format": "parquet",
-        "distributor": "multiprocessing", "processes_count": 1, "thread_count": cfg.threads,
-        "resize_mode": cfg.resize_mode if resize else "no", "image_size": cfg.image_size or 256,
-        "disable_all_reencoding": not resize, "encode_format": cfg.encode_format, "compute_hash": "sha256",
-        "extract_exif": False, "timeout": cfg.timeout, "retries": cfg.retries,
-        "number_sample_per_shard": 10_000, "incremental_mode": "incremental", "enable_wandb": False,
-        "user_agent_token": cfg.user_agent_token,
-        "disallowed_header_directives": list(cfg.disallowed_header_directives),
-    }
+def assess(url: str, row: dict, cfg: FetchConfig) -> dict:
+    """Outcome of one img2dataset result row (the `fetched_dir` path)."""
+    status = row.get("status")
+    if status != "success":
+        reason = "image_decode_failed" if status == "failed_to_resize" else "image_fetch_failed"
+        return {"reason": reason, "detail": f"{url}: {row.get('error_message') or status or 'no result'}"}
+    return assess_bytes(url, row.get("jpg") or row.get(cfg.encode_format), cfg)
 
 
-_RUN_IMG2DATASET = (
-    "import json, os, sys\n"
-    "os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')\n"
-    "from img2dataset import download\n"
-    "download(**json.load(open(sys.argv[1])))\n"
-)
-
-
-def download_batch(urls: list[str], cfg: FetchConfig, allow_private: bool = False):
-    """Download `urls` with img2dataset in a subprocess; yield (url, result row) streaming from its Parquet
-    output, so a worker holds one record batch of images at a time, not the whole batch. When img2dataset
-    exits non-zero or runs past its time budget, the URLs it gave no result for get a failed row naming why
-    (each becomes an image_fetch_failed reject); the run goes on. Redirects img2dataset follows are checked with
-    the URL rules (private addresses refused unless `allow_private`; see child-site/sitecustomize.py)."""
-    with tempfile.TemporaryDirectory(prefix="mmcorpus-img2dataset-") as tmp:
-        url_list = os.path.join(tmp, "urls.txt")
-        with open(url_list, "w", encoding="utf-8") as f:
-            f.write("\n".join(urls) + "\n")
-        out_dir = os.path.join(tmp, "out")
-        options = os.path.join(tmp, "options.json")
-        with open(options, "w") as f:
-            json.dump(img2dataset_options(cfg, url_list, out_dir), f)
-        failure = run_img2dataset(options, tmp, batch_budget(len(urls), cfg), allow_private)
-        answered = set()
-        for path in sorted(glob.glob(os.path.join(out_dir, "*.parquet"))):
-            try:
-                for url, row in iter_rows(path):
-                    answered.add(url)
-                    yield url, row
-            except (OSError, ValueError) as exc:  # a shard cut short by the failure
-                failure = failure or f"unreadable img2dataset output {os.path.basename(path)}: {exc}"
-        if failure is None and not answered:
-            failure = "img2dataset wrote no output"
-        for url in urls:
-            if url not in answered:
-                yield url, {"status": None, "error_message": failure or "no result from img2dataset"}
-
-
-def batch_budget(n: int, cfg: FetchConfig) -> float:
-    """Seconds one img2dataset call may take: start-up plus every URL's timeout and retries over the threads."""
-    if cfg.batch_timeout:
-        return cfg.batch_timeout
-    return 300 + (n // cfg.threads + 1) * cfg.timeout * (cfg.retries + 1) * 2
-
-
-def run_img2dataset(options: str, cwd: str, budget: float, allow_private: bool = False) -> str | None:
-    """Run img2dataset on an options file in its own process group; None on success, else why it failed
-    (exit status or time-out, with the last lines it printed). On time-out the whole group is killed."""
-    env = child_env(NO_ALBUMENTATIONS_UPDATE="1", MMCORPUS_IMG_REDIRECTS="any" if allow_private else "public")
-    proc = subprocess.Popen([sys.executable, "-c", _RUN_IMG2DATASET, options], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=budget)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        return f"img2dataset timed out after {budget:g} s{_tail(output)}"
-    if proc.returncode != 0:
-        return f"img2dataset failed (exit {proc.returncode}){_tail(output)}"
-    return None
-
-
-def _tail(output: str | None) -> str:
-    lines = [line for line in (output or "").strip().splitlines() if line.strip()][-3:]
-    return shorten(": " + " | ".join(lines), 500) if lines else ""
+def assess_download(result: Result, cfg: FetchConfig) -> dict:
+    """Outcome of one download of the worker's downloader."""
+    if not result.ok:
+        return {"reason": result.reason, "detail": result.error}
+    if result.path is None:
+        return assess_bytes(result.url, result.data, cfg)
+    stored = FileBytes(result.path)
+    return assess_bytes(result.url, stored.read(), cfg, stored)
 
 
 def iter_rows(path: str, rows_per_batch: int = 64):
@@ -223,27 +171,29 @@ def iter_rows(path: str, rows_per_batch: int = 64):
 
 
 class _FetchGroup(beam.DoFn):
-    """Downloads one hash group of unique URLs in batches; yields (url, outcome) and fetch counters."""
+    """Streams one hash group of unique URLs through the worker's downloader; yields (url, outcome) and fetch
+    counters (urls_fetched / urls_failed: downloaded now and kept / not; urls_reused: from an earlier run)."""
 
     def __init__(self, cfg: FetchConfig, allow_private: bool):
         self.cfg, self.allow_private = cfg, allow_private
 
     def process(self, element):
         _, urls = element
-        urls = sorted(set(urls))
-        for start in range(0, len(urls), self.cfg.batch_size):
-            batch = urls[start:start + self.cfg.batch_size]
-            pending = set(batch)  # download_batch answers every URL of the batch; a second answer is skipped
-            for url, row in download_batch(batch, self.cfg, self.allow_private):
-                if url in pending:
-                    pending.discard(url)
-                    yield from _outcome_tags(url, row, self.cfg)
+        record = FetchRecord(self.cfg.record_dir)
+        for result in fetch_with_record(urls, self.cfg.download, self.allow_private, record, checked=True):
+            outcome = assess_download(result, self.cfg)
+            yield "outcome", (result.url, outcome)
+            yield COUNTS, ((STAGE_FETCH, _counter(outcome, result.reused), ""), 1)
+
+
+def _counter(outcome: dict, reused: bool = False) -> str:
+    return "urls_reused" if reused else "urls_fetched" if "info" in outcome else "urls_failed"
 
 
 def _outcome_tags(url: str, row: dict, cfg: FetchConfig):
     outcome = assess(url, row, cfg)
     yield "outcome", (url, outcome)
-    yield COUNTS, ((STAGE_FETCH, "urls_fetched" if "info" in outcome else "urls_failed", ""), 1)
+    yield COUNTS, ((STAGE_FETCH, _counter(outcome), ""), 1)
 
 
 def _fetched_files(folder: str) -> list[str]:

@@ -27,16 +27,17 @@ DESCRIPTION = (
     "safety_images; e-mails, IPs and phone numbers masked, or rejected with --pii reject) -> language -> "
     "paragraphs (OBELICS node rules, removes paragraphs) "
     "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
-    "document; per-image rejects under image_rules_images) -> fetch_images (img2dataset; decoded size rules; "
-    "skipped with --no-images, then images stay URL references) -> nsfw (with --nsfw-head: every fetched image "
-    "embedded once with CLIP (--clip-model), scored by the head, image_info.nsfw_score; images above "
-    "--nsfw-threshold dropped under nsfw_images, the document rejected when one scores above "
-    "--nsfw-document-threshold) -> image_count -> dedup_exact -> dedup_near "
+    "document; per-image rejects under image_rules_images) -> fetch_images (one downloader per worker; the "
+    "image's X-Robots-Tag noai/noimageai refuses it; decoded size rules; a rerun into the same output fetches only "
+    "the images that failed, OUT/_image_fetch; skipped with --no-images, then images stay URL references) -> nsfw "
+    "(with --nsfw-head: every fetched image embedded once with CLIP (--clip-model), scored by the head, "
+    "image_info.nsfw_score; images above --nsfw-threshold dropped under nsfw_images, the document rejected when "
+    "one scores above --nsfw-document-threshold) -> image_count -> dedup_exact -> dedup_near "
     "(MinHash LSH) -> dedup_images (images in more than K documents) -> image_count_after_dedup (a document "
     "whose images were all boilerplate). Thresholds come from --config "
     "FILE (YAML): sections extract (trafilatura's options: fast, favor_precision, favor_recall, include_tables, "
     "include_comments), language, paragraphs, quality, images (filters/documents.py), dedup "
-    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image download) and pages "
+    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image download: groups, threads, host_connections, timeout, retries, ...) and pages "
     "(pipelines/fetching/pages.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
@@ -246,7 +247,7 @@ def load_config(path: str | None):
         if bad:
             raise ValueError(f"unknown dedup keys {sorted(bad)} (known: {sorted(known)})")
         dedup_cfg = DedupConfig(**dedup_raw)
-        known = {f.name for f in dataclasses.fields(FetchConfig)} - {"rules"}
+        known = {f.name for f in dataclasses.fields(FetchConfig)} - {"rules", "spool_dir", "record_dir"}
         bad = set(fetch_raw) - known
         if bad:
             raise ValueError(f"unknown fetch keys {sorted(bad)} (known: {sorted(known)})")
@@ -393,6 +394,7 @@ def nsfw_option(args, fetch_cfg):
 
 def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
+    from mmcorpus.pipelines.fetching.downloader import fetch_record_folder
     from mmcorpus.pipelines.runtime.sink import Kind, spool_folder
     from mmcorpus.pipelines.interleaved.sources import expand_sources, load_url_manifest
     from mmcorpus.schemas import storage
@@ -420,13 +422,14 @@ def run(args) -> int:
 
     config = {"documents": doc_cfg.to_dict(),
               "dedup": dataclasses.asdict(dedup_cfg),
-              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k not in ("rules", "spool_dir")},
+              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k not in ("rules", "spool_dir", "record_dir")},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied,
               "path_prefix": storage.redact_url(args.path_prefix), "skip": args.skip, "limit": args.limit}
     spool_dir = spool_folder(args.output)  # fetched bytes wait there
-    fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir)
+    # the per-URL fetch record beside the output: a rerun fetches only the images that failed
+    fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir, record_dir=fetch_record_folder(args.output))
     workers = args.workers or os.cpu_count() or 1
     parts = args.read_parts or read_parts(items, workers)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,

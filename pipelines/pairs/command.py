@@ -19,7 +19,8 @@ DESCRIPTION = (
     "(alt text of each fetched image -> pair; --include-context-text adds the neighbouring text chunk as a "
     "second, LTIP-style pair), a COCO-style folder (captions.jsonl + images/, one pair per caption), an "
     "img2dataset output folder, a pairs dataset, or a .jsonl/.parquet/.csv/.tsv table of {url|path|image, "
-    "caption}. URLs without bytes are downloaded with img2dataset. Stages, each counted in stats.json with its "
+    "caption}. URLs without bytes are downloaded (one downloader per worker; the image's X-Robots-Tag noai/"
+    "noimageai refuses it; a rerun into the same output fetches only the URLs that failed: OUT/_image_fetch). Stages, each counted in stats.json with its "
     "rejects: read -> caption (clean HTML entities/whitespace; drop empty, boilerplate such as 'image', file "
     "names, 'click here'; DataComp length rule: more than 2 words and 5 characters) -> safety (image and page "
     "URL on --opt-out-list/--blocklist files, flagged words in the image URL or caption, e-mails/IPs/phone "
@@ -96,7 +97,9 @@ def add_arguments(parser) -> None:
     s.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="larger images are rejected as decompression bombs")
     s.add_argument("--allow-private-urls", action="store_true", help="let image URLs point at private/loopback hosts")
-    s.add_argument("--fetch-timeout", type=int, default=10, help="seconds per image download (img2dataset)")
+    s.add_argument("--fetch-timeout", type=int, default=10,
+                   help="seconds per image download request (a rerun into the same output fetches only the URLs "
+                        "that failed: OUT/_image_fetch records each URL; delete it to fetch everything again)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
     add_runner_args(parser)
@@ -149,13 +152,17 @@ class ImageStage:
         from mmcorpus.filters.imageinfo import inspect_image
         from mmcorpus.filters.reasons import Reject
         from mmcorpus.pipelines.pairs.sources import load_bytes
-        from mmcorpus.pipelines.runtime.sink import spool
+        from mmcorpus.pipelines.runtime.sink import FileBytes, spool
         from mmcorpus.schemas import storage
 
         if row.get("_fetch_error"):
             return Reject(row["_fetch_reason"], row["_fetch_error"])
+        fetched = row.get("_file")  # downloaded into the fetch record: read from there, not stored again
         try:
-            data = row["_data"] if row.get("_data") is not None else load_bytes(row)
+            if row.get("_data") is not None:
+                data = row["_data"]
+            else:
+                data = FileBytes(fetched).read() if fetched else load_bytes(row)
         except OSError as exc:
             return Reject("read_failed", f"{row.get('image_path')}: {exc.strerror or exc}")
         if data is None:
@@ -167,11 +174,12 @@ class ImageStage:
         meta = dict(row["metadata"], image_format=info.format, image_mode=info.mode)
         if info.n_frames > 1:
             meta["n_frames"] = info.n_frames
-        from_file = row.get("_data") is None and row.get("image_bytes") is None
-        if self.spool_dir is None:  # bytes stay in the row (callers without an output folder)
+        from_file = not fetched and row.get("_data") is None and row.get("image_bytes") is None
+        if self.spool_dir is None and not fetched:  # bytes stay in the row (callers without an output folder)
             place = {"_data": data}
         else:
-            path = storage.abspath(row["image_path"]) if from_file else spool(self.spool_dir, data, info.sha256).path
+            path = fetched or (storage.abspath(row["image_path"]) if from_file
+                               else spool(self.spool_dir, data, info.sha256).path)
             place = {"_data": None, "_file": path}
         return dict(row, **place, image_bytes=None, sha256=info.sha256, phash=info.phash, width=info.width,
                     height=info.height, metadata=meta, _phash_variants=info.phash_transforms)
@@ -202,42 +210,30 @@ def needs_fetch(row) -> bool:
 
 
 class FetchGroup(beam.DoFn):
-    """(group, rows) -> rows with `_data` bytes or `_fetch_error`, downloading unique URLs with img2dataset."""
+    """(group, rows) -> rows with the downloaded image (`_file`, or `_data` without a record folder) or
+    `_fetch_error`: each unique URL once, through the worker's one downloader (fetching/downloader.py, shared
+    with `interleaved`); URLs that succeeded in an earlier run into the same output come from its record."""
 
-    def __init__(self, timeout: int, allow_private: bool):
-        self.timeout = timeout
-        self.allow_private = allow_private
+    def __init__(self, timeout: int, allow_private: bool, record_dir: str = "", threads: int = 16):
+        self.timeout, self.allow_private = timeout, allow_private
+        self.record_dir, self.threads = record_dir, threads
 
     def process(self, element):
-        from mmcorpus.filters.urls import url_refusal
-        from mmcorpus.pipelines.fetching.hosts import HostResolver
-        from mmcorpus.pipelines.fetching.images import FetchConfig, download_batch
+        from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, fetch_with_record
 
         _, rows = element
-        rows = sorted(rows, key=lambda r: (r["image_ref"], r["row_key"]))
-        resolve = HostResolver()
-        refused = {r["url"]: url_refusal(r["url"], self.allow_private, resolve) for r in rows}
-        urls = sorted(u for u, why in refused.items() if not why)
-        got: dict[str, dict] = {}
-        if urls:
-            cfg = FetchConfig(timeout=self.timeout, threads=min(64, len(urls)))
-            try:
-                for url, result in download_batch(urls, cfg, self.allow_private):
-                    got.setdefault(url, result)
-            except Exception as exc:  # noqa: BLE001 - the batch fails as rejects, the run goes on
-                got = {u: {"status": "failed", "error_message": f"img2dataset: {exc}"} for u in urls}
-        for row in rows:
-            url = row["url"]
-            if refused[url]:
-                yield dict(row, _fetch_error=f"{url}: {refused[url]}", _fetch_reason="url_not_allowed")
-                continue
-            result = got.get(url, {"status": None, "error_message": "no result from img2dataset"})
-            data = result.get("jpg") if result.get("status") == "success" else None
-            if data:
-                yield dict(row, _data=data)
-            else:
-                why = result.get("error_message") or result.get("status") or "no bytes"
-                yield dict(row, _fetch_error=f"{url}: {why}", _fetch_reason="image_fetch_failed")
+        by_url: dict[str, list] = {}
+        for row in sorted(rows, key=lambda r: (r["image_ref"], r["row_key"])):
+            by_url.setdefault(row["url"], []).append(row)
+        cfg = DownloadConfig(threads=self.threads, timeout=self.timeout)
+        for result in fetch_with_record(by_url, cfg, self.allow_private, FetchRecord(self.record_dir)):
+            for row in by_url.pop(result.url):
+                if not result.ok:
+                    yield dict(row, _fetch_error=result.error, _fetch_reason=result.reason)
+                elif result.path is not None:
+                    yield dict(row, _file=result.path)
+                else:
+                    yield dict(row, _data=result.data)
 
 
 def _group_of(row, groups):
@@ -314,7 +310,7 @@ def build(p, opts: dict):
     local = pairs | "LocalImages" >> beam.FlatMap(_local_only)
     fetched = (pairs | "RemoteImages" >> beam.FlatMap(_remote_only)
                | "FetchKey" >> beam.Map(_group_of, opts["fetch_groups"]) | "FetchGroup" >> beam.GroupByKey()
-               | "Fetch" >> beam.ParDo(FetchGroup(opts["fetch_timeout"], opts["allow_private"])))
+               | "Fetch" >> beam.ParDo(FetchGroup(opts["fetch_timeout"], opts["allow_private"], opts.get("record_dir", ""))))
     pairs = (local, fetched) | "WithBytes" >> beam.Flatten()
     pairs = c.stage(pairs, STAGE_IMAGE, ImageStage(opts["max_pixels"], opts["dedup_cfg"].phash_transforms,
                                                    opts.get("spool_dir")), source_of)
@@ -391,6 +387,7 @@ def run(args) -> int:
     from mmcorpus.pipelines.models.clip import STAGE_CLIP, ClipConfig, load_model
     from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
     from mmcorpus.pipelines.runtime.runner import chosen_runner, worker_count
+    from mmcorpus.pipelines.fetching.downloader import fetch_record_folder
     from mmcorpus.pipelines.runtime.sink import Kind, shard_files, spool_folder
 
     if args.keep_top_fraction is not None and not 0 < args.keep_top_fraction <= 1:
@@ -432,9 +429,9 @@ def run(args) -> int:
         "max_pixels": args.max_pixels, "clip_cfg": clip_cfg, "min_clip_score": args.min_clip_score,
         "top_fraction": args.keep_top_fraction, "dedup_cfg": dedup_cfg, "eval_refs": eval_refs,
         "store_embeddings": args.store_embeddings, "fetch_timeout": args.fetch_timeout,
-        # one img2dataset call per worker over its whole share of the URLs (each call costs seconds to start)
-        "fetch_groups": worker_count(args),
-        "spool_dir": spool_folder(args.output),
+        # groups of URLs spread over the workers; each worker streams them through its one downloader
+        "fetch_groups": 4 * worker_count(args),
+        "spool_dir": spool_folder(args.output), "record_dir": fetch_record_folder(args.output),
         "allow_private": args.allow_private_urls, "score_groups": args.score_groups,
         "safety": safety, "nsfw": None if nsfw_head is None else (nsfw_head, nsfw_policy),
         "group_batches": chosen_runner(args) == "dask",

@@ -1,4 +1,4 @@
-"""Environment for the child processes mmcorpus starts (Beam workers, img2dataset): `child-site/` first on
+"""Environment for the child processes mmcorpus starts (Beam's workers): `child-site/` first on
 their PYTHONPATH, and the variables that switch its start-up hooks on (see child-site/sitecustomize.py)."""
 
 from __future__ import annotations
