@@ -7,8 +7,8 @@ from __future__ import annotations
 from mmcorpus.filters.reasons import REASONS
 
 SAFETY_STAGES = ("opt_out", "safety", "safety_images", "nsfw", "nsfw_images")
-SAFETY_REASONS = ("opt_out_noai", "opt_out_noimageai", "opt_out_list", "blocklist", "flagged_image_words",
-                  "nsfw_image", "nsfw_document", "pii_found")
+SAFETY_REASONS = ("opt_out_noai", "opt_out_noimageai", "opt_out_list", "image_opt_out", "blocklist",
+                  "flagged_image_words", "nsfw_image", "nsfw_document", "pii_found")
 
 
 def safety_section(stats: dict, table) -> list[str]:
