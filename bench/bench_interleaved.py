@@ -11,6 +11,8 @@ and reports, in one run on the same records (the machine is shared: compare rati
 - snippet accuracy (evaldata.json must/must-not snippets) of the kept documents against bare trafilatura's
   text of the same pages;
 - peak RSS of the main process and the largest worker at 1x and 4x the input (a quarter of the records, all);
+- CPU seconds per page beyond each runner's fixed start-up (4x minus 1x runs), Dask against the DirectRunner
+  and bare trafilatura: what a page costs at crawl scale;
 - CPU seconds per stage (stats.json) and the projections: one 40,000-record WARC on 2 cores, and 43M pages
   (Flamingo's M3W) in core-hours.
 --logic-rounds N adds the older per-core comparison: everything the pipeline does per page but Beam, in one
@@ -318,6 +320,8 @@ def main() -> None:
             if a.dask_several:
                 run("direct_several_files", ["--runner", "direct", "--workers", w], several)
         run("quarter_file", ["--workers", w], quarter)
+        if not a.skip_dask:
+            run("direct_quarter_file", ["--runner", "direct", "--workers", w], quarter)
     kept = sorted(runs["one_file"]["_texts"])
     result["runs"] = {k: {x: y for x, y in v.items() if not x.startswith("_")} for k, v in runs.items()}
     rate = {k: v["pages_per_s"] for k, v in runs.items()}
@@ -343,6 +347,20 @@ def main() -> None:
         **({"dask_vs_direct_one_file": round(per_page["direct_one_file"] / per_page["one_file"], 3)}
            if "direct_one_file" in per_page else {}),
     }
+    if "direct_quarter_file" in runs:  # CPU per page beyond each runner's fixed start-up: the cost at crawl scale
+        def marginal(full_run, quarter_run):
+            return (full_run["cpu_s"] - quarter_run["cpu_s"]) / max(full_run["pages"] - quarter_run["pages"], 1)
+
+        dask_m = marginal(runs["one_file"], runs["quarter_file"])
+        direct_m = marginal(runs["direct_one_file"], runs["direct_quarter_file"])
+        result["marginal_cpu_s_per_page"] = {"dask": round(dask_m, 4), "direct": round(direct_m, 4),
+                                             "dask_vs_direct": round(direct_m / dask_m, 3),
+                                             "bare_trafilatura": bare["cpu_s_per_page"],
+                                             "dask_vs_bare": round(bare["cpu_s_per_page"] / dask_m, 3),
+                                             "direct_vs_bare": round(bare["cpu_s_per_page"] / direct_m, 3)}
+        result["fixed_cpu_s"] = {  # a run's CPU seconds less its pages at the marginal cost: start-up and teardown
+            "dask": round(runs["one_file"]["cpu_s"] - dask_m * runs["one_file"]["pages"], 1),
+            "direct": round(runs["direct_one_file"]["cpu_s"] - direct_m * runs["direct_one_file"]["pages"], 1)}
     result["busiest_worker_share_of_cpu"] = {  # 1/workers when the work spreads evenly, 1.0 when one does it all
         k: round(v["worker_cpu_s"][0] / sum(v["worker_cpu_s"]), 3) for k, v in runs.items()
         if len(v["worker_cpu_s"]) > 1 and sum(v["worker_cpu_s"])}
