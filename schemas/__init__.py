@@ -150,26 +150,22 @@ EXPORT_INDEX = pa.schema(
 
 # Hugging Face `datasets` Image feature as Parquet stores it (bytes embedded, path a file name or null).
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-_HF_FEATURES_PAIR = {
-    "image": {"_type": "Image"}, "caption": {"dtype": "string", "_type": "Value"},
-    "caption_source": {"dtype": "string", "_type": "Value"}, "url": {"dtype": "string", "_type": "Value"},
-    "image_id": {"dtype": "string", "_type": "Value"}, "width": {"dtype": "int32", "_type": "Value"},
-    "height": {"dtype": "int32", "_type": "Value"}, "sha256": {"dtype": "string", "_type": "Value"},
-    "clip_score": {"dtype": "float32", "_type": "Value"}, "itm_score": {"dtype": "float32", "_type": "Value"},
-    "source_dataset": {"dtype": "string", "_type": "Value"}, "key": {"dtype": "string", "_type": "Value"},
-}
-_HF_FEATURES_INTERLEAVED = {
-    "texts": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
-    "images": {"feature": {"_type": "Image"}, "_type": "Sequence"},
-    "image_urls": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "Sequence"},
-    "doc_id": {"dtype": "string", "_type": "Value"}, "url": {"dtype": "string", "_type": "Value"},
-    "language": {"dtype": "string", "_type": "Value"}, "key": {"dtype": "string", "_type": "Value"},
-}
+_HF_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float32(): "float32",
+              pa.float64(): "float64"}
 
 
-def _hf(schema: pa.Schema, features: dict) -> pa.Schema:
+def _hf_feature(t: pa.DataType) -> dict:
+    """The `datasets` feature of an Arrow type: HF_IMAGE -> Image, list -> Sequence, else a Value."""
+    if t == HF_IMAGE:
+        return {"_type": "Image"}
+    if pa.types.is_list(t):
+        return {"feature": _hf_feature(t.value_type), "_type": "Sequence"}
+    return {"dtype": _HF_DTYPES[t], "_type": "Value"}
+
+
+def _hf(schema: pa.Schema) -> pa.Schema:
     """`schema` with the `huggingface` metadata `datasets` reads its features from (Image columns decode)."""
-    assert list(features) == schema.names
+    features = {f.name: _hf_feature(f.type) for f in schema}
     return schema.with_metadata({b"huggingface": json.dumps({"info": {"features": features}}).encode()})
 
 
@@ -187,7 +183,7 @@ HF_PAIR = _hf(pa.schema(
         ("itm_score", pa.float32()),
         ("source_dataset", pa.string()),
         ("key", pa.string()),
-    ]), _HF_FEATURES_PAIR)
+    ]))
 
 # OBELICS layout: `texts` and `images` of equal length, exactly one set per position.
 HF_INTERLEAVED = _hf(pa.schema(
@@ -199,7 +195,7 @@ HF_INTERLEAVED = _hf(pa.schema(
         ("url", pa.string()),
         ("language", pa.string()),
         ("key", pa.string()),
-    ]), _HF_FEATURES_INTERLEAVED)
+    ]))
 # Columns added after 1.0, by the version that added them: files of an older version are read with them null.
 # "column.field": a field added to the struct (or list of structs) of a column.
 ADDED_IN: dict[str, dict[str, str]] = {"pair": {"nsfw_score": "1.1"}, "interleaved": {"image_info.nsfw_score": "1.2"}}
