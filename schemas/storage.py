@@ -108,6 +108,13 @@ def filesystem(path: str):
     return fsspec.core.url_to_fs(path, **options_for(proto))
 
 
+def _fresh(path: str):
+    """filesystem(path) with its listing cache dropped, so what other processes wrote since is seen."""
+    fs, p = filesystem(path)
+    fs.invalidate_cache()
+    return fs, p
+
+
 def full(fs, path: str) -> str:
     """A filesystem's path back as a URL (local: as it is)."""
     if "file" in _protocols(fs) or "local" in _protocols(fs):
@@ -145,8 +152,7 @@ def has_glob(path: str) -> bool:
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(_local(path))
-    fs, p = filesystem(path)
-    fs.invalidate_cache()
+    fs, p = _fresh(path)
     return fs.exists(p)
 
 
@@ -170,16 +176,14 @@ def isdir(path: str) -> bool:
         return os.path.isdir(_local(path))
     if protocol(path) in ("http", "https"):
         return False
-    fs, p = filesystem(path)
-    fs.invalidate_cache()
+    fs, p = _fresh(path)
     return fs.isdir(p)
 
 
 def isfile(path: str) -> bool:
     if not is_url(path):
         return os.path.isfile(_local(path))
-    fs, p = filesystem(path)
-    fs.invalidate_cache()
+    fs, p = _fresh(path)
     return fs.isfile(p)
 
 
@@ -191,8 +195,7 @@ def glob(pattern: str) -> list[str]:
         return sorted(_glob.glob(pattern))
     if protocol(pattern) in ("http", "https"):
         raise ValueError(f"{pattern}: http(s) has no listing, so globs are not supported there")
-    fs, p = filesystem(pattern)
-    fs.invalidate_cache()
+    fs, p = _fresh(pattern)
     return sorted(full(fs, m) for m in fs.glob(p))
 
 
@@ -200,8 +203,7 @@ def find(folder: str) -> list[str]:
     """Every file under a folder, sorted."""
     if not is_url(folder):
         return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
-    fs, p = filesystem(folder)
-    fs.invalidate_cache()
+    fs, p = _fresh(folder)
     return sorted(full(fs, f) for f in fs.find(p))
 
 
@@ -209,8 +211,7 @@ def listdir(folder: str) -> list[str]:
     """Names directly in a folder (empty when it does not exist)."""
     if not is_url(folder):
         return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    fs, p = filesystem(folder)
-    fs.invalidate_cache()
+    fs, p = _fresh(folder)
     try:
         return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
     except FileNotFoundError:
@@ -286,8 +287,7 @@ def remove(path: str, recursive: bool = False) -> None:
         elif os.path.lexists(path):
             os.remove(path)
         return
-    fs, p = filesystem(path)
-    fs.invalidate_cache()
+    fs, p = _fresh(path)
     try:
         if fs.exists(p):
             fs.rm(p, recursive=recursive)
