@@ -36,11 +36,7 @@ def _same_image(src: str | None) -> str:
 
 
 def _key(text: str | None) -> str:
-    text = text or ""
-    head = _WS.sub(" ", text[:8 * _KEY_CHARS]).strip()  # the text of a whole article is not normalised in full
-    if len(head) > _KEY_CHARS or len(text) <= 8 * _KEY_CHARS:
-        return head[:_KEY_CHARS].lower()
-    return _WS.sub(" ", text).strip()[:_KEY_CHARS].lower()
+    return _WS.sub(" ", text or "").strip()[:_KEY_CHARS].lower()
 
 
 def _body_keys(body) -> list[tuple[str, object]]:

@@ -14,7 +14,7 @@ from apache_beam import pvalue
 from apache_beam.pipeline import PipelineVisitor
 from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner, DaskRunnerResult
-from apache_beam.runners.dask.overrides import dask_overrides
+from apache_beam.runners.dask.overrides import _Flatten, _GroupByKeyOnly, dask_overrides
 from apache_beam.transforms.sideinputs import SideInputMap
 
 
@@ -37,9 +37,7 @@ class _BoundedGroupByKey(te.GroupByKey):
         return input_bag.groupby(lambda item: item[0], npartitions=parts).map(values)
 
 
-OPS = {**te.TRANSLATIONS}
-OPS[next(k for k, v in te.TRANSLATIONS.items() if v is te.Flatten)] = _BoundedFlatten
-OPS[next(k for k, v in te.TRANSLATIONS.items() if v is te.GroupByKey)] = _BoundedGroupByKey
+OPS = {**te.TRANSLATIONS, _Flatten: _BoundedFlatten, _GroupByKeyOnly: _BoundedGroupByKey}
 
 
 class _ToBags(PipelineVisitor):
