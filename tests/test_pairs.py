@@ -499,6 +499,15 @@ def test_readers_turn_bad_records_into_rejects_and_account_for_every_row(tmp_pat
     assert len(rows) == 19 and len(bad) == 9
     assert len({r["row_key"] for r in rows}) == len(rows)
     assert len({r["image_id"] for r in good}) == len(good)  # e.jsonl's two lines, d.parquet's same path
+    # read in chunks of a few records (a large file's read tasks): the same rows, offsets and ids; keys in order
+    strip = [{k: v for k, v in r.items() if k != "row_key"} for r in rows]
+    for size in (1, 2, 3):
+        parts = tasks([src], size)
+        assert len(parts) > 6  # a.jsonl, c.csv, d.parquet and e.jsonl split
+        chunked = [r for task in parts for r in read_task(task)]
+        assert [{k: v for k, v in r.items() if k != "row_key"} for r in chunked] == strip
+        keys = [r["row_key"] for r in chunked]
+        assert len(set(keys)) == len(keys) and keys == sorted(keys)
     # a tar that breaks off: the samples before the break, then one reject naming the byte offset
     i2d = tmp_path / "i2d"
     i2d.mkdir()

@@ -13,8 +13,8 @@ A SOURCE is `[NAME=]PATH` (NAME becomes `source_dataset`; default: the folder or
   file's folder; `image` holds bytes); a COCO-style row with file_name + captions works too.
 
 Raw pair dict (internal, becomes a "pair" row at the end): row_key (unique per row of the run by
-construction: dataset/file:ordinal), image_id (unique per pair within its file: a repeated id gets
-"~ORDINAL" appended), image_ref (identity of the image record: the captions of one image share it), source
+construction: dataset/file[@chunk]:ordinal), image_id (unique per pair within its read task, a file or a chunk
+of a large one (chunks.py): a repeated id gets "~ORDINAL" appended), image_ref (identity of the image record: the captions of one image share it), source
 (file:offset, for reject rows), source_dataset, caption (raw), caption_source and itm_score (kept from pairs
 inputs, e.g. CapFilt output), url, image_path, image_bytes, metadata (dict).
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import tarfile
@@ -40,6 +41,7 @@ from mmcorpus.filters.reasons import shorten
 from mmcorpus import schemas
 from mmcorpus.schemas import storage
 from mmcorpus.pipelines.errors import UserError
+from mmcorpus.pipelines.pairs import chunks
 
 KINDS = ("interleaved", "pairs", "coco", "img2dataset", "table")
 TABLE_EXTS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -51,7 +53,7 @@ class Source:
     name: str
     path: str
     kind: str
-    files: tuple[str, ...]  # read tasks: one file each
+    files: tuple[str, ...]  # its files; a large one is read in chunks (tasks())
 
 
 def parse_source(text: str) -> tuple[str, str]:
@@ -129,9 +131,29 @@ def detect_all(texts: list[str]) -> list[Source]:
     return sources
 
 
-def tasks(sources: list[Source]) -> list[tuple[str, str, str, str]]:
-    """(name, kind, root, file) read tasks, one per file."""
-    return [(s.name, s.kind, s.path, f) for s in sources for f in s.files]
+def tasks(sources: list[Source], rows: int = chunks.ROWS) -> list[tuple]:
+    """(name, kind, root, file, chunk) read tasks: one per chunk of about `rows` records of a large JSON-lines,
+    CSV/TSV or Parquet file (see chunks.py), else one per file (chunk None)."""
+    out = []
+    for s in sources:
+        for f in s.files:
+            parts = _chunks(s.kind, f, rows)
+            out += [(s.name, s.kind, s.path, f, c) for c in (parts if parts and len(parts) > 1 else [None])]
+    return out
+
+
+def _chunks(kind: str, path: str, rows: int) -> list[chunks.Chunk] | None:
+    low = path.lower()
+    try:
+        if low.endswith(".parquet"):  # an interleaved row is a document: several pairs each
+            return chunks.parquet_chunks(path, max(1, rows // 8) if kind == "interleaved" else rows)
+        if low.endswith(".jsonl") and kind in ("coco", "table"):
+            return chunks.line_chunks(path, rows)
+        if low.endswith((".csv", ".tsv")) and kind == "table":
+            return chunks.csv_chunks(path, "\t" if low.endswith(".tsv") else ",", rows)
+    except Exception:  # noqa: BLE001 - a damaged file is read whole: its reader turns what it cannot read into rejects
+        return None
+    return None
 
 
 # ---- readers: task -> raw pairs -------------------------------------------------------------------------
@@ -205,12 +227,14 @@ def _records_to_pairs(base, records, make, bad_prefix=""):
             yield from _guarded(f"{base}:{offset}", lambda: make(offset, rec))
 
 
-def parquet_rows(path: str, columns: list[str] | None = None, batch_size: int = 256):
-    """(row index, row dict) of a Parquet file, streamed a batch at a time. A row group that breaks off yields
-    (index, BadRecord) for each row it could not deliver; the next row groups are still read."""
+def parquet_rows(path: str, columns: list[str] | None = None, batch_size: int = 256, chunk=None):
+    """(row index, row dict) of a Parquet file (or of a chunk of its row groups), streamed a batch at a time. A
+    row group that breaks off yields (index, BadRecord) for each row it could not deliver; the next row groups
+    are still read."""
     f = schemas.open_parquet(path)
-    start = 0
-    for g in range(f.num_row_groups):
+    groups = range(f.num_row_groups) if chunk is None else range(chunk.start, chunk.stop)
+    start = 0 if chunk is None else chunk.first
+    for g in groups:
         n = f.metadata.row_group(g).num_rows
         done = 0
         try:
@@ -253,9 +277,9 @@ def _interleaved_pairs(name, base, doc, include_context):
                             meta={**meta, "caption_kind": "context"})
 
 
-def read_interleaved(name, path, include_context: bool):
+def read_interleaved(name, path, include_context: bool, chunk=None):
     base = os.path.basename(path)
-    rows = parquet_rows(path, ["doc_id", "url", "texts", "images", "image_info"], batch_size=64)
+    rows = parquet_rows(path, ["doc_id", "url", "texts", "images", "image_info"], batch_size=64, chunk=chunk)
     yield from _records_to_pairs(base, rows, lambda i, doc: _interleaved_pairs(name, base, doc, include_context))
 
 
@@ -277,9 +301,9 @@ def _upstream_pair(name, base, i, row):
                 meta={**meta, "upstream_image_id": upstream}, caption_source=source, itm_score=row.get("itm_score"))
 
 
-def read_pairs(name, path):
+def read_pairs(name, path, chunk=None):
     base = os.path.basename(path)
-    yield from _records_to_pairs(base, parquet_rows(path), lambda i, row: _upstream_pair(name, base, i, row))
+    yield from _records_to_pairs(base, parquet_rows(path, chunk=chunk), lambda i, row: _upstream_pair(name, base, i, row))
 
 
 def _coco_rows(name, path, rec, line_no, root):
@@ -298,15 +322,17 @@ def _coco_rows(name, path, rec, line_no, root):
     meta = {k: rec[k] for k in ("image_id", "license", "flickr_url") if k in rec}
     src = f"{os.path.basename(path)}:{line_no}"
     url = _text(rec, "url")
-    for i, caption in enumerate(captions):
-        yield _pair(name, ref, i, caption, src, url=url, path=image_path, meta={**meta, "caption_index": i})
+    one = len(captions) == 1  # one caption per line (COCO's own layout): the line number keeps ids unique across
+    for i, caption in enumerate(captions):  # read chunks, where the repeat check of read_task cannot see
+        yield _pair(name, ref, f"L{line_no}" if one else i, caption, src, url=url, path=image_path, meta={**meta, "caption_index": i})
 
 
-def _json_lines(path):
-    """(line number, record or BadRecord) of a JSON-lines file; a line that is not UTF-8 or not JSON is a
-    BadRecord, and reading goes on."""
+def _json_lines(path, chunk=None):
+    """(line number, record or BadRecord) of a JSON-lines file (or of a chunk of its lines); a line that is not
+    UTF-8 or not JSON is a BadRecord, and reading goes on."""
     with storage.open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+        lines = f if chunk is None else chunks.chunk_text_lines(f, chunk)
+        for line_no, raw in enumerate(lines, 1 if chunk is None else chunk.first + 1):
             if not raw.strip():
                 continue
             try:
@@ -317,20 +343,31 @@ def _json_lines(path):
                 yield line_no, BadRecord(f"bad JSON: {exc}")
 
 
-def read_coco(name, path, root):
-    yield from _records_to_pairs(os.path.basename(path), _json_lines(path),
+def read_coco(name, path, root, chunk=None):
+    yield from _records_to_pairs(os.path.basename(path), _json_lines(path, chunk),
                                  lambda line_no, rec: _coco_rows(name, path, rec, line_no, root))
 
 
-def _csv_records(path, delimiter):
-    """(line number, dict or BadRecord) of a CSV/TSV file with a header row; bad rows (invalid UTF-8, a field
-    over the csv module's limit, more fields than the header) are BadRecords and reading goes on. An unreadable
-    header is a BadRecord, and so is every row after it (its columns are unknown)."""
-    with storage.open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = None
+def _csv_reader(f, delimiter):
+    return csv.reader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""), delimiter=delimiter)
+
+
+def _csv_records(path, delimiter, chunk=None):
+    """(line number, dict or BadRecord) of a CSV/TSV file with a header row (or of a chunk of its records, with
+    the file's header); bad rows (invalid UTF-8, a field over the csv module's limit, more fields than the
+    header) are BadRecords and reading goes on. An unreadable header is a BadRecord, and so is every row after
+    it (its columns are unknown)."""
+    header = None
+    if chunk is not None:  # chunks exist only for a file whose header reads (chunks.csv_chunks)
+        with storage.open(path, "rb") as f:
+            header = next(_csv_reader(f, delimiter))
+    with storage.open(path, "rb") as f:
+        base, steps = (0, -1) if chunk is None else (chunk.first, chunk.records)
+        f.seek(0 if chunk is None else chunk.start)
+        reader = _csv_reader(f, delimiter)
         no_header = None  # why the header could not be read
-        while True:
+        while steps != 0:
+            steps -= 1
             try:
                 fields = next(reader)
             except StopIteration:
@@ -340,32 +377,33 @@ def _csv_records(path, delimiter):
                     no_header = f"CSV header (line {reader.line_num}) unreadable: {exc}"
                     yield reader.line_num, BadRecord(no_header)
                 else:
-                    yield reader.line_num, BadRecord(f"CSV: {exc}")
+                    yield base + reader.line_num, BadRecord(f"CSV: {exc}")
                 continue
+            line = base + reader.line_num
             if header is None and no_header is None:
                 header = fields
                 continue
             if not fields:
                 continue
             if no_header is not None:
-                yield reader.line_num, BadRecord(f"columns unknown: {no_header}")
+                yield line, BadRecord(f"columns unknown: {no_header}")
                 continue
             if any("\udc80" <= ch <= "\udcff" for v in fields for ch in v):
-                yield reader.line_num, BadRecord("not UTF-8")
+                yield line, BadRecord("not UTF-8")
             elif len(fields) > len(header):
-                yield reader.line_num, BadRecord(f"{len(fields)} fields, header has {len(header)}")
+                yield line, BadRecord(f"{len(fields)} fields, header has {len(header)}")
             else:
-                yield reader.line_num, dict(zip(header, fields))
+                yield line, dict(zip(header, fields))
 
 
-def _table_records(path):
-    """(offset, record or BadRecord) of one table file: line numbers for JSONL/CSV/TSV, row indices for
-    Parquet/JSON. A JSON file must hold a list of records or an object with a `rows`/`data` list."""
+def _table_records(path, chunk=None):
+    """(offset, record or BadRecord) of one table file (or chunk): line numbers for JSONL/CSV/TSV, row indices
+    for Parquet/JSON. A JSON file must hold a list of records or an object with a `rows`/`data` list."""
     low = path.lower()
     if low.endswith(".parquet"):
-        yield from parquet_rows(path)
+        yield from parquet_rows(path, chunk=chunk)
     elif low.endswith(".jsonl"):
-        yield from _json_lines(path)
+        yield from _json_lines(path, chunk)
     elif low.endswith(".json"):
         with storage.open(path, "rb") as f:
             try:
@@ -380,7 +418,7 @@ def _table_records(path):
             return
         yield from enumerate(rows)
     else:
-        yield from _csv_records(path, "\t" if low.endswith(".tsv") else ",")
+        yield from _csv_records(path, "\t" if low.endswith(".tsv") else ",", chunk)
 
 
 def _table_pairs(name, path, root, offset, rec, tag):
@@ -400,10 +438,10 @@ def _table_pairs(name, path, root, offset, rec, tag):
                 data=data, meta={"row": offset})
 
 
-def read_table(name, path, tag: str = ""):
-    """Pairs of one table file; `tag` (the file name, for a folder of tables) keeps image_ids apart."""
+def read_table(name, path, tag: str = "", chunk=None):
+    """Pairs of one table file (or chunk); `tag` (the file name, for a folder of tables) keeps image_ids apart."""
     root = storage.dirname(storage.abspath(path))
-    yield from _records_to_pairs(os.path.basename(path), _table_records(path),
+    yield from _records_to_pairs(os.path.basename(path), _table_records(path, chunk),
                                  lambda offset, rec: _table_pairs(name, path, root, offset, rec, tag),
                                  bad_prefix="not a record: ")
 
@@ -444,10 +482,10 @@ def _tar_samples(path):
         yield key, sample
 
 
-def read_img2dataset(name, path):
+def read_img2dataset(name, path, chunk=None):
     base = os.path.basename(path)
     if path.endswith(".parquet"):
-        yield from _records_to_pairs(base, parquet_rows(path, batch_size=64),
+        yield from _records_to_pairs(base, parquet_rows(path, batch_size=64, chunk=chunk),
                                      lambda i, row: _img2dataset_row(name, base, i, row))
         return
     if path.endswith(".tar"):  # a break-off BadRecord comes with key None: it names the file
@@ -486,28 +524,31 @@ def _img2dataset_sample(name, base, key, sample):
 
 
 def _read(task, include_context):
-    name, kind, root, path = task
+    name, kind, root, path, chunk = task
     if kind == "interleaved":
-        return read_interleaved(name, path, include_context)
+        return read_interleaved(name, path, include_context, chunk)
     if kind == "pairs":
-        return read_pairs(name, path)
+        return read_pairs(name, path, chunk)
     if kind == "coco":
-        return read_coco(name, path, root)
+        return read_coco(name, path, root, chunk)
     if kind == "img2dataset":
-        return read_img2dataset(name, path)
+        return read_img2dataset(name, path, chunk)
     return read_table(name, path, "" if os.path.abspath(path) == os.path.abspath(root) else
-                      os.path.basename(path) + ":")
+                      os.path.basename(path) + ":", chunk)
 
 
 def row_key_prefix(task) -> str:
-    name, _, root, path = task
+    """The row keys' prefix: the file (and, past a file's first chunk, the chunk's first offset, so row keys stay
+    unique and in file order)."""
+    name, _, root, path, chunk = task
     rel = os.path.basename(path) if os.path.abspath(path) == os.path.abspath(root) else os.path.relpath(path, root)
-    return f"{name}/{rel}"
+    return f"{name}/{rel}" + (f"@{chunk.first:012d}" if chunk is not None and chunk.first else "")
 
 
 def read_task(task, include_context: bool = False):
     """Raw pairs of one read task, each with a unique `row_key`; unreadable rows come as
-    {"_bad": source, "_detail": why}. A repeated image_id within the file gets "~ORDINAL" appended."""
+    {"_bad": source, "_detail": why}. A repeated image_id within the task (a file, or a chunk of a large one) gets
+    "~ORDINAL" appended."""
     from mmcorpus.pipelines.runtime.sink import stable_hash
 
     prefix = row_key_prefix(task)
