@@ -65,8 +65,6 @@ def add_arguments(parser) -> None:
     g.add_argument("--clip-decode", default="auto", choices=["auto", "pil", "device"],
                    help="image decode for CLIP: device = batched torchvision decode_jpeg on the model's device "
                         "(nvJPEG on CUDA), pil = PIL in threads; auto = device on CUDA, pil on CPU")
-    g.add_argument("--score-groups", type=int, default=64,
-                   help="DaskRunner only: pairs are batched per hash group (each group is held in memory)")
     g.add_argument("--store-embeddings", action="store_true",
                    help="keep the float16 image embedding in clip_embedding (for later semantic dedup)")
     f = parser.add_mutually_exclusive_group()
@@ -101,7 +99,12 @@ def add_arguments(parser) -> None:
                    help="seconds per image download request (a rerun into the same output fetches only the URLs "
                         "that failed: OUT/_image_fetch records each URL; delete it to fetch everything again)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
-    parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
+    parser.add_argument("--chunk-rows", type=int, default=4096,
+                        help="records per read task: a larger JSON-lines, CSV/TSV or Parquet file is read in chunks, "
+                             "each its own partition, so no worker holds a whole file's rows")
+    parser.add_argument("--num-shards", type=int, default=0,
+                        help="Parquet shards per output folder (default: one per read chunk of about 4,096 records, "
+                             "at least 4, so a shard's rows stay the same size however large the input)")
     add_runner_args(parser)
     from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
 
@@ -270,19 +273,6 @@ def output_row(row, store_embeddings: bool):
     return "data", row["row_key"], out
 
 
-def _batch_key(row, groups):
-    from mmcorpus.pipelines.runtime.sink import stable_hash
-
-    return stable_hash(row["image_ref"]) % groups, row  # an image's captions share a group: embedded once
-
-
-def _split_group(element, batch_size):
-    _, rows = element
-    rows = sorted(rows, key=lambda r: (r["image_ref"], r["row_key"]))
-    for start in range(0, len(rows), batch_size):
-        yield rows[start:start + batch_size]
-
-
 def _score_bins(row):
     b = int(math.floor((row["clip_score"] + 1.0) / HIST_BIN))
     return (("clip_score", f"score_bin_{b:03d}", ""), 1)
@@ -317,14 +307,8 @@ def build(p, opts: dict):
     if opts["eval_refs"] is not None:  # before scoring: no model time spent on evaluation images
         pairs = c.stage(pairs, pair_dedup.STAGE_DECON,
                         pair_dedup.Decontaminate(opts["eval_refs"], opts["dedup_cfg"].phash_distance), source_of)
-    if opts["group_batches"]:
-        # DaskRunner (Beam 2.77) drops what a DoFn emits in finish_bundle, i.e. BatchElements' last batch of
-        # every bundle: batch through a keyed GroupByKey instead (a group is held in memory: n / groups rows)
-        batches = (pairs | "BatchKey" >> beam.Map(_batch_key, opts["score_groups"])
-                   | "BatchGroup" >> beam.GroupByKey()
-                   | "BatchSplit" >> beam.FlatMap(_split_group, opts["clip_cfg"].batch_size))
-    else:
-        batches = pairs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=opts["clip_cfg"].batch_size)
+    # batches within a bundle (a Dask partition: one read chunk's rows), no shuffle
+    batches = pairs | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=opts["clip_cfg"].batch_size)
     tagged = batches | "ClipScore" >> beam.ParDo(ScoreBatches(opts["clip_cfg"]))
     pairs = pair_dedup._emit(c, tagged, "Clip_")
     c.add_counts(pairs | "ScoreBins" >> beam.Map(_score_bins))
@@ -386,14 +370,15 @@ def run(args) -> int:
     from mmcorpus.pipelines.pairs import sources as pairs_sources
     from mmcorpus.pipelines.models.clip import STAGE_CLIP, ClipConfig, load_model
     from mmcorpus.pipelines.runtime.run import STATS, RunSpec, _write_json, execute
-    from mmcorpus.pipelines.runtime.runner import chosen_runner, worker_count
+    from mmcorpus.pipelines.runtime.runner import worker_count
     from mmcorpus.pipelines.fetching.downloader import fetch_record_folder
     from mmcorpus.pipelines.runtime.sink import Kind, shard_files, spool_folder
 
     if args.keep_top_fraction is not None and not 0 < args.keep_top_fraction <= 1:
         raise UserError("--keep-top-fraction must be in (0, 1]")
-    if args.batch_size < 1 or args.num_shards < 1 or args.phash_parts < 1:
-        raise UserError("--batch-size, --num-shards and --phash-parts must be at least 1")
+    if args.batch_size < 1 or args.num_shards < 0 or args.phash_parts < 1 or args.chunk_rows < 1:
+        raise UserError("--batch-size, --chunk-rows and --phash-parts must be at least 1, --num-shards at least 0 "
+                        "(0: automatic)")
     dedup = [d.strip() for d in args.dedup.split(",") if d.strip() and d.strip() != "none"]
     unknown = sorted(set(dedup) - set(DEDUP_KINDS))
     if unknown:
@@ -422,9 +407,11 @@ def run(args) -> int:
     nsfw = None if nsfw_head is None else nsfw_stats(nsfw_weights, weights, nsfw_policy, args.clip_model,
                                                      "drop the pair")
     safety_applied = safety_stats(safety, nsfw, kind="pair")
+    tasks = pairs_sources.tasks(sources, args.chunk_rows)  # large files in chunks: each its own Dask partition (bounded memory)
+    args.dask_partitions = len(tasks)
     eval_refs, skipped = (eval_references(args.decontaminate, args.max_pixels) if args.decontaminate else (None, 0))
     opts = {
-        "tasks": pairs_sources.tasks(sources), "include_context": args.include_context_text,
+        "tasks": tasks, "include_context": args.include_context_text,
         "caption_cfg": CaptionConfig(min_words=args.min_words, min_chars=args.min_chars, max_chars=args.max_chars),
         "max_pixels": args.max_pixels, "clip_cfg": clip_cfg, "min_clip_score": args.min_clip_score,
         "top_fraction": args.keep_top_fraction, "dedup_cfg": dedup_cfg, "eval_refs": eval_refs,
@@ -432,9 +419,8 @@ def run(args) -> int:
         # groups of URLs spread over the workers; each worker streams them through its one downloader
         "fetch_groups": 4 * worker_count(args),
         "spool_dir": spool_folder(args.output), "record_dir": fetch_record_folder(args.output),
-        "allow_private": args.allow_private_urls, "score_groups": args.score_groups,
+        "allow_private": args.allow_private_urls,
         "safety": safety, "nsfw": None if nsfw_head is None else (nsfw_head, nsfw_policy),
-        "group_batches": chosen_runner(args) == "dask",
     }
     stages = [STAGE_READ, STAGE_CAPTION, STAGE_SAFETY, STAGE_IMAGE]
     if eval_refs is not None:
@@ -457,12 +443,13 @@ def run(args) -> int:
         "decontaminate": os.path.abspath(args.decontaminate) if args.decontaminate else None,
         "include_context_text": args.include_context_text, "min_words": args.min_words, "min_chars": args.min_chars,
         "max_chars": args.max_chars, "max_pixels": args.max_pixels, "store_embeddings": args.store_embeddings,
+        "chunk_rows": args.chunk_rows,  # row keys (so shards) depend on it: part of the resume fingerprint
         "safety": safety_applied,
     }
     inputs = [f for s in sources for f in s.files]
     spec = RunSpec(command="pairs", out_dir=args.output, config=config, inputs=inputs,
-                   kinds={"data": Kind("pair", "data", args.num_shards)}, stages=stages, overwrite=args.overwrite,
-                   extra_stats={"clip_weights": weights, "safety": safety_applied})
+                   kinds={"data": Kind("pair", "data", args.num_shards or max(4, len(tasks)))}, stages=stages, overwrite=args.overwrite,
+                   extra_stats={"clip_weights": weights, "safety": safety_applied, "read_tasks": len(tasks)})
     print(f"pairs: {len(sources)} source(s) ({', '.join(f'{s.name}:{s.kind}' for s in sources)}) -> {args.output}",
           flush=True)
     stats = execute(spec, args, lambda p: build(p, opts))

@@ -5,7 +5,9 @@ GroupByKey into `bag.groupby` keeping them. Every stage of a pipeline here feeds
 the one flattened sink, so the sink's input had some hundred partitions, each shuffled and each running every
 later step as its own task: 11,645 tasks for 576 WARC records (`interleaved --no-images`, 2 workers), against
 717 with the bound: a fifth less CPU in all (the scheduler's own nearly halved), the same output files.
-The bound is `--dask_npartitions` when given, else two per worker thread of the cluster.
+The bound is two per worker thread of the cluster, or `--dask_npartitions` when that is more: a command sets it
+to its number of work items (e.g. `pairs`' read chunks), so a partition holds about one work item's rows however
+large the input (the rows of one partition are one list in one worker's memory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from apache_beam.pipeline import PipelineVisitor
 from apache_beam.runners.dask import transform_evaluator as te
 from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunner, DaskRunnerResult
 from apache_beam.runners.dask.overrides import _Flatten, _GroupByKeyOnly, dask_overrides
+from apache_beam.transforms.core import ParDo
 from apache_beam.transforms.sideinputs import SideInputMap
 
 
@@ -37,7 +40,42 @@ class _BoundedGroupByKey(te.GroupByKey):
         return input_bag.groupby(lambda item: item[0], npartitions=parts).map(values)
 
 
-OPS = {**te.TRANSLATIONS, _Flatten: _BoundedFlatten, _GroupByKeyOnly: _BoundedGroupByKey}
+def _bundle(items, fn, label, window_fn, side_inputs, args, kwargs):
+    """One partition through a DoFn, as Beam's `apply_dofn_to_bundle`, with output receivers of its own."""
+    from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
+    from apache_beam.transforms.core import DoFn
+
+    receivers = te.OneReceiver()
+    handler = _OutputHandler(window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers,
+                             per_element_output_counter=None, output_batch_converter=None,
+                             process_yields_batches=False, process_batch_yields_elements=False)
+    invoker = DoFnInvoker.create_invoker(DoFnSignature(fn), handler, context=DoFnContext(label, state=None),
+                                         side_inputs=side_inputs, input_args=args, input_kwargs=kwargs,
+                                         user_state_context=None, bundle_finalizer_param=DoFn.BundleFinalizerParam())
+    invoker.invoke_setup()
+    invoker.invoke_start_bundle()
+    for item in items:
+        invoker.invoke_process(item)
+    invoker.invoke_finish_bundle()
+    invoker.invoke_teardown()
+    return [v.value for v in receivers.values]
+
+
+class _ParDo(te.ParDo):
+    """Beam's ParDo, but the receivers that collect a partition's outputs are made per partition: Beam's are made
+    once per transform, so partitions run in one process (an in-process cluster, threads) append to one list
+    and every output repeats (the run check caught it: exit 3)."""
+
+    def apply(self, input_bag, side_inputs=None):
+        transform = self.transform
+        args, kwargs = transform.raw_side_inputs
+        main_input = next(iter(self.applied.main_inputs.values()))
+        window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
+        return input_bag.map(te.get_windowed_value, window_fn).map_partitions(
+            _bundle, transform.fn, transform.label, window_fn, side_inputs, list(args), kwargs)
+
+
+OPS = {**te.TRANSLATIONS, _Flatten: _BoundedFlatten, _GroupByKeyOnly: _BoundedGroupByKey, ParDo: _ParDo}
 
 
 class _ToBags(PipelineVisitor):
@@ -77,7 +115,8 @@ class BoundedDaskRunner(DaskRunner):
         lazy = dask_options.pop("lazy_side_inputs", False)
         client = ddist.Client(**dask_options)
         threads = sum(client.nthreads().values()) or 1
-        bag_kwargs["bound"] = bag_kwargs.get("npartitions") or 2 * threads
+        # a command's work items (read chunks) when there are more of them: partitions then stay the size of one
+        bag_kwargs["bound"] = max(bag_kwargs.get("npartitions") or 0, 2 * threads)
         pipeline.replace_all(dask_overrides())
         visitor = _ToBags(bag_kwargs, lazy)
         pipeline.visit(visitor)
