@@ -130,7 +130,9 @@ def run(args) -> int:
                    extra_stats={"models": sources, "itm_threshold": args.itm_threshold, "safety": safety})
     print(f"capfilt: {len(files)} input file(s) -> {args.output}", flush=True)
     spool_dir = spool_folder(args.output)
-    stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg, spool_dir))
+    tasks = capfilt.read_tasks(sorted(files))
+    args.dask_partitions = len(tasks)  # each read task its own partition: bounded worker memory
+    stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg, spool_dir, tasks))
     stats["itm_histograms"] = capfilt.histograms(stats["stages"])
     from mmcorpus.schemas import storage
 

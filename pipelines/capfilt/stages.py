@@ -1,6 +1,6 @@
 """BLIP CapFilt as a Beam stage: synthetic captions + ITM filter over a pairs dataset.
 
-Graph: pair rows (Parquet, schema "pair") -> keyed by image (sha256, else hash of the bytes, else path,
+Graph: pair rows (Parquet, schema "pair"; read in tasks of about 4,096 rows) -> keyed by image (sha256, else hash of the bytes, else path,
        else the row itself: rows without any image identity never share a key)
        -> GroupByKey (an image's web captions together) -> GroupByKey by hash(image) % groups (about 4 batches
        per group) -> CapFiltFn (models loaded once per worker in setup; runs the group in batches) -> kept (image, caption) rows, reject rows and counters -> the sink.
@@ -86,17 +86,29 @@ class CapFiltConfig:
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
-def read_pair_file(path: str, spool_dir: str | None = None):
-    """Rows of one pairs Parquet file, streamed, each with `_row` = "file:index" (unique in the run); a row that
-    cannot be read comes as {"_row", "_bad": why} (a reject), and the file goes on. With `spool_dir`, image
-    bytes are stored there once (named by their blake2b digest) and rows carry a `FileBytes` reference, which
-    the model stage and the sink read: the shuffles after this move no image bytes."""
+def read_tasks(files: list[str]) -> list[tuple]:
+    """(file, chunk) read tasks: a large file's row groups in chunks of about 4,096 rows (pairs/chunks.py), each
+    its own partition on the Dask runner, so no worker holds a whole file's rows."""
+    from mmcorpus.pipelines.pairs.chunks import parquet_chunks
+
+    out = []
+    for f in files:
+        parts = parquet_chunks(f)
+        out += [(f, c) for c in (parts if len(parts) > 1 else [None])]
+    return out
+
+
+def read_pair_file(task: tuple, spool_dir: str | None = None):
+    """Rows of one read task (a pairs Parquet file, or a chunk of one), streamed, each with `_row` = "file:index"
+    (unique in the run); a row that cannot be read comes as {"_row", "_bad": why} (a reject), and the file goes
+    on. With `spool_dir`, image bytes are stored there once (named by their blake2b digest) and rows carry a
+    `FileBytes` reference, which the model stage and the sink read: the shuffles after this move no image bytes."""
     from mmcorpus.pipelines.pairs.sources import BadRecord, parquet_rows
     from mmcorpus.pipelines.runtime.sink import spool
 
-    schemas.read_table(path, "pair", columns=["image_id"])  # checks the schema name and version
+    path, chunk = task
     base = os.path.basename(path)
-    for i, row in parquet_rows(path, batch_size=64):
+    for i, row in parquet_rows(path, batch_size=64, chunk=chunk):
         if isinstance(row, BadRecord):
             yield {"_row": f"{base}:{i}", "_bad": str(row)}
         else:
@@ -239,10 +251,17 @@ class CapFiltFn(beam.DoFn):
     def setup(self):
         from mmcorpus.pipelines.models.blip import Captioner, Matcher
 
-        c = self.cfg
-        self.captioner = Captioner.load(c.captioner, c.allow_random_weights, c.device, c.precision, c.batch_size) \
+        from mmcorpus.pipelines.runtime.shared import file_stamp, per_process
+
+        c = self.cfg  # each model loaded once per worker process (setup runs for every bundle)
+        common = (c.allow_random_weights, c.device, c.precision)
+        self.captioner = per_process(
+            ("blip-captioner", c.captioner, file_stamp(c.captioner), *common, c.batch_size),
+            lambda: Captioner.load(c.captioner, c.allow_random_weights, c.device, c.precision, c.batch_size)) \
             if c.num_captions > 0 else None
-        self.matcher = Matcher.load(c.itm, c.allow_random_weights, c.device, c.precision, c.batch_size * 4)
+        self.matcher = per_process(
+            ("blip-itm", c.itm, file_stamp(c.itm), *common, c.batch_size * 4),
+            lambda: Matcher.load(c.itm, c.allow_random_weights, c.device, c.precision, c.batch_size * 4))
         self.caption_cfg = c.caption_config()
         self.safety = c.safety()
         self.done = 0
@@ -355,13 +374,13 @@ def to_data(item):
     return "data", key, row
 
 
-def build_capfilt(pipeline, files: list[str], cfg: CapFiltConfig, spool_dir: str | None = None):
+def build_capfilt(pipeline, files: list[str], cfg: CapFiltConfig, spool_dir: str | None = None, tasks=None):
     """The CapFilt graph; returns the sink tuples (for `Collector`-style `finish`). `spool_dir`: where image
     bytes wait as files (see read_pair_file); None keeps them in the rows."""
     from mmcorpus.pipelines.runtime.stage import Collector, split_tags
 
     c = Collector()
-    read = (pipeline | "ListFiles" >> beam.Create(sorted(files))
+    read = (pipeline | "ReadTasks" >> beam.Create(tasks or read_tasks(sorted(files)))
             | "ReadPairs" >> beam.FlatMap(read_pair_file, spool_dir))
     c.add_counts(read | "CountWeb" >> beam.FlatMap(web_read_counts))
     bad = split_tags(read | "Unreadable" >> beam.FlatMap(unreadable), (REJECTS, COUNTS), label="Read")

@@ -198,17 +198,12 @@ class ImageDownloader:
         return body.getvalue()
 
 
-_SHARED: dict[tuple, ImageDownloader] = {}
-_SHARED_LOCK = threading.Lock()
-
-
 def shared_downloader(cfg: DownloadConfig, allow_private: bool, images_dir: str) -> ImageDownloader:
     """The worker process's downloader for these settings (built once, reused by every group and DoFn)."""
-    key = (cfg, allow_private, images_dir)
-    with _SHARED_LOCK:
-        if key not in _SHARED:
-            _SHARED[key] = ImageDownloader(cfg, allow_private, images_dir)
-        return _SHARED[key]
+    from mmcorpus.pipelines.runtime.shared import per_process
+
+    return per_process(("downloader", cfg, allow_private, images_dir),
+                       lambda: ImageDownloader(cfg, allow_private, images_dir))
 
 
 # ---- the per-URL record -----------------------------------------------------------------------------------

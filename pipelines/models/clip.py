@@ -352,7 +352,7 @@ class ScoreBatches(beam.DoFn):
         self.cfg = cfg
 
     def setup(self):
-        self.scorer = ClipScorer(self.cfg)
+        self.scorer = shared_scorer(self.cfg)
 
     def process(self, batch):
         rows = list(batch)
@@ -368,6 +368,13 @@ class ScoreBatches(beam.DoFn):
             else:
                 yield COUNTS, ((STAGE_CLIP, "out", ""), 1)
                 yield KEPT, dict(row, clip_score=result[0], clip_embedding=result[1])
+
+
+def shared_scorer(cfg: ClipConfig) -> ClipScorer:
+    """The worker process's ClipScorer for `cfg` (loaded once, not once per bundle)."""
+    from mmcorpus.pipelines.runtime.shared import file_stamp, per_process
+
+    return per_process(("clip", cfg, file_stamp(cfg.model), file_stamp(cfg.pretrained)), lambda: ClipScorer(cfg))
 
 
 def embedding(blob: bytes) -> np.ndarray:

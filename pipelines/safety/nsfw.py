@@ -143,9 +143,9 @@ class _ScoreImages(beam.DoFn):
         self.head = head
 
     def setup(self):
-        from mmcorpus.pipelines.models.clip import ClipScorer
+        from mmcorpus.pipelines.models.clip import shared_scorer
 
-        self.scorer = ClipScorer(self.clip_cfg)
+        self.scorer = shared_scorer(self.clip_cfg)
 
     def process(self, element):
         import numpy as np

@@ -116,7 +116,11 @@ class _WithLists:
         self.lists = lists
 
     def setup(self):
-        return type(self)(self.spec, self.spec.lists())
+        from mmcorpus.pipelines.runtime.shared import file_stamp, per_process
+
+        key = ("safety-lists", tuple(map(file_stamp, self.spec.opt_out_lists)),
+               tuple(map(file_stamp, self.spec.blocklists)))
+        return type(self)(self.spec, per_process(key, self.spec.lists))  # read once per worker process
 
 
 def masked(text: str, counts: dict) -> str:
