@@ -124,8 +124,8 @@ import multiprocessing, sys
 from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, fetch_with_record
 
 def part(urls, folder):
-    got = list(fetch_with_record(urls, DownloadConfig(threads=16, timeout=10), True, FetchRecord(folder)))
-    print(sum(r.ok for r in got), "of", len(urls), "fetched", flush=True)
+    got = sum(r.ok for r in fetch_with_record(urls, DownloadConfig(threads=16, timeout=10), True, FetchRecord(folder)))
+    print(got, "of", len(urls), "fetched", flush=True)
 
 if __name__ == "__main__":
     urls = open(sys.argv[1]).read().split()

@@ -112,16 +112,17 @@ def _rules(cfg: FetchConfig):
     return DocumentConfig()
 
 
-def assess_bytes(url: str, data: bytes | None, cfg: FetchConfig, stored: FileBytes | None = None) -> dict:
+def assess_bytes(url: str, data: bytes | None, cfg: FetchConfig, stored: FileBytes | None = None,
+                 sha256: str | None = None) -> dict:
     """Outcome of one image's bytes: {"info": image_info} or {"reason", "detail"}. The decode rules apply to the
     image as downloaded; with `cfg.image_size` the kept copy is a resized one. `stored`: where the bytes already
-    wait as a file (the fetch record), so they are not stored again."""
+    wait as a file (the fetch record), so they are not stored again; `sha256`: their digest, when known."""
     from mmcorpus.filters.documents import check_decoded_image
     from mmcorpus.filters.imageinfo import inspect_image, resize_image
 
     if not data:
         return {"reason": "image_fetch_failed", "detail": f"{url}: empty response"}
-    info = inspect_image(data)
+    info = inspect_image(data, sha256=sha256)
     if isinstance(info, Reject):
         return {"reason": info.reason, "detail": f"{url}: {info.detail}"}
     checked = {"width": info.width, "height": info.height, "format": info.format, "bytes": data}
@@ -158,9 +159,11 @@ def assess_download(result: Result, cfg: FetchConfig) -> dict:
     if not result.ok:
         return {"reason": result.reason, "detail": result.error}
     if result.path is None:
-        return assess_bytes(result.url, result.data, cfg)
-    stored = FileBytes(result.path)
-    return assess_bytes(result.url, stored.read(), cfg, stored)
+        return assess_bytes(result.url, result.data, cfg, sha256=result.sha256)
+    stored = FileBytes(result.path)  # a fresh download brings its bytes along: the file is not read back
+    if result.data is None:  # from the record of an earlier run: read, and hashed again
+        return assess_bytes(result.url, stored.read(), cfg, stored)
+    return assess_bytes(result.url, result.data, cfg, stored, sha256=result.sha256)
 
 
 def iter_rows(path: str, rows_per_batch: int = 64):
