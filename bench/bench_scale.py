@@ -13,7 +13,9 @@ against bare img2dataset on the same loopback URL list. Sections (--sections):
   --fetch-repeats times: ratio of the median walls. (b) `pairs` over the URLs minus `pairs` over the same local
   files (so CLIP and the rest cancel out): ratio = bare / fetch overhead.
 - interleaved: `interleaved` over a loopback site of --pages photo-story pages (4 photos each, every photo its
-  own URL) with image fetching; at the largest size also --no-images and bare img2dataset over its image URLs.
+  own URL and its own bytes, pages distinct so dedup keeps them: photo_site) with image fetching; at the
+  largest size --interleaved-repeats alternating rounds of --no-images, with images and bare img2dataset over
+  its image URLs (ratio of medians). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
 - capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows.
 
     python bench/bench_scale.py [--sections scale,fetch,interleaved,capfilt] [--sizes 500,2000,8000]
@@ -30,6 +32,7 @@ import http.server
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -278,47 +281,66 @@ def decode_cost(n_images: int) -> dict:
     return {"images": n_images, "inspect_image_cpu_s": round(time.process_time() - t, 1)}
 
 
-def interleaved_bench(sizes: list[int], tmp: pathlib.Path) -> dict:
+def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> dict:
     """`interleaved` over a loopback site of N pages x 4 photos with image fetching (default runner); at the
-    largest N also with --no-images and bare img2dataset over the site's image URLs (fetch overhead vs bare)."""
+    largest N, `repeats` alternating rounds of --no-images, with images and bare img2dataset over the site's
+    image URLs: ratio = median bare wall / (median with-images wall - median --no-images wall)."""
     config = tmp / "site.yaml"
     tmp.mkdir(parents=True)
     config.write_text("pages: {host_delay: 0.0}\n")  # our own server: no politeness delay
     out: dict = {"runs": []}
+    bare: list[dict] = []
+    top = sizes[-1]
     for n in sizes:
         site = tmp / f"site-{n}"
+        t = time.time()
         names = photo_site(site, n)
+        print(f"site of {n} pages written in {time.time() - t:.0f} s", flush=True)
         server = serve(site)
         try:
             base = f"http://127.0.0.1:{server.server_address[1]}"
             urls = tmp / f"pages-{n}.txt"
             urls.write_text("".join(f"{base}/{name}\n" for name in names))
-            variants = [("images", [])] + ([("no_images", ["--no-images"])] if n == sizes[-1] else [])
-            for label, extra in variants:
-                work = tmp / f"run-{n}-{label}"
-                work.mkdir()
-                cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(config),
-                          "--allow-private-network", "--overwrite", *extra)
-                res = {"pages": n, "variant": label, **_totals(measured(cmd, str(work)), work / "out", work)}
-                print(json.dumps(res), flush=True)
-                out["runs"].append(res)
-            if n == sizes[-1]:
-                images = tmp / f"images-{n}.txt"
-                images.write_text("".join(f"{base}/img/p{i:05d}-{k}.jpg\n" for i in range(n) for k in range(4)))
-                out["bare_img2dataset_same_images"] = bare_img2dataset(images, tmp / f"bare-{n}")
-                out["decode_cost"] = decode_cost(4 * n)
+            images = tmp / f"images-{n}.txt"
+            images.write_text("".join(f"{base}/img/p{i:05d}-{k}.jpg\n" for i in range(n) for k in range(4)))
+            variants = [("no_images", ["--no-images"]), ("images", []), ("bare", None)] if n == top else \
+                [("images", [])]
+            for rnd in range(repeats if n == top else 1):
+                for label, extra in variants:
+                    work = tmp / f"run-{n}-{label}-{rnd}"
+                    if extra is None:
+                        bare.append(bare_img2dataset(images, work))
+                        print(json.dumps({"bare_img2dataset": bare[-1]}), flush=True)
+                        shutil.rmtree(work / "out", ignore_errors=True)
+                        continue
+                    work.mkdir()
+                    cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(config),
+                              "--allow-private-network", "--overwrite", *extra)
+                    res = {"pages": n, "variant": label, **_totals(measured(cmd, str(work)), work / "out", work)}
+                    print(json.dumps(res), flush=True)
+                    out["runs"].append(res)
+                    shutil.rmtree(work / "out", ignore_errors=True)  # the stored images: disk, not memory
         finally:
             server.shutdown()
-    runs = {(r["pages"], r["variant"]): r for r in out["runs"]}
-    top = sizes[-1]
-    if (top, "no_images") in runs and runs[(top, "images")]["exit"] == 0:
-        overhead = runs[(top, "images")]["wall_s"] - runs[(top, "no_images")]["wall_s"]
+    out["bare_img2dataset_same_images"] = bare
+    out["decode_cost"] = decode_cost(4 * top)
+    walls = {label: [r["wall_s"] for r in out["runs"] if r["pages"] == top and r["variant"] == label
+                     and r["exit"] == 0] for label in ("images", "no_images")}
+    if walls["images"] and walls["no_images"] and bare:
+        import statistics
+
+        overhead = statistics.median(walls["images"]) - statistics.median(walls["no_images"])
+        bare_s = statistics.median([b["wall_s"] for b in bare])
         out["fetch_overhead_s"] = round(overhead, 1)
-        bare_s = out["bare_img2dataset_same_images"]["wall_s"]
         out["ratio_vs_img2dataset"] = round(bare_s / overhead, 2) if overhead > 0 else None  # None: fetch hidden
-        out["note"] = ("ratio = bare img2dataset wall over the site's image URLs / (interleaved with images - "
-                       "interleaved --no-images) at the largest size; one run each on a shared machine")
+        out["ratio_per_round"] = [round(b["wall_s"] / (i - n), 2) if i > n else None
+                                  for i, n, b in zip(walls["images"], walls["no_images"], bare)]
+        out["note"] = (f"ratio = median bare img2dataset wall over the site's image URLs / (median interleaved "
+                       f"with images - median interleaved --no-images) at {top} pages, {repeats} alternating "
+                       "round(s)")
     ok = [r for r in out["runs"] if r["variant"] == "images" and r["exit"] == 0]
+    out["peak_rss_mib_by_pages"] = {r["pages"]: {"main": r["peak_rss_mib_main"],
+                                                 "largest_worker": r["peak_rss_mib_largest_worker"]} for r in ok}
     if len(ok) > 1:
         top_rss = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (ok[0], ok[-1])]
         out["largest_process_rss_growth"] = {"pages": [ok[0]["pages"], ok[-1]["pages"]],
@@ -390,7 +412,11 @@ def main() -> None:
     ap.add_argument("--runners", default="auto", help=f"comma list of {', '.join(RUNNERS)}")
     ap.add_argument("--fetch-urls", type=int, default=3000, help="URLs for the fetch comparison")
     ap.add_argument("--fetch-repeats", type=int, default=2, help="alternating runs of img2dataset and ours")
-    ap.add_argument("--pages", default="100,400", help="interleaved: loopback pages per run")
+    ap.add_argument("--pages", default="100,400", help="interleaved: loopback pages per run (e.g. 312,1250,5000 "
+                    "for 1x, 4x, 16x)")
+    ap.add_argument("--interleaved-repeats", type=int, default=2,
+                    help="interleaved: alternating rounds of --no-images / images / bare img2dataset at the "
+                         "largest size")
     ap.add_argument("--capfilt-rows", default="50,200,1000,4000", help="capfilt: pairs per run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
@@ -413,7 +439,8 @@ def main() -> None:
         if "fetch" in sections:
             save_section("fetch")(fetch_bench(args.fetch_urls, tmp / "fetch", args.fetch_repeats))
         if "interleaved" in sections:
-            save_section("interleaved")(interleaved_bench([int(n) for n in args.pages.split(",")], tmp / "il"))
+            save_section("interleaved")(interleaved_bench([int(n) for n in args.pages.split(",")], tmp / "il",
+                                                          args.interleaved_repeats))
         if "capfilt" in sections:
             save_section("capfilt")(capfilt_bench([int(n) for n in args.capfilt_rows.split(",")], tmp / "cf"))
     print(f"wrote {out}")
