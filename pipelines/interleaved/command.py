@@ -41,9 +41,9 @@ DESCRIPTION = (
     "(pipelines/fetching/pages.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
-    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image). Each WARC is read "
-    "in interleaved parts (--read-parts) so one large file keeps every worker busy; stats.json records the CPU "
-    "seconds of every stage."
+    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image). Each WARC or URL "
+    "list is read in interleaved parts (--read-parts) so one large file keeps every worker busy; stats.json records "
+    "the CPU seconds of every stage."
 )
 
 STAGE_READ = "read"
