@@ -191,7 +191,7 @@ class _FetchGroup(beam.DoFn):
         for url, ref in refs:
             by_url.setdefault(url, []).append(ref)
         allowed = [url for url, rs in by_url.items() if any(not refusal for _, _, refusal in rs)]
-        for url in set(by_url) - set(allowed):  # refused wherever it appears: nothing to fetch
+        for url in sorted(set(by_url) - set(allowed)):  # refused wherever it appears: nothing to fetch
             yield from _tagged_results(url, by_url[url], None)
         record = FetchRecord(self.cfg.record_dir)
         for result in fetch_with_record(allowed, self.cfg.download, self.allow_private, record, checked=True):
