@@ -13,7 +13,9 @@ against bare img2dataset on the same loopback URL list. Sections (--sections):
   --fetch-repeats times: ratio of the median walls. (b) `pairs` over the URLs minus `pairs` over the same local
   files (so CLIP and the rest cancel out): ratio = bare / fetch overhead.
 - interleaved: `interleaved` over a loopback site of --pages photo-story pages (4 photos each, every photo its
-  own URL) with image fetching; at the largest size also --no-images and bare img2dataset over its image URLs.
+  own URL and its own bytes, pages distinct so dedup keeps them: photo_site) with image fetching; at the
+  largest size --interleaved-repeats alternating rounds of --no-images, with images and bare img2dataset over
+  its image URLs (ratio of medians). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
 - capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows.
 
     python bench/bench_scale.py [--sections scale,fetch,interleaved,capfilt] [--sizes 500,2000,8000]
@@ -30,6 +32,7 @@ import http.server
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,8 +127,8 @@ import multiprocessing, sys
 from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, fetch_with_record
 
 def part(urls, folder):
-    got = list(fetch_with_record(urls, DownloadConfig(threads=16, timeout=10), True, FetchRecord(folder)))
-    print(sum(r.ok for r in got), "of", len(urls), "fetched", flush=True)
+    got = sum(r.ok for r in fetch_with_record(urls, DownloadConfig(threads=16, timeout=10), True, FetchRecord(folder)))
+    print(got, "of", len(urls), "fetched", flush=True)
 
 if __name__ == "__main__":
     urls = open(sys.argv[1]).read().split()
@@ -217,23 +220,51 @@ def _totals(res: dict, out: pathlib.Path, work: pathlib.Path) -> dict:
     return res
 
 
+def _page_photo(job: tuple[str, str, str]) -> None:
+    """One page's copy of a bundled photo: a crop of 85-100% of each side at a seeded offset, re-encoded as JPEG
+    at a seeded quality (85-92), so no two page photos share bytes (every download, hash, decode and stored
+    file is its own, as on a real site) while the aspect ratio stays the photo's."""
+    import random
+
+    from PIL import Image
+
+    src, dst, seed = job
+    rng = random.Random(seed)
+    with Image.open(src) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        f = rng.uniform(0.85, 1.0)
+        cw, ch = max(1, round(w * f)), max(1, round(h * f))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img.crop((x, y, x + cw, y + ch)).save(dst, "JPEG", quality=rng.randint(85, 92))
+
+
 def photo_site(folder: pathlib.Path, pages: int, per_page: int = 4) -> list[str]:
-    """`pages` photo-story pages (demo/photo_pages.py's layout), every image its own URL; the page names."""
+    """`pages` photo-story pages (demo/photo_pages.py's layout), distinct at any size: page n shows `per_page`
+    bundled photos drawn with a seed of n, each as its own re-encoded crop under its own URL (_page_photo), with
+    its captions in a seeded order (alt text, then the prose), so neither the document dedups nor the image
+    dedup nor the byte-level stores find repeats, and written stays near read. Returns the page names."""
+    import random
+    from concurrent.futures import ProcessPoolExecutor
+
     sys.path.insert(0, str(ROOT / "demo"))
     from photo_pages import page
 
     pics = photos()
     (folder / "img").mkdir(parents=True, exist_ok=True)
-    names = []
+    names, jobs = [], []
     for n in range(pages):
+        rng = random.Random(f"page-{n}")
         group = []
-        for k in range(per_page):
-            path, caps = pics[(n * per_page + k) % len(pics)]
+        for k, i in enumerate(rng.sample(range(len(pics)), per_page)):
+            path, caps = pics[i]
             name = f"p{n:05d}-{k}.jpg"
-            (folder / "img" / name).symlink_to(path)
-            group.append({"file_name": name, "captions": caps})
+            jobs.append((path, str(folder / "img" / name), f"{n}-{k}"))
+            group.append({"file_name": name, "captions": rng.sample(caps, len(caps))})
         names.append(f"page-{n:05d}.html")
         (folder / names[-1]).write_text(page(group[0]["captions"][0], group), encoding="utf-8")
+    with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(_page_photo, jobs, chunksize=64))
     return names
 
 
@@ -250,47 +281,66 @@ def decode_cost(n_images: int) -> dict:
     return {"images": n_images, "inspect_image_cpu_s": round(time.process_time() - t, 1)}
 
 
-def interleaved_bench(sizes: list[int], tmp: pathlib.Path) -> dict:
+def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> dict:
     """`interleaved` over a loopback site of N pages x 4 photos with image fetching (default runner); at the
-    largest N also with --no-images and bare img2dataset over the site's image URLs (fetch overhead vs bare)."""
+    largest N, `repeats` alternating rounds of --no-images, with images and bare img2dataset over the site's
+    image URLs: ratio = median bare wall / (median with-images wall - median --no-images wall)."""
     config = tmp / "site.yaml"
     tmp.mkdir(parents=True)
     config.write_text("pages: {host_delay: 0.0}\n")  # our own server: no politeness delay
     out: dict = {"runs": []}
+    bare: list[dict] = []
+    top = sizes[-1]
     for n in sizes:
         site = tmp / f"site-{n}"
+        t = time.time()
         names = photo_site(site, n)
+        print(f"site of {n} pages written in {time.time() - t:.0f} s", flush=True)
         server = serve(site)
         try:
             base = f"http://127.0.0.1:{server.server_address[1]}"
             urls = tmp / f"pages-{n}.txt"
             urls.write_text("".join(f"{base}/{name}\n" for name in names))
-            variants = [("images", [])] + ([("no_images", ["--no-images"])] if n == sizes[-1] else [])
-            for label, extra in variants:
-                work = tmp / f"run-{n}-{label}"
-                work.mkdir()
-                cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(config),
-                          "--allow-private-network", "--overwrite", *extra)
-                res = {"pages": n, "variant": label, **_totals(measured(cmd, str(work)), work / "out", work)}
-                print(json.dumps(res), flush=True)
-                out["runs"].append(res)
-            if n == sizes[-1]:
-                images = tmp / f"images-{n}.txt"
-                images.write_text("".join(f"{base}/img/p{i:05d}-{k}.jpg\n" for i in range(n) for k in range(4)))
-                out["bare_img2dataset_same_images"] = bare_img2dataset(images, tmp / f"bare-{n}")
-                out["decode_cost"] = decode_cost(4 * n)
+            images = tmp / f"images-{n}.txt"
+            images.write_text("".join(f"{base}/img/p{i:05d}-{k}.jpg\n" for i in range(n) for k in range(4)))
+            variants = [("no_images", ["--no-images"]), ("images", []), ("bare", None)] if n == top else \
+                [("images", [])]
+            for rnd in range(repeats if n == top else 1):
+                for label, extra in variants:
+                    work = tmp / f"run-{n}-{label}-{rnd}"
+                    if extra is None:
+                        bare.append(bare_img2dataset(images, work))
+                        print(json.dumps({"bare_img2dataset": bare[-1]}), flush=True)
+                        shutil.rmtree(work / "out", ignore_errors=True)
+                        continue
+                    work.mkdir()
+                    cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(config),
+                              "--allow-private-network", "--overwrite", *extra)
+                    res = {"pages": n, "variant": label, **_totals(measured(cmd, str(work)), work / "out", work)}
+                    print(json.dumps(res), flush=True)
+                    out["runs"].append(res)
+                    shutil.rmtree(work / "out", ignore_errors=True)  # the stored images: disk, not memory
         finally:
             server.shutdown()
-    runs = {(r["pages"], r["variant"]): r for r in out["runs"]}
-    top = sizes[-1]
-    if (top, "no_images") in runs and runs[(top, "images")]["exit"] == 0:
-        overhead = runs[(top, "images")]["wall_s"] - runs[(top, "no_images")]["wall_s"]
+    out["bare_img2dataset_same_images"] = bare
+    out["decode_cost"] = decode_cost(4 * top)
+    walls = {label: [r["wall_s"] for r in out["runs"] if r["pages"] == top and r["variant"] == label
+                     and r["exit"] == 0] for label in ("images", "no_images")}
+    if walls["images"] and walls["no_images"] and bare:
+        import statistics
+
+        overhead = statistics.median(walls["images"]) - statistics.median(walls["no_images"])
+        bare_s = statistics.median([b["wall_s"] for b in bare])
         out["fetch_overhead_s"] = round(overhead, 1)
-        bare_s = out["bare_img2dataset_same_images"]["wall_s"]
         out["ratio_vs_img2dataset"] = round(bare_s / overhead, 2) if overhead > 0 else None  # None: fetch hidden
-        out["note"] = ("ratio = bare img2dataset wall over the site's image URLs / (interleaved with images - "
-                       "interleaved --no-images) at the largest size; one run each on a shared machine")
+        out["ratio_per_round"] = [round(b["wall_s"] / (i - n), 2) if i > n else None
+                                  for i, n, b in zip(walls["images"], walls["no_images"], bare)]
+        out["note"] = (f"ratio = median bare img2dataset wall over the site's image URLs / (median interleaved "
+                       f"with images - median interleaved --no-images) at {top} pages, {repeats} alternating "
+                       "round(s)")
     ok = [r for r in out["runs"] if r["variant"] == "images" and r["exit"] == 0]
+    out["peak_rss_mib_by_pages"] = {r["pages"]: {"main": r["peak_rss_mib_main"],
+                                                 "largest_worker": r["peak_rss_mib_largest_worker"]} for r in ok}
     if len(ok) > 1:
         top_rss = [max(r["peak_rss_mib_main"], r["peak_rss_mib_largest_worker"]) for r in (ok[0], ok[-1])]
         out["largest_process_rss_growth"] = {"pages": [ok[0]["pages"], ok[-1]["pages"]],
@@ -362,7 +412,11 @@ def main() -> None:
     ap.add_argument("--runners", default="auto", help=f"comma list of {', '.join(RUNNERS)}")
     ap.add_argument("--fetch-urls", type=int, default=3000, help="URLs for the fetch comparison")
     ap.add_argument("--fetch-repeats", type=int, default=2, help="alternating runs of img2dataset and ours")
-    ap.add_argument("--pages", default="100,400", help="interleaved: loopback pages per run")
+    ap.add_argument("--pages", default="100,400", help="interleaved: loopback pages per run (e.g. 312,1250,5000 "
+                    "for 1x, 4x, 16x)")
+    ap.add_argument("--interleaved-repeats", type=int, default=2,
+                    help="interleaved: alternating rounds of --no-images / images / bare img2dataset at the "
+                         "largest size")
     ap.add_argument("--capfilt-rows", default="50,200,1000,4000", help="capfilt: pairs per run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
@@ -385,7 +439,8 @@ def main() -> None:
         if "fetch" in sections:
             save_section("fetch")(fetch_bench(args.fetch_urls, tmp / "fetch", args.fetch_repeats))
         if "interleaved" in sections:
-            save_section("interleaved")(interleaved_bench([int(n) for n in args.pages.split(",")], tmp / "il"))
+            save_section("interleaved")(interleaved_bench([int(n) for n in args.pages.split(",")], tmp / "il",
+                                                          args.interleaved_repeats))
         if "capfilt" in sections:
             save_section("capfilt")(capfilt_bench([int(n) for n in args.capfilt_rows.split(",")], tmp / "cf"))
     print(f"wrote {out}")

@@ -313,8 +313,10 @@ def phash_hexes(rgb, transforms: bool = False) -> tuple[str, tuple[str, ...]]:
     return _hash_hex(pixels), tuple(_hash_hex(v) for v in variants)
 
 
-def inspect_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, transforms: bool = False) -> ImageInfo | Reject:
-    """Check and fingerprint one image; see the module docstring for what is rejected."""
+def inspect_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, transforms: bool = False,
+                  sha256: str | None = None) -> ImageInfo | Reject:
+    """Check and fingerprint one image; see the module docstring for what is rejected. `sha256`: the hex digest
+    of `data` when the caller has it already (a downloader hashes what it stores), so it is not computed again."""
     from PIL import Image
 
     img, problem = _open_checked(data, max_pixels)
@@ -334,7 +336,7 @@ def inspect_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, transforms: bool =
     except Exception as exc:  # noqa: BLE001
         return Reject("image_decode_failed", f"{fmt} {width}x{height}: {type(exc).__name__}: {exc}")
     return ImageInfo(width=width, height=height, format=fmt, mode=mode,
-                     sha256=hashlib.sha256(bytes(data)).hexdigest(), phash=phash, n_frames=n_frames,
+                     sha256=sha256 or hashlib.sha256(bytes(data)).hexdigest(), phash=phash, n_frames=n_frames,
                      phash_transforms=variants)
 
 

@@ -287,6 +287,7 @@ def test_downloader_gives_each_url_its_result(site, tmp_path):
         if status == "success":
             assert result.ok and result.sha256 == hashlib.sha256(data).hexdigest(), result
             assert open(result.path, "rb").read() == data
+            assert result.data == data  # a fresh download brings its bytes: the caller need not read the file
         else:
             assert (result.status, result.reason) == ("failed", status) and why in result.error, result
             assert result.error.startswith(f"{url}: ") and result.path is None

@@ -288,7 +288,7 @@ class _TimedHandler(http.server.BaseHTTPRequestHandler):
 def test_url_lists_fetch_hosts_in_parallel_and_each_host_politely(tmp_path):
     """Two hosts (127.0.0.1 and 127.0.0.2): each host's URLs in list order with the per-host delay between
     requests, the two hosts at once, every URL answered exactly once; URL tasks of several lists meet by host."""
-    from mmcorpus.pipelines.fetching.pages import FetchHostGroup, PageFetchConfig, host_group, url_tasks
+    from mmcorpus.pipelines.fetching.pages import FetchHostGroup, PageFetchConfig, host_group, url_task_part, url_tasks
 
     log: list = []
     servers = []
@@ -307,6 +307,11 @@ def test_url_lists_fetch_hosts_in_parallel_and_each_host_politely(tmp_path):
     tasks = [t for path in lists for t in url_tasks(str(path))]
     assert len(tasks) == 15 and {host_group(t, 8)[0] for t in tasks if "a" in t["_url"].rsplit("/", 1)[-1]} == \
         {host_group(tasks[0], 8)[0]}  # one host, one group, across lists
+    for parts in (2, 3):  # a list read in parts (--read-parts): each task once over the parts, a bad file once
+        split = [t for path in lists for k in range(parts) for t in url_task_part((str(path), k, parts))]
+        assert sorted(t["source"] for t in split) == sorted(t["source"] for t in tasks)
+        missing = [t for k in range(parts) for t in url_task_part((str(tmp_path / "none.txt"), k, parts))]
+        assert [t["_reject"][0] for t in missing] == ["read_failed"]
     delay = 0.15
     cfg = PageFetchConfig(host_delay=delay, obey_robots=False, retries=0, threads=4)
     try:

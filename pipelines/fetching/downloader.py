@@ -77,7 +77,9 @@ class Result:
     sha256: str | None = None
     size: int | None = None
     path: str | None = None  # the stored bytes (FileBytes path) of a success
-    data: bytes | None = None  # the bytes themselves, when the downloader stores none (no record folder)
+    # the bytes themselves: of a download just made (stored or not), for the caller to use now without reading
+    # the stored file back; None for a success taken from the record (read `path`). Never in the record.
+    data: bytes | None = None
     reused: bool = False  # taken from the record of an earlier run, no request made
 
     @property
@@ -166,7 +168,7 @@ class ImageDownloader:
             if not self.images_dir:
                 return Result(url, "success", http_status=status, sha256=sha, size=len(body), data=body)
             path = spool(self.images_dir, body, sha).path
-            return Result(url, "success", http_status=status, sha256=sha, size=len(body), path=path)
+            return Result(url, "success", http_status=status, sha256=sha, size=len(body), path=path, data=body)
 
     def _get(self, url: str):
         """(status, headers, body or None when over max_bytes), with in-run retries of transient failures."""

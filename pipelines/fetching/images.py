@@ -2,14 +2,17 @@
 
 Graph (every step a keyed shuffle, so it scales out; stage `fetch_images` counts image positions):
   docs -> refs (url, (doc_id, position, refusal))            URL policy: http(s) only, no private/loopback hosts
-       -> unique allowed URLs, grouped by hash(url) % groups -> each group streamed through the worker's one
-          long-lived downloader (fetching/downloader.py: a thread pool and pooled HTTP session built once per
-          worker process, per-host connection cap, redirects checked, X-Robots-Tag honoured, timeouts; URLs
-          that succeeded in an earlier run into the same output come from OUT/_image_fetch, the rest are
-          fetched) -> (url, outcome): decoded with `inspect_image`, sized with `check_decoded_image`
-       -> CoGroupByKey(refs, outcomes) by URL -> (doc_id, position result)
+       -> grouped by hash(url) % groups (every reference of a URL in one group) -> each group's unique allowed
+          URLs streamed through the worker's one long-lived downloader (fetching/downloader.py: a thread pool
+          and pooled HTTP session built once per worker process, per-host connection cap, redirects checked,
+          X-Robots-Tag honoured, timeouts; URLs that succeeded in an earlier run into the same output come from
+          OUT/_image_fetch, the rest are fetched) -> each outcome (decoded with `inspect_image`, sized with
+          `check_decoded_image`) handed to the URL's references there -> (doc_id, position result)
        -> CoGroupByKey(docs, results) by doc_id -> image_info filled (url, sha256, width, height, phash,
           bytes); a failed image's position is removed with a reject row, the text stays.
+Two shuffles: the references (small), and the documents once to put their images back. Image bytes never
+travel: an outcome carries the stored file's reference (sink.FileBytes) and the sink reads it.
+With `fetched_dir` the outcomes come from img2dataset's files instead and meet the references in a join by URL.
 
 Separate, resumable fetching: `image_url_rows` writes the run's unique image URLs (schema "url", kind
 IMAGE_URL_KIND) so they can be fetched apart from the pipeline, e.g.
@@ -112,16 +115,17 @@ def _rules(cfg: FetchConfig):
     return DocumentConfig()
 
 
-def assess_bytes(url: str, data: bytes | None, cfg: FetchConfig, stored: FileBytes | None = None) -> dict:
+def assess_bytes(url: str, data: bytes | None, cfg: FetchConfig, stored: FileBytes | None = None,
+                 sha256: str | None = None) -> dict:
     """Outcome of one image's bytes: {"info": image_info} or {"reason", "detail"}. The decode rules apply to the
     image as downloaded; with `cfg.image_size` the kept copy is a resized one. `stored`: where the bytes already
-    wait as a file (the fetch record), so they are not stored again."""
+    wait as a file (the fetch record), so they are not stored again; `sha256`: their digest, when known."""
     from mmcorpus.filters.documents import check_decoded_image
     from mmcorpus.filters.imageinfo import inspect_image, resize_image
 
     if not data:
         return {"reason": "image_fetch_failed", "detail": f"{url}: empty response"}
-    info = inspect_image(data)
+    info = inspect_image(data, sha256=sha256)
     if isinstance(info, Reject):
         return {"reason": info.reason, "detail": f"{url}: {info.detail}"}
     checked = {"width": info.width, "height": info.height, "format": info.format, "bytes": data}
@@ -158,9 +162,11 @@ def assess_download(result: Result, cfg: FetchConfig) -> dict:
     if not result.ok:
         return {"reason": result.reason, "detail": result.error}
     if result.path is None:
-        return assess_bytes(result.url, result.data, cfg)
-    stored = FileBytes(result.path)
-    return assess_bytes(result.url, stored.read(), cfg, stored)
+        return assess_bytes(result.url, result.data, cfg, sha256=result.sha256)
+    stored = FileBytes(result.path)  # a fresh download brings its bytes along: the file is not read back
+    if result.data is None:  # from the record of an earlier run: read, and hashed again
+        return assess_bytes(result.url, stored.read(), cfg, stored)
+    return assess_bytes(result.url, result.data, cfg, stored, sha256=result.sha256)
 
 
 def iter_rows(path: str, rows_per_batch: int = 64):
@@ -171,19 +177,32 @@ def iter_rows(path: str, rows_per_batch: int = 64):
 
 
 class _FetchGroup(beam.DoFn):
-    """Streams one hash group of unique URLs through the worker's downloader; yields (url, outcome) and fetch
-    counters (urls_fetched / urls_failed: downloaded now and kept / not; urls_reused: from an earlier run)."""
+    """One hash group of image references: its unique allowed URLs streamed through the worker's downloader,
+    each outcome handed to every reference of its URL. Yields ("result", (doc_id, (position, url, result)))
+    and fetch counters (urls_fetched / urls_failed: downloaded now and kept / not; urls_reused: from an
+    earlier run)."""
 
     def __init__(self, cfg: FetchConfig, allow_private: bool):
         self.cfg, self.allow_private = cfg, allow_private
 
     def process(self, element):
-        _, urls = element
+        _, refs = element
+        by_url: dict[str, list] = {}
+        for url, ref in refs:
+            by_url.setdefault(url, []).append(ref)
+        allowed = [url for url, rs in by_url.items() if any(not refusal for _, _, refusal in rs)]
+        for url in sorted(set(by_url) - set(allowed)):  # refused wherever it appears: nothing to fetch
+            yield from _tagged_results(url, by_url[url], None)
         record = FetchRecord(self.cfg.record_dir)
-        for result in fetch_with_record(urls, self.cfg.download, self.allow_private, record, checked=True):
+        for result in fetch_with_record(allowed, self.cfg.download, self.allow_private, record, checked=True):
             outcome = assess_download(result, self.cfg)
-            yield "outcome", (result.url, outcome)
             yield COUNTS, ((STAGE_FETCH, _counter(outcome, result.reused), ""), 1)
+            yield from _tagged_results(result.url, by_url[result.url], outcome)
+
+
+def _tagged_results(url: str, refs: list, outcome: dict | None):
+    for doc_id, pos, result in _position_results(url, refs, outcome):
+        yield "result", (doc_id, (pos, url, result))
 
 
 def _counter(outcome: dict, reused: bool = False) -> str:
@@ -222,17 +241,23 @@ def _first_outcome(outcomes: list[dict]) -> dict | None:
     return sorted(outcomes, key=lambda o: ("info" not in o, o.get("detail", ""), o.get("info", {}).get("sha256") or ""))[0]
 
 
-def _per_position(element):
-    """CoGroupByKey(url) -> (doc_id, (position, url, outcome)) for each reference of the URL."""
-    url, grouped = element
-    outcome = _first_outcome(list(grouped["outcome"]))
-    for doc_id, pos, refusal in grouped["ref"]:
+def _position_results(url: str, refs, outcome: dict | None):
+    """(doc_id, position, result) for each reference (doc_id, position, refusal) of a URL with this outcome."""
+    for doc_id, pos, refusal in refs:
         if refusal:
             result = {"reason": "url_not_allowed", "detail": f"{url}: {refusal}"}
         elif outcome is None:
             result = {"reason": "image_fetch_failed", "detail": f"{url}: no fetch result"}
         else:
             result = outcome
+        yield doc_id, pos, result
+
+
+def _per_position(element):
+    """CoGroupByKey(url) -> (doc_id, (position, url, outcome)) for each reference of the URL (fetched_dir)."""
+    url, grouped = element
+    outcome = _first_outcome(list(grouped["outcome"]))
+    for doc_id, pos, result in _position_results(url, grouped["ref"], outcome):
         yield doc_id, (pos, url, result)
 
 
@@ -277,14 +302,16 @@ def fetch_images(collector, docs, cfg: FetchConfig | None = None, allow_private:
         p = docs.pipeline
         tagged = (p | "FetchImages_Files" >> beam.Create(_fetched_files(cfg.fetched_dir))
                   | "FetchImages_ReadFetched" >> beam.ParDo(_ReadFetched(cfg)))
-    else:
-        tagged = (refs | "FetchImages_Allowed" >> beam.FlatMap(_allowed_url, cfg.groups)
-                  | "FetchImages_GroupUrls" >> beam.GroupByKey()
+        parts = split_tags(tagged, ("outcome", COUNTS), label="FetchImages_")
+        results = ({"ref": refs, "outcome": parts["outcome"]} | "FetchImages_JoinUrls" >> beam.CoGroupByKey()
+                   | "FetchImages_PerPosition" >> beam.FlatMap(_per_position))
+    else:  # the references grouped by URL hash: fetched and resolved in one step, no join by URL
+        tagged = (refs | "FetchImages_Group" >> beam.Map(_ref_group, cfg.groups)
+                  | "FetchImages_GroupRefs" >> beam.GroupByKey()
                   | "FetchImages_Download" >> beam.ParDo(_FetchGroup(cfg, allow_private)))
-    parts = split_tags(tagged, ("outcome", COUNTS), label="FetchImages_")
+        parts = split_tags(tagged, ("result", COUNTS), label="FetchImages_")
+        results = parts["result"]
     collector.add_counts(parts[COUNTS])
-    results = ({"ref": refs, "outcome": parts["outcome"]} | "FetchImages_JoinUrls" >> beam.CoGroupByKey()
-               | "FetchImages_PerPosition" >> beam.FlatMap(_per_position))
     keyed = docs | "FetchImages_KeyDocs" >> beam.Map(key_by_doc_id)
     assembled = ({"doc": keyed, "result": results} | "FetchImages_JoinDocs" >> beam.CoGroupByKey()
                  | "FetchImages_Assemble" >> beam.ParDo(_Assemble()))
@@ -292,6 +319,10 @@ def fetch_images(collector, docs, cfg: FetchConfig | None = None, allow_private:
     collector.add(out[REJECTS])
     collector.add_counts(out[COUNTS])
     return out[KEPT]
+
+
+def _ref_group(ref, groups: int):
+    return group_of(ref[0], groups), ref
 
 
 def _allowed_url(ref, groups: int):

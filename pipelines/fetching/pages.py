@@ -254,8 +254,22 @@ class FetchHostGroup(beam.DoFn):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def fetch_url_lists(p, lists: list[str], max_bytes: int, allow_private: bool, cfg: PageFetchConfig):
-    """PCollection of page records / bad markers for the URL lists at `lists`."""
-    return (p | "UrlLists" >> beam.Create(sorted(lists)) | "UrlTasks" >> beam.FlatMap(url_tasks)
+def url_task_part(element: tuple[str, int, int]):
+    """The tasks of one part of a URL list: every part reads the list through and keeps every parts-th URL
+    line (part 0 also any bad marker), so the parts together yield each task once."""
+    path, part, parts = element
+    for i, task in enumerate(url_tasks(path)):
+        if i % parts == part or ("_url" not in task and part == 0):
+            yield task
+
+
+def fetch_url_lists(p, lists: list[str], max_bytes: int, allow_private: bool, cfg: PageFetchConfig,
+                    parts: int = 1):
+    """PCollection of page records / bad markers for the URL lists at `lists`. Each list is read in `parts`
+    parts: on the Dask runner every later step keeps the partitions its input was created with (a
+    GroupByKey never adds any), so one list read whole would put every page, and every image fetch after
+    it, on one worker."""
+    items = [(path, k, parts) for path in sorted(lists) for k in range(parts)]
+    return (p | "UrlLists" >> beam.Create(items) | "UrlTasks" >> beam.FlatMap(url_task_part)
             | "HostKey" >> beam.Map(host_group, cfg.groups) | "HostGroup" >> beam.GroupByKey()
             | "FetchPages" >> beam.ParDo(FetchHostGroup(cfg, max_bytes, allow_private)))

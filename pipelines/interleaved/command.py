@@ -41,9 +41,9 @@ DESCRIPTION = (
     "(pipelines/fetching/pages.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
-    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image). Each WARC is read "
-    "in interleaved parts (--read-parts) so one large file keeps every worker busy; stats.json records the CPU "
-    "seconds of every stage."
+    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image). Each WARC or URL "
+    "list is read in interleaved parts (--read-parts) so one large file keeps every worker busy; stats.json records "
+    "the CPU seconds of every stage."
 )
 
 STAGE_READ = "read"
@@ -78,8 +78,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
     parser.add_argument("--read-parts", type=int, default=0,
-                        help="cut each WARC into this many interleaved parts read by different workers (default: "
-                             "enough for two parts per worker over all WARCs; 1 = one worker reads a whole file)")
+                        help="cut each WARC or URL list into this many interleaved parts read by different workers "
+                             "(default: enough for two parts per worker over all of them; 1 = one worker reads a "
+                             "whole file)")
     parser.add_argument("--path-prefix", default=CC_PREFIX,
                         help="joined to each relative line of a WARC listing (warc.paths.gz); e.g. "
                              "s3://commoncrawl/ to read Common Crawl from S3")
@@ -301,7 +302,8 @@ def build(p, items, opts):
             records = records | "ReshuffleRecords" >> beam.Reshuffle()
         branches.append(records)
     if lists:
-        branches.append(fetch_url_lists(p, lists, opts["max_bytes"], opts["allow_private"], opts["pages"]))
+        branches.append(fetch_url_lists(p, lists, opts["max_bytes"], opts["allow_private"], opts["pages"],
+                                        opts["read_parts"]))
     records = branches[0] if len(branches) == 1 else tuple(branches) | "Records" >> beam.Flatten()
     x = c.stage(records, STAGE_READ, read_record, source_of)
     x = c.stage(x, STAGE_DECODE, decode_record, source_of)
@@ -334,9 +336,9 @@ def build(p, items, opts):
 
 
 def read_parts(items, workers: int) -> int:
-    """Parts per WARC: two per worker over all WARCs (every part reads its file through, so no more than that);
-    one worker reads each file once."""
-    warcs = sum(item[0] == "warc" for item in items)
+    """Parts per WARC or URL list: two per worker over all of them (every part reads its file through, so no
+    more than that); one worker reads each file once."""
+    warcs = sum(item[0] in ("warc", "urls") for item in items)
     return max(1, -(-2 * workers // warcs)) if warcs and workers > 1 else 1
 
 
@@ -437,7 +439,7 @@ def run(args) -> int:
             "urls": urls, "read_parts": parts, "nsfw": nsfw}
     # the DaskRunner makes one partition of up to 128 created items and every later step keeps the partitions:
     # two per worker (more only multiply the tasks of every step and shuffle)
-    args.dask_partitions = min(sum(parts if item[0] == "warc" else 1 for item in items), 2 * workers)
+    args.dask_partitions = min(sum(parts if item[0] in ("warc", "urls") else 1 for item in items), 2 * workers)
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=inputs,
                    kinds={"data": Kind("interleaved", "data", args.num_shards)},
                    stages=document_stages(dedup_cfg, doc_cfg, nsfw is not None), overwrite=args.overwrite,
