@@ -1,4 +1,5 @@
-"""Beam's DaskRunner with a bounded number of partitions after every Flatten and GroupByKey.
+"""Beam's DaskRunner with a bounded number of partitions after every Flatten and GroupByKey (a GroupByKey gives
+exactly that many), and a ParDo whose output receivers belong to one partition.
 
 Beam 2.78's DaskRunner turns a Flatten into `dask.bag.concat`, which adds up its inputs' partitions, and a
 GroupByKey into `bag.groupby` keeping them. Every stage of a pipeline here feeds its rejects and counters into
@@ -36,8 +37,8 @@ class _BoundedGroupByKey(te.GroupByKey):
             key, grouped = item
             return key, [te.defenestrate(v[1]) for v in grouped]
 
-        parts = min(input_bag.npartitions, self.bag_kwargs["bound"])
-        return input_bag.groupby(lambda item: item[0], npartitions=parts).map(values)
+        # always `bound` partitions: a keyed shuffle spreads work that came from few partitions (one URL list)
+        return input_bag.groupby(lambda item: item[0], npartitions=self.bag_kwargs["bound"]).map(values)
 
 
 def _bundle(items, fn, label, window_fn, side_inputs, args, kwargs):
