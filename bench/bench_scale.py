@@ -16,7 +16,7 @@ against bare img2dataset on the same loopback URL list. Sections (--sections):
   own URL and its own bytes, pages distinct so dedup keeps them: photo_site) with image fetching; at the
   largest size --interleaved-repeats alternating rounds of --no-images, with images and bare img2dataset over
   its image URLs (ratio of medians). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
-- capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows.
+- capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows, each its own photo.
 
     python bench/bench_scale.py [--sections scale,fetch,interleaved,capfilt] [--sizes 500,2000,8000]
 
@@ -57,19 +57,28 @@ def photos() -> list[tuple[str, list[str]]]:
     return [(str(COCO / "images" / r["file_name"]), r["captions"]) for r in recs]
 
 
-def write_rows(folder: pathlib.Path, n: int, url_base: str | None = None) -> pathlib.Path:
-    """n caption rows, row i over photo i % 165 under its own name (a symlink, or a URL on the server)."""
+def write_rows(folder: pathlib.Path, n: int, url_base: str | None = None, distinct: bool = False) -> pathlib.Path:
+    """n caption rows, row i over photo i % 165 under its own name (a symlink, or a URL on the server); with
+    `distinct`, each row's photo is its own re-encoded crop (_page_photo): n distinct images."""
+    from concurrent.futures import ProcessPoolExecutor
+
     pics = photos()
     (folder / "imgs").mkdir(parents=True, exist_ok=True)
     rows = folder / "rows.jsonl"
+    jobs = []
     with open(rows, "w") as f:
         for i in range(n):
             path, caps = pics[i % len(pics)]
             link = folder / "imgs" / f"{i:07d}.jpg"
-            if not link.exists():
+            if distinct:
+                jobs.append((path, str(link), f"row-{i}"))
+            elif not link.exists():
                 link.symlink_to(path)
             where = {"url": f"{url_base}/{i:07d}.jpg"} if url_base else {"path": str(link)}
             f.write(json.dumps({**where, "caption": caps[(i // len(pics)) % len(caps)]}) + "\n")
+    if jobs:
+        with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(_page_photo, jobs, chunksize=64))
     return rows
 
 
@@ -349,7 +358,8 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
 
 
 def capfilt_bench(sizes: list[int], tmp: pathlib.Path) -> dict:
-    """`capfilt` with a tiny random BLIP (demo/tiny_models.py) over pairs outputs of N rows (default runner)."""
+    """`capfilt` with a tiny random BLIP (demo/tiny_models.py) over pairs outputs of N rows (default runner),
+    each row its own photo (a re-encoded crop), so capfilt captions N distinct images."""
     sys.path.insert(0, str(ROOT / "demo"))
     from tiny_models import captions, tiny_blip
 
@@ -358,7 +368,7 @@ def capfilt_bench(sizes: list[int], tmp: pathlib.Path) -> dict:
     tiny_blip(captions(COCO), blip)
     out: dict = {"runs": []}
     for n in sizes:
-        rows = write_rows(tmp / f"rows-{n}", n)
+        rows = write_rows(tmp / f"rows-{n}", n, distinct=True)
         work = tmp / f"pairs-{n}"
         work.mkdir()
         made = pairs_run(rows, work, [])
@@ -417,7 +427,7 @@ def main() -> None:
     ap.add_argument("--interleaved-repeats", type=int, default=2,
                     help="interleaved: alternating rounds of --no-images / images / bare img2dataset at the "
                          "largest size")
-    ap.add_argument("--capfilt-rows", default="50,200,1000,4000", help="capfilt: pairs per run")
+    ap.add_argument("--capfilt-rows", default="312,1250,5000", help="capfilt: pairs per run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
     out = pathlib.Path(args.out)
