@@ -188,6 +188,7 @@ class Monitor:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
+        self.render()  # the final counts: the last bundles' files often land after the last periodic frame
         if self.how == "tty" and self._shown:
             self._write("\r\x1b[K")
         for _ in range(3):  # a worker may be replacing its file right now
