@@ -53,7 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="build models with random weights from their configs when no weights are found (test runs only)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
-    parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
+    parser.add_argument("--num-shards", type=int, default=0,
+                        help="Parquet shards per output folder (default: one per read task of about 4,096 input rows, "
+                             "at least 4)")
     add_runner_args(parser)
     from mmcorpus.pipelines.safety.stages import add_arguments as add_safety_arguments  # issue 17
 
@@ -105,6 +107,8 @@ def run(args) -> int:
 
     if args.num_captions < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserError("--num-captions must be >= 0, --top-p in (0, 1], --max-new-tokens and --batch-size >= 1")
+    if args.num_shards < 0:
+        raise UserError("--num-shards must be at least 0 (0: one per read task)")
     if args.max_pixels < 1:
         raise UserError("--max-pixels must be at least 1")
     if not 0 <= args.itm_threshold <= 1:
@@ -124,14 +128,14 @@ def run(args) -> int:
     from mmcorpus.pipelines.safety.stages import safety_stats
 
     safety = safety_stats(cfg.safety(), None, kind="capfilt")
+    tasks = capfilt.read_tasks(sorted(files))
+    args.dask_partitions = len(tasks)  # each read task its own partition: bounded worker memory
     spec = RunSpec(command="capfilt", out_dir=args.output, config=dict(capfilt.config_dict(cfg), safety=safety),
-                   inputs=files, kinds={"data": Kind("pair", "data", args.num_shards)},
+                   inputs=files, kinds={"data": Kind("pair", "data", args.num_shards or max(4, len(tasks)))},
                    stages=[capfilt.STAGE_CANDIDATES, capfilt.STAGE_ITM], overwrite=args.overwrite,
                    extra_stats={"models": sources, "itm_threshold": args.itm_threshold, "safety": safety})
     print(f"capfilt: {len(files)} input file(s) -> {args.output}", flush=True)
     spool_dir = spool_folder(args.output)
-    tasks = capfilt.read_tasks(sorted(files))
-    args.dask_partitions = len(tasks)  # each read task its own partition: bounded worker memory
     stats = execute(spec, args, lambda p: capfilt.build_capfilt(p, files, cfg, spool_dir, tasks))
     stats["itm_histograms"] = capfilt.histograms(stats["stages"])
     from mmcorpus.schemas import storage
