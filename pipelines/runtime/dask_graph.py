@@ -64,8 +64,8 @@ def _bundle(items, fn, label, window_fn, side_inputs, args, kwargs):
 
 class _ParDo(te.ParDo):
     """Beam's ParDo, but the receivers that collect a partition's outputs are made per partition: Beam's are made
-    once per transform, so partitions run in one process (an in-process cluster, threads) append to one list
-    and every output repeats (the run check caught it: exit 3)."""
+    once per transform, so partitions run in one process (an in-process cluster, threads) share one list:
+    outputs repeated (`pairs` failed its run check, exit 3), and with two threads the run crashed."""
 
     def apply(self, input_bag, side_inputs=None):
         transform = self.transform
