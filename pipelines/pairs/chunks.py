@@ -40,8 +40,9 @@ def line_chunks(path: str, rows: int = ROWS) -> list[Chunk]:
             at = 0
             while True:
                 left = bounds[-1][1] + rows - lines  # newlines still missing in the current chunk
-                if block.count(b"\n", at) < left:
-                    lines += block.count(b"\n", at)
+                found = block.count(b"\n", at)
+                if found < left:
+                    lines += found
                     break
                 for _ in range(left):
                     at = block.index(b"\n", at) + 1
