@@ -325,14 +325,10 @@ def _ref_group(ref, groups: int):
     return group_of(ref[0], groups), ref
 
 
-def _allowed_url(ref, groups: int):
+def _allowed_url_key(ref):
     url, (_, _, refusal) = ref
     if not refusal:
-        yield group_of(url, groups), url
-
-
-def _url_key(group_url):
-    return group_url[1], None
+        yield url, None
 
 
 def _url_row(url_group) -> tuple[str, str, dict]:
@@ -343,8 +339,7 @@ def _url_row(url_group) -> tuple[str, str, dict]:
 def image_url_rows(collector, docs, allow_private: bool = False) -> None:
     """Add the run's unique, allowed image URLs to the sink as kind IMAGE_URL_KIND (schema "url")."""
     urls = (docs | "ImageUrls_Refs" >> beam.ParDo(_ImageRefs(allow_private))
-            | "ImageUrls_Allowed" >> beam.FlatMap(_allowed_url, 1)
-            | "ImageUrls_Key" >> beam.Map(_url_key)
+            | "ImageUrls_Allowed" >> beam.FlatMap(_allowed_url_key)
             | "ImageUrls_Distinct" >> beam.GroupByKey()
             | "ImageUrls_Rows" >> beam.Map(_url_row))
     collector.add(urls)

@@ -266,9 +266,8 @@ def url_task_part(element: tuple[str, int, int]):
 def fetch_url_lists(p, lists: list[str], max_bytes: int, allow_private: bool, cfg: PageFetchConfig,
                     parts: int = 1):
     """PCollection of page records / bad markers for the URL lists at `lists`. Each list is read in `parts`
-    parts: on the Dask runner every later step keeps the partitions its input was created with (a
-    GroupByKey never adds any), so one list read whole would put every page, and every image fetch after
-    it, on one worker."""
+    parts, each its own partition on the Dask runner (a list read whole was one partition, and before
+    GroupByKeys spread to the runner's bound, every page and image fetch after it stayed on one worker)."""
     items = [(path, k, parts) for path in sorted(lists) for k in range(parts)]
     return (p | "UrlLists" >> beam.Create(items) | "UrlTasks" >> beam.FlatMap(url_task_part)
             | "HostKey" >> beam.Map(host_group, cfg.groups) | "HostGroup" >> beam.GroupByKey()
