@@ -10,7 +10,7 @@ import apache_beam as beam
 
 from mmcorpus.pipelines.errors import UserError
 from mmcorpus.pipelines.interleaved.sources import CC_PREFIX
-from mmcorpus.pipelines.runtime.runner import add_runner_args
+from mmcorpus.pipelines.runtime.runner import add_runner_args, worker_count
 
 HELP = "build interleaved image-text web documents (M3W/OBELICS style) from WARCs, HTML folders or URL lists"
 DESCRIPTION = (
@@ -57,6 +57,8 @@ STAGE_IMAGE_RULES = "image_rules"
 STAGE_IMAGE_RULES_ITEMS = "image_rules_images"
 STAGE_IMAGE_COUNT = "image_count"
 STAGE_IMAGE_RECOUNT = "image_count_after_dedup"  # dedup_images removes boilerplate images: count again
+# FetchConfig fields the command fills in (not --config keys, not part of the run's config)
+FETCH_SET_BY_COMMAND = ("rules", "spool_dir", "record_dir")
 INFO_KEYS = ("url", "sha256", "width", "height", "phash", "bytes", "path", "alt", "nsfw_score")
 
 
@@ -248,7 +250,7 @@ def load_config(path: str | None):
         if bad:
             raise ValueError(f"unknown dedup keys {sorted(bad)} (known: {sorted(known)})")
         dedup_cfg = DedupConfig(**dedup_raw)
-        known = {f.name for f in dataclasses.fields(FetchConfig)} - {"rules", "spool_dir", "record_dir"}
+        known = {f.name for f in dataclasses.fields(FetchConfig)} - set(FETCH_SET_BY_COMMAND)
         bad = set(fetch_raw) - known
         if bad:
             raise ValueError(f"unknown fetch keys {sorted(bad)} (known: {sorted(known)})")
@@ -389,7 +391,7 @@ def nsfw_option(args, fetch_cfg):
     if "random" in (weights, loaded.source):
         print("interleaved: WARNING: the NSFW check runs with RANDOM weights (--allow-random-weights); its scores "
               "are meaningless", flush=True)
-    groups = 2 * (args.workers or os.cpu_count() or 1)
+    groups = 2 * worker_count(args)
     return (clip_cfg, head, policy, groups), nsfw_stats(weights, loaded.source, policy, args.clip_model,
                                                         "drop the image, keep the text")
 
@@ -424,7 +426,7 @@ def run(args) -> int:
 
     config = {"documents": doc_cfg.to_dict(),
               "dedup": dataclasses.asdict(dedup_cfg),
-              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k not in ("rules", "spool_dir", "record_dir")},
+              "fetch": {k: v for k, v in dataclasses.asdict(fetch_cfg).items() if k not in FETCH_SET_BY_COMMAND},
               "pages": dataclasses.asdict(page_cfg),
               "no_images": args.no_images, "allow_private_network": args.allow_private_network,
               "max_page_bytes": args.max_page_bytes, "url_manifest": args.url_manifest, "safety": safety_applied,
@@ -432,7 +434,7 @@ def run(args) -> int:
     spool_dir = spool_folder(args.output)  # fetched bytes wait there
     # the per-URL fetch record beside the output: a rerun fetches only the images that failed
     fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir, record_dir=fetch_record_folder(args.output))
-    workers = args.workers or os.cpu_count() or 1
+    workers = worker_count(args)
     parts = args.read_parts or read_parts(items, workers)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
