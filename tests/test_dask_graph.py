@@ -31,3 +31,41 @@ def test_in_process_cluster_keeps_every_element_once():
         result.client.close()
         assert out == [("even", 500, sum(range(0, 1000, 2))),
                                              ("odd", 500, sum(range(1, 1000, 2)))]
+
+
+class _BundleContents(beam.DoFn):
+    """One element per bundle (a partition on this runner): what the bundle held."""
+
+    def start_bundle(self):
+        self.seen = []
+
+    def process(self, item):
+        self.seen.append(item)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        yield GlobalWindows.windowed_value(sorted(self.seen))
+
+
+def test_flatten_joins_the_same_work_item_of_every_branch():
+    """Partition i after a Flatten holds partition i of each branch (rows, rejects, counters of one read chunk),
+    not neighbouring partitions of one branch (Dask's repartition put all of a branch in one list)."""
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
+        options = PipelineOptions([f"--runner={DASK_RUNNER}", f"--dask_client_address={cluster.scheduler_address}",
+                                   "--dask_npartitions=4"])
+        p = beam.Pipeline(options=options)
+        numbers = p | beam.Create(list(range(400)))  # 4 partitions of 100 consecutive numbers
+        branches = [numbers | f"Tag{t}" >> beam.Map(lambda n, t=t: (t, n)) for t in "abc"]
+        tuple(branches) | beam.Flatten() | beam.ParDo(_BundleContents())
+        result = p.run()
+        result.wait_until_finish()
+        bundles = [getattr(v, "value", v) for f in result.futures for v in f.result()]
+        result.client.close()
+    assert len(bundles) == 4
+    for bundle in bundles:
+        chunks = {n // 100 for _, n in bundle}
+        assert len(chunks) == 1  # one work item per partition, of every branch
+        first = min(chunks) * 100
+        assert bundle == sorted((t, n) for t in "abc" for n in range(first, first + 100))

@@ -22,13 +22,26 @@ from apache_beam.transforms.core import ParDo
 from apache_beam.transforms.sideinputs import SideInputMap
 
 
+def _joined(*parts):
+    return [item for part in parts for item in part]
+
+
 class _BoundedFlatten(te.Flatten):
+    """At most `bound` partitions, partition i of the result joining every bound-th input partition from i:
+    branches that run per work item (rows, rejects, counters of read chunk i) meet in one partition. (Dask's
+    `repartition` joins neighbours instead: all of one branch's partitions, e.g. every kept row of the run, in
+    one list that waited for the slowest chunk.)"""
+
     def apply(self, input_bag, side_inputs=None):
         from dask import bag as db
+        from dask import delayed
 
         bag = db.concat(list(input_bag))
         limit = self.bag_kwargs["bound"]
-        return bag.repartition(limit) if bag.npartitions > limit else bag
+        if bag.npartitions <= limit:
+            return bag
+        parts = bag.to_delayed(optimize_graph=False)
+        return db.from_delayed([delayed(_joined, pure=True)(*parts[i::limit]) for i in range(limit)])
 
 
 class _BoundedGroupByKey(te.GroupByKey):
