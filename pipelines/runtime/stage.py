@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from mmcorpus.filters.reasons import Reject, shorten
 from mmcorpus.pipelines.runtime import progress
@@ -179,18 +180,42 @@ class Collector:
         label = f"Count_{stage}_{metric}"
         self.counts.append(pcoll | label >> beam.Map(lambda _, s=stage, m=metric: ((s, m, ""), 1)))
 
-    def finish(self, pipeline_label: str = "Outputs"):
-        """One PCollection of sink tuples: everything collected plus the summed counters as 'stats' rows."""
+    def finish(self, pipeline_label: str = "Outputs") -> tuple:
+        """Everything collected plus the summed counters as 'stats' rows: a tuple of PCollections of sink tuples,
+        which the sink takes as they are (each writes its own run files; see runtime/sink.py), so rows never
+        wait in a Flatten for a branch behind a GroupByKey. Each counter branch is summed per bundle first (and
+        tapped for live progress), so no event per element and stage crosses a shuffle."""
         root = self.outputs[0].pipeline if self.outputs else self.counts[0].pipeline
-        counts = tuple(self.counts) | f"{pipeline_label}_FlattenCounts" >> beam.Flatten(pipeline=root)
-        if progress.active_dir():  # live progress: workers add the counter events to OUT/_progress/ files
-            counts = counts | f"{pipeline_label}_Progress" >> beam.ParDo(progress.TapCounts(progress.active_dir()))
+        tap = progress.TapCounts(progress.active_dir()) if progress.active_dir() else None
+        summed = []
+        for i, pcoll in enumerate(self.counts):
+            if tap is not None:  # live progress: workers add the counter events to OUT/_progress/ files
+                pcoll = pcoll | f"{pipeline_label}_Progress_{i}" >> beam.ParDo(tap)
+            summed.append(pcoll | f"{pipeline_label}_SumInBundle_{i}" >> beam.ParDo(_SumInBundle()))
         counts = (
-            counts
+            tuple(summed)
+            | f"{pipeline_label}_FlattenCounts" >> beam.Flatten(pipeline=root)
             | f"{pipeline_label}_SumCounts" >> beam.CombinePerKey(sum)
             | f"{pipeline_label}_StatRows" >> beam.Map(_stat_output)
         )
-        return (*self.outputs, counts) | f"{pipeline_label}_FlattenAll" >> beam.Flatten(pipeline=root)
+        return (*self.outputs, counts)
+
+
+class _SumInBundle(beam.DoFn):
+    """Counter events summed per key within a bundle before the shuffle: one event per element and stage would
+    otherwise cross it (runners that do not lift combiners, like the DaskRunner, held them all in memory)."""
+
+    def start_bundle(self):
+        self.sums: dict = {}
+
+    def process(self, event):
+        key, n = event
+        self.sums[key] = self.sums.get(key, 0) + n
+
+    def finish_bundle(self):
+        for item in self.sums.items():
+            yield GlobalWindows.windowed_value(item)
+        self.sums = {}
 
 
 def _stat_output(item) -> tuple[str, str, dict]:
