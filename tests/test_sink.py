@@ -213,3 +213,30 @@ def test_non_writable_output_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match="is not a folder"):
         execute(spec(blocker, []), run_args(), build_for([]))
+
+
+def test_rows_cross_the_shuffle_as_run_file_sections(tmp_path, coco, monkeypatch):
+    """The sink's shuffle carries references: a bundle's rows go to run files (a new one each RUN_BYTES), a
+    section per shard, and a shard's sections give back exactly its rows."""
+    from mmcorpus.pipelines.runtime import sink
+
+    monkeypatch.setattr(sink, "RUN_BYTES", 20_000)
+    rows = caption_rows(coco)
+    kinds = {"data": Kind("pair", "data", 4)}
+    spill = sink._SpillRuns(str(tmp_path), kinds)
+    spill.start_bundle()
+    refs = [out for r in rows for out in spill.process(("data", r["image_id"], r))]
+    refs += [wv.value for wv in spill.finish_bundle()]
+    runs = {section.path for _, section in refs}
+    assert len(runs) > 2 and all(os.path.dirname(p) == str(tmp_path / "_tmp" / "runs") for p in runs)
+    by_shard: dict = {}
+    for (kind, shard), section in refs:
+        assert kind == "data"
+        by_shard.setdefault(shard, []).extend(section.items())
+    assert sorted(by_shard) == [0, 1, 2, 3]
+    for shard, items in by_shard.items():
+        assert all(sink.stable_hash(key) % 4 == shard for key, _ in items)
+    back = sorted((key, json.dumps(row, sort_keys=True)) for items in by_shard.values() for key, row in items)
+    assert back == sorted((r["image_id"], json.dumps(r, sort_keys=True)) for r in rows)
+    with pytest.raises(ValueError, match="unknown kind 'other'"):
+        list(spill.process(("other", "k", {})))

@@ -2,11 +2,15 @@
 
 All outputs of a run (kept rows, rejects, stat counters, ...) travel as `(kind, key, row)` tuples in one
 PCollection, because the DaskRunner computes only the last leaf of a graph. Rows go to a deterministic shard
-(`hash(key) % shards`), each shard is sorted by key and written once to `_tmp/`, then renamed atomically to
+(`hash(key) % shards`). They do not cross the shuffle themselves: each worker appends the rows it sees, pickled,
+to run files under `OUT/_tmp/runs/` (one file per `RUN_BYTES` or bundle, a section per shard) and only the
+sections' references are grouped by shard. A shard's writer reads its sections back, sorts the rows by key and
+writes the shard once to `_tmp/`, one row group at a time, then renames it atomically to
 `OUT/<dir>/part-SSSSS-of-NNNNN.parquet` (on an object store, where nothing renames: copied to its final key,
-which appears whole or not at all, then the temporary key is deleted). A worker holds one shard's rows at a time (written one row group at a
-time), so `--num-shards` sets the memory a worker needs: about output size / shards. The same input gives the
-same files under every runner, and a rerun into a killed run's folder skips the shards that are already there.
+which appears whole or not at all, then the temporary key is deleted). So no process holds more than one shard's
+rows (without their image bytes) and one row group: `--num-shards` sets that, the total does not. The same input
+gives the same files under every runner, and a rerun into a killed run's folder skips the shards that are
+already there.
 
 A kind may bring its own `ShardWriter` for another file format: it gets a shard's sorted rows under the same
 temp-then-rename contract, counts a finished shard's rows for the run check and writes the empty shards a run
@@ -20,14 +24,18 @@ large payloads (image bytes) cross every shuffle as a path and a worker holds on
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import operator
 import os
+import pickle
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 import pyarrow.parquet as pq
 
 from mmcorpus import schemas
@@ -110,9 +118,11 @@ def _filled(value):
     return value
 
 
-# a row group ends at this many bytes of binary cells (or at row_group_rows rows): writing one costs about 5-8x
-# this at peak (the filled rows, the Arrow table, the Parquet pages): 32 MiB measured +320 MiB, 64 MiB +580
-ROW_GROUP_BYTES = 32 << 20
+# a row group ends at this many bytes of binary cells (or at row_group_rows rows): writing one costs about 10x
+# this at peak (the filled rows, the Arrow table and its builder, the Parquet pages); a shard of COCO photos
+# measured +167 MiB at 16 MiB, +287 at 32, +580 at 64. 16 MiB is about 100 photos, the row group Hugging Face
+# `datasets` writes for image datasets
+ROW_GROUP_BYTES = 16 << 20
 
 
 def _nbytes(value) -> int:
@@ -163,16 +173,68 @@ def ordered(items) -> list[tuple[str, dict]]:
     return out
 
 
-class _AssignShard(beam.DoFn):
-    def __init__(self, kinds: dict[str, Kind]):
+# a run file is written when a worker's pickled rows reach this size (and at the end of each bundle)
+RUN_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Section:
+    """One shard's rows in one run file: `length` bytes of pickled (key, row) items from `offset`."""
+
+    path: str
+    offset: int
+    length: int
+
+    def items(self) -> list[tuple[str, dict]]:
+        with storage.open(self.path, "rb") as f:
+            f.seek(self.offset)
+            blob = io.BytesIO(f.read(self.length))
+        out = []
+        while blob.tell() < self.length:
+            out.append(pickle.load(blob))
+        return out
+
+
+class _SpillRuns(beam.DoFn):
+    """Rows to run files by shard; emits `((kind, shard), Section)` for each shard a run file holds rows of."""
+
+    def __init__(self, out_dir: str, kinds: dict[str, Kind]):
+        self.folder = storage.join(out_dir, TMP_DIR, "runs")
         self.kinds = kinds
+
+    def start_bundle(self):
+        self.buffers: dict[tuple[str, int], bytearray] = defaultdict(bytearray)
+        self.size = 0
 
     def process(self, element):
         kind, key, row = element
         spec = self.kinds.get(kind)
         if spec is None:
             raise ValueError(f"sink got rows of unknown kind {kind!r}; known: {sorted(self.kinds)}")
-        yield (kind, stable_hash(key) % spec.shards), (key, row)
+        data = pickle.dumps((key, row), protocol=pickle.HIGHEST_PROTOCOL)
+        self.buffers[(kind, stable_hash(key) % spec.shards)] += data
+        self.size += len(data)
+        if self.size >= RUN_BYTES:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for out in self._flush():
+            yield GlobalWindows.windowed_value(out)
+
+    def _flush(self):
+        if not self.buffers:
+            return []
+        path = storage.join(self.folder, f"{uuid.uuid4().hex}.run")
+        out, offset = [], 0
+        for shard in sorted(self.buffers):
+            length = len(self.buffers[shard])
+            out.append((shard, Section(path, offset, length)))
+            offset += length
+        storage.makedirs(self.folder)
+        storage.write_bytes(path, b"".join(self.buffers[shard] for shard in sorted(self.buffers)))
+        self.buffers.clear()
+        self.size = 0
+        return out
 
 
 class _WriteShard(beam.DoFn):
@@ -183,12 +245,12 @@ class _WriteShard(beam.DoFn):
         self.row_group_rows = row_group_rows
 
     def process(self, element):
-        (kind, index), items = element
+        (kind, index), sections = element
         spec = self.kinds[kind]
         final = storage.join(self.out_dir, spec.folder, shard_name(index, spec.shards, spec.suffix))
         if storage.exists(final):  # finished by an earlier attempt of this same run (same fingerprint)
             return
-        rows = ordered(items)
+        rows = ordered(item for section in sections for item in section.items())
         storage.makedirs(storage.dirname(final))
         tmp_dir = storage.join(self.out_dir, TMP_DIR)
         storage.makedirs(tmp_dir)
@@ -216,7 +278,8 @@ class _WriteShard(beam.DoFn):
 
 
 class WriteAll(beam.PTransform):
-    """Write `(kind, key, row)` tuples to sharded Parquet files; the single leaf of a pipeline."""
+    """Write `(kind, key, row)` tuples (one PCollection, or a tuple of them: each spills where it is computed) to
+    sharded Parquet files; the single leaf of a pipeline."""
 
     def __init__(self, out_dir: str, kinds: dict[str, Kind], fingerprint: str, row_group_rows: int = 512):
         super().__init__()
@@ -225,10 +288,13 @@ class WriteAll(beam.PTransform):
         self.fingerprint = fingerprint
         self.row_group_rows = row_group_rows
 
-    def expand(self, pcoll):
+    def expand(self, pcolls):
+        branches = pcolls if isinstance(pcolls, (tuple, list)) else (pcolls,)
+        spill = _SpillRuns(self.out_dir, self.kinds)
+        sections = [branch | f"SpillRuns_{i}" >> beam.ParDo(spill) for i, branch in enumerate(branches)]
         return (
-            pcoll
-            | "AssignShard" >> beam.ParDo(_AssignShard(self.kinds))
+            tuple(sections)
+            | "FlattenSections" >> beam.Flatten(pipeline=branches[0].pipeline)
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteShard(self.out_dir, self.kinds, self.fingerprint, self.row_group_rows))
         )
