@@ -2,6 +2,8 @@
 every partition of a transform runs in the same process: outputs must not repeat (Beam's shared receivers
 repeated them), and what a DoFn emits in finish_bundle (BatchElements' last batch of a bundle) must arrive."""
 
+import time
+
 import apache_beam as beam
 import dask
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -34,12 +36,14 @@ def test_in_process_cluster_keeps_every_element_once():
 
 
 class _BundleContents(beam.DoFn):
-    """One element per bundle (a partition on this runner): what the bundle held."""
+    """One element per bundle (a partition on this runner): what the bundle held. Slow enough that partitions on
+    the cluster's two threads overlap: each must have its own DoFn (per-bundle state is not shared)."""
 
     def start_bundle(self):
         self.seen = []
 
     def process(self, item):
+        time.sleep(0.0005)
         self.seen.append(item)
 
     def finish_bundle(self):
@@ -48,24 +52,25 @@ class _BundleContents(beam.DoFn):
         yield GlobalWindows.windowed_value(sorted(self.seen))
 
 
-def test_flatten_joins_the_same_work_item_of_every_branch():
-    """Partition i after a Flatten holds partition i of each branch (rows, rejects, counters of one read chunk),
-    not neighbouring partitions of one branch (Dask's repartition put all of a branch in one list)."""
+def test_flatten_never_makes_a_branch_wait_for_another():
+    """After a Flatten each partition holds one branch's partition (one read chunk's rows, rejects or counters):
+    joining branches made every chunk's rows wait for a branch behind a GroupByKey, all rows held at once."""
     with dask.config.set({"distributed.worker.profile.enabled": False}), \
             LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
         options = PipelineOptions([f"--runner={DASK_RUNNER}", f"--dask_client_address={cluster.scheduler_address}",
                                    "--dask_npartitions=4"])
         p = beam.Pipeline(options=options)
         numbers = p | beam.Create(list(range(400)))  # 4 partitions of 100 consecutive numbers
-        branches = [numbers | f"Tag{t}" >> beam.Map(lambda n, t=t: (t, n)) for t in "abc"]
-        tuple(branches) | beam.Flatten() | beam.ParDo(_BundleContents())
+        branches = [numbers | f"Tag{t}" >> beam.Map(lambda n, t=t: (t, n)) for t in "ab"]
+        late = (numbers | beam.Map(lambda n: (n % 3, n)) | beam.GroupByKey()  # a branch behind a shuffle
+                | beam.FlatMapTuple(lambda k, ns: [("c", n) for n in ns]))
+        (*branches, late) | beam.Flatten() | beam.ParDo(_BundleContents())
         result = p.run()
         result.wait_until_finish()
         bundles = [getattr(v, "value", v) for f in result.futures for v in f.result()]
         result.client.close()
-    assert len(bundles) == 4
-    for bundle in bundles:
-        chunks = {n // 100 for _, n in bundle}
-        assert len(chunks) == 1  # one work item per partition, of every branch
-        first = min(chunks) * 100
-        assert bundle == sorted((t, n) for t in "abc" for n in range(first, first + 100))
+    early = [b for b in bundles if b and b[0][0] in "ab"]
+    assert len(early) == 8  # 2 branches x 4 chunks, each alone in its partition
+    for bundle in early:
+        assert len({t for t, _ in bundle}) == 1 and len({n // 100 for _, n in bundle}) == 1 and len(bundle) == 100
+    assert sorted(x for b in bundles for x in b) == sorted([(t, n) for t in "abc" for n in range(400)])

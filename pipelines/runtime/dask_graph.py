@@ -1,11 +1,12 @@
-"""Beam's DaskRunner with a bounded number of partitions after every Flatten and GroupByKey (a GroupByKey gives
-exactly that many), and a ParDo whose output receivers belong to one partition.
+"""Beam's DaskRunner with a bounded number of partitions per Flatten branch and into and out of every GroupByKey
+(which gives exactly that many), and a ParDo whose output receivers belong to one partition.
 
 Beam 2.78's DaskRunner turns a Flatten into `dask.bag.concat`, which adds up its inputs' partitions, and a
 GroupByKey into `bag.groupby` keeping them. Every stage of a pipeline here feeds its rejects and counters into
-the one flattened sink, so the sink's input had some hundred partitions, each shuffled and each running every
-later step as its own task: 11,645 tasks for 576 WARC records (`interleaved --no-images`, 2 workers), against
-717 with the bound: a fifth less CPU in all (the scheduler's own nearly halved), the same output files.
+the one sink, so the sink's shuffle had some hundred input partitions and each later step as many tasks: 11,645
+tasks for 576 WARC records (`interleaved --no-images`, 2 workers), against 717 with the bound: a fifth less CPU
+in all (the scheduler's own nearly halved), the same output files. A Flatten never joins partitions of different
+branches (one would wait for the other: rows held); a GroupByKey joins its inputs (it waits for all anyway).
 The bound is two per worker thread of the cluster, or `--dask_npartitions` when that is more: a command sets it
 to its number of work items (e.g. `pairs`' read chunks), so a partition holds about one work item's rows however
 large the input (the rows of one partition are one list in one worker's memory).
@@ -26,22 +27,27 @@ def _joined(*parts):
     return [item for part in parts for item in part]
 
 
+def _coalesced(bag, limit: int):
+    """`bag` in at most `limit` partitions, partition i joining every limit-th input partition from i."""
+    from dask import bag as db
+    from dask import delayed
+
+    if bag.npartitions <= limit:
+        return bag
+    parts = bag.to_delayed(optimize_graph=False)
+    return db.from_delayed([delayed(_joined, pure=True)(*parts[i::limit]) for i in range(limit)])
+
+
 class _BoundedFlatten(te.Flatten):
-    """At most `bound` partitions, partition i of the result joining every bound-th input partition from i:
-    branches that run per work item (rows, rejects, counters of read chunk i) meet in one partition. (Dask's
-    `repartition` joins neighbours instead: all of one branch's partitions, e.g. every kept row of the run, in
-    one list that waited for the slowest chunk.)"""
+    """Each branch keeps its own partitions (at most `bound` of them): a partition never waits for another
+    branch. Joining across branches (Dask's repartition after concat) made every read chunk's rows wait for a
+    branch behind a GroupByKey (`pairs`' URL fetch, empty for local files): all rows of the run held at once."""
 
     def apply(self, input_bag, side_inputs=None):
         from dask import bag as db
-        from dask import delayed
 
-        bag = db.concat(list(input_bag))
         limit = self.bag_kwargs["bound"]
-        if bag.npartitions <= limit:
-            return bag
-        parts = bag.to_delayed(optimize_graph=False)
-        return db.from_delayed([delayed(_joined, pure=True)(*parts[i::limit]) for i in range(limit)])
+        return db.concat([_coalesced(bag, limit) for bag in input_bag])
 
 
 class _BoundedGroupByKey(te.GroupByKey):
@@ -50,15 +56,22 @@ class _BoundedGroupByKey(te.GroupByKey):
             key, grouped = item
             return key, [te.defenestrate(v[1]) for v in grouped]
 
-        # always `bound` partitions: a keyed shuffle spreads work that came from few partitions (one URL list)
-        return input_bag.groupby(lambda item: item[0], npartitions=self.bag_kwargs["bound"]).map(values)
+        # its input joined into `bound` partitions first (a GroupByKey waits for all of them anyway: nothing is
+        # held longer), so the shuffle's tasks do not grow with the branches flattened into it; and always
+        # `bound` partitions out: a keyed shuffle spreads work that came from few partitions (one URL list)
+        limit = self.bag_kwargs["bound"]
+        return _coalesced(input_bag, limit).groupby(lambda item: item[0], npartitions=limit).map(values)
 
 
 def _bundle(items, fn, label, window_fn, side_inputs, args, kwargs):
-    """One partition through a DoFn, as Beam's `apply_dofn_to_bundle`, with output receivers of its own."""
+    """One partition through a DoFn, as Beam's `apply_dofn_to_bundle`, with a copy of the DoFn and output receivers
+    of its own (a DoFn processes one bundle at a time: its per-bundle state must not be another thread's)."""
     from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
     from apache_beam.transforms.core import DoFn
 
+    from apache_beam.internal import pickler
+
+    fn = pickler.loads(pickler.dumps(fn))  # a DoFn of its own: partitions on other threads share the graph's
     receivers = te.OneReceiver()
     handler = _OutputHandler(window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers,
                              per_element_output_counter=None, output_batch_converter=None,
