@@ -121,8 +121,16 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # listen backlog of a real web server, not socketserver's 5: with 32 clients connecting at once (2 processes x
+    # 16 threads, every request a new connection to this HTTP/1.0 server) the kernel dropped SYNs, each a 1 s
+    # retransmit for the client, and more for the faster client (ListenOverflows in /proc/net/netstat: 390 in one
+    # 1,250-page `interleaved` run against 87 in bare img2dataset over the same images; 0 and 0 with 128)
+    request_queue_size = 128
+
+
 def serve(folder: pathlib.Path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    server = _Server(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -296,6 +304,7 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
     image URLs: ratio = median bare wall / (median with-images wall - median --no-images wall)."""
     config = tmp / "site.yaml"
     tmp.mkdir(parents=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     config.write_text("pages: {host_delay: 0.0}\n")  # our own server: no politeness delay
     out: dict = {"runs": []}
     bare: list[dict] = []
@@ -318,14 +327,17 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
                 for label, extra in variants:
                     work = tmp / f"run-{n}-{label}-{rnd}"
                     if extra is None:
-                        bare.append(bare_img2dataset(images, work))
+                        bare.append({**bare_img2dataset(images, work), "round": rnd,
+                                     "load_average": [round(x, 2) for x in os.getloadavg()]})
                         print(json.dumps({"bare_img2dataset": bare[-1]}), flush=True)
                         shutil.rmtree(work / "out", ignore_errors=True)
                         continue
                     work.mkdir()
                     cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(config),
                               "--allow-private-network", "--overwrite", *extra)
-                    res = {"pages": n, "variant": label, **_totals(measured(cmd, str(work)), work / "out", work)}
+                    res = {"pages": n, "variant": label, "round": rnd,
+                           **_totals(measured(cmd, str(work)), work / "out", work),
+                           "load_average": [round(x, 2) for x in os.getloadavg()]}
                     print(json.dumps(res), flush=True)
                     out["runs"].append(res)
                     shutil.rmtree(work / "out", ignore_errors=True)  # the stored images: disk, not memory
@@ -347,6 +359,8 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
         out["note"] = (f"ratio = median bare img2dataset wall over the site's image URLs / (median interleaved "
                        f"with images - median interleaved --no-images) at {top} pages, {repeats} alternating "
                        "round(s)")
+    out["taken"] = f"{started} - {time.strftime('%H:%M:%S', time.gmtime())} UTC"
+    out["command"] = " ".join(["bench_scale.py", *sys.argv[1:]])
     ok = [r for r in out["runs"] if r["variant"] == "images" and r["exit"] == 0]
     out["peak_rss_mib_by_pages"] = {r["pages"]: {"main": r["peak_rss_mib_main"],
                                                  "largest_worker": r["peak_rss_mib_largest_worker"]} for r in ok}

@@ -35,10 +35,10 @@ from mmcorpus.filters.imageinfo import ENCODE_FORMATS, RESIZE_MODES
 from mmcorpus.filters.reasons import Reject
 from mmcorpus.filters.urls import url_refusal
 from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, Result, fetch_with_record
-from mmcorpus.pipelines.interleaved.dedup import events_to_tags, key_by_doc_id, source_of
+from mmcorpus.pipelines.interleaved.dedup import key_by_doc_id, source_of
 from mmcorpus.pipelines.fetching.hosts import HostResolver
 from mmcorpus.pipelines.runtime.sink import FileBytes, spool, stable_hash
-from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, split_tags
+from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, SummedCounts, split_tags
 
 STAGE_FETCH = "fetch_images"
 IMAGE_URL_KIND = "image_urls"  # sink kind for the URL list: Kind("url", "image_urls", shards)
@@ -176,11 +176,11 @@ def iter_rows(path: str, rows_per_batch: int = 64):
             yield row.get("url"), row
 
 
-class _FetchGroup(beam.DoFn):
+class _FetchGroup(SummedCounts, beam.DoFn):
     """One hash group of image references: its unique allowed URLs streamed through the worker's downloader,
     each outcome handed to every reference of its URL. Yields ("result", (doc_id, (position, url, result)))
     and fetch counters (urls_fetched / urls_failed: downloaded now and kept / not; urls_reused: from an
-    earlier run)."""
+    earlier run), summed on the worker."""
 
     def __init__(self, cfg: FetchConfig, allow_private: bool):
         self.cfg, self.allow_private = cfg, allow_private
@@ -196,8 +196,9 @@ class _FetchGroup(beam.DoFn):
         record = FetchRecord(self.cfg.record_dir)
         for result in fetch_with_record(allowed, self.cfg.download, self.allow_private, record, checked=True):
             outcome = assess_download(result, self.cfg)
-            yield COUNTS, ((STAGE_FETCH, _counter(outcome, result.reused), ""), 1)
+            self._add((STAGE_FETCH, _counter(outcome, result.reused), ""))
             yield from _tagged_results(result.url, by_url[result.url], outcome)
+            yield from self.flush()
 
 
 def _tagged_results(url: str, refs: list, outcome: dict | None):
@@ -284,14 +285,15 @@ def fill_image_info(doc: dict, results: list[tuple]) -> tuple[dict, list]:
     return filled, events
 
 
-class _Assemble(beam.DoFn):
+class _Assemble(SummedCounts, beam.DoFn):
     def process(self, element):
         _, grouped = element
         results = sorted(grouped["result"], key=lambda r: r[0])
         for doc in sorted(grouped["doc"], key=lambda d: (d["doc_id"], source_of(d))):
             filled, events = fill_image_info(doc, results)
-            yield from events_to_tags(events)
+            yield from self.count_events(events)
             yield KEPT, filled
+        yield from self.flush()
 
 
 def fetch_images(collector, docs, cfg: FetchConfig | None = None, allow_private: bool = False):

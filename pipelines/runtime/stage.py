@@ -56,7 +56,45 @@ class Count:
     reason: str = ""
 
 
-class _StageFn(beam.DoFn):
+class SummedCounts:
+    """For a DoFn: counter events summed on the worker and emitted every FLUSH_SECONDS (`flush`, from `process`)
+    and when the bundle finishes, a few counter elements per second instead of one or more per element (the
+    DaskRunner has no combiner lifting, so every counter element would cross the counters' shuffle)."""
+
+    def start_bundle(self):
+        self._counts = {}
+        self._flushed = time.monotonic()
+
+    def _add(self, key, n=1):
+        self._counts[key] = self._counts.get(key, 0) + n
+
+    def count_events(self, events):
+        """Yield the reject rows of Count/ItemReject `events` (tagged REJECTS); their counters are summed."""
+        for item in events:
+            if isinstance(item, Count):
+                if item.n:
+                    self._add((item.stage, item.metric, item.reason), item.n)
+            else:
+                yield REJECTS, reject_output(item.stage, item.reject, item.source)
+                self._add((item.stage, "rejected", item.reject.reason))
+
+    def flush(self):
+        if time.monotonic() - self._flushed > FLUSH_SECONDS:
+            self._flushed = time.monotonic()
+            counts, self._counts = self._counts, {}
+            for key, n in counts.items():
+                yield COUNTS, (key, n)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        counts, self._counts = self._counts, {}
+        for key, n in counts.items():
+            yield WindowedValue((COUNTS, (key, n)), -1, [GlobalWindow()])
+
+
+class _StageFn(SummedCounts, beam.DoFn):
     """Yields `(tag, value)` with tag 'kept', 'rejects' or 'counts'.
 
     One output stream with explicit tags instead of `with_outputs`: Beam 2.77's DaskRunner feeds every tagged
@@ -79,13 +117,6 @@ class _StageFn(beam.DoFn):
         if self._setup is not None:  # e.g. load a model once per worker
             self._call = self._setup()
 
-    def start_bundle(self):
-        self._counts = {}
-        self._flushed = time.monotonic()
-
-    def _add(self, key, n=1):
-        self._counts[key] = self._counts.get(key, 0) + n
-
     def process(self, element):
         self._add((self.name, "in", ""))
         t = time.process_time()  # the worker process's CPU: threads a stage starts are counted too
@@ -104,19 +135,7 @@ class _StageFn(beam.DoFn):
             else:
                 self._add((self.name, "out", ""))
                 yield KEPT, item
-        if time.monotonic() - self._flushed > FLUSH_SECONDS:
-            self._flushed = time.monotonic()
-            counts, self._counts = self._counts, {}
-            for key, n in counts.items():
-                yield COUNTS, (key, n)
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        counts, self._counts = self._counts, {}
-        for key, n in counts.items():
-            yield WindowedValue((COUNTS, (key, n)), -1, [GlobalWindow()])
+        yield from self.flush()
 
 
 class _Pick(beam.DoFn):
