@@ -120,8 +120,7 @@ def _filled(value):
 
 # a row group ends at this many bytes of binary cells (or at row_group_rows rows): writing one costs about 10x
 # this at peak (the filled rows, the Arrow table and its builder, the Parquet pages); a shard of COCO photos
-# measured +167 MiB at 16 MiB, +287 at 32, +580 at 64. 16 MiB is about 100 photos, the row group Hugging Face
-# `datasets` writes for image datasets
+# measured +167 MiB at 16 MiB, +287 at 32, +580 at 64 (16 MiB is about 100 COCO photos)
 ROW_GROUP_BYTES = 16 << 20
 
 
