@@ -66,10 +66,9 @@ class _BoundedGroupByKey(te.GroupByKey):
 def _bundle(items, fn, label, window_fn, side_inputs, args, kwargs):
     """One partition through a DoFn, as Beam's `apply_dofn_to_bundle`, with a copy of the DoFn and output receivers
     of its own (a DoFn processes one bundle at a time: its per-bundle state must not be another thread's)."""
+    from apache_beam.internal import pickler
     from apache_beam.runners.common import DoFnContext, DoFnInvoker, DoFnSignature, _OutputHandler
     from apache_beam.transforms.core import DoFn
-
-    from apache_beam.internal import pickler
 
     fn = pickler.loads(pickler.dumps(fn))  # a DoFn of its own: partitions on other threads share the graph's
     receivers = te.OneReceiver()

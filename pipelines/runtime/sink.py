@@ -224,13 +224,14 @@ class _SpillRuns(beam.DoFn):
         if not self.buffers:
             return []
         path = storage.join(self.folder, f"{uuid.uuid4().hex}.run")
+        shards = sorted(self.buffers)
         out, offset = [], 0
-        for shard in sorted(self.buffers):
+        for shard in shards:
             length = len(self.buffers[shard])
             out.append((shard, Section(path, offset, length)))
             offset += length
         storage.makedirs(self.folder)
-        storage.write_bytes(path, b"".join(self.buffers[shard] for shard in sorted(self.buffers)))
+        storage.write_bytes(path, b"".join(self.buffers[shard] for shard in shards))
         self.buffers.clear()
         self.size = 0
         return out

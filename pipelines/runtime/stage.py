@@ -78,20 +78,19 @@ class SummedCounts:
                 yield REJECTS, reject_output(item.stage, item.reject, item.source)
                 self._add((item.stage, "rejected", item.reject.reason))
 
+    def _drain(self) -> list:
+        counts, self._counts = self._counts, {}
+        return list(counts.items())
+
     def flush(self):
         if time.monotonic() - self._flushed > FLUSH_SECONDS:
             self._flushed = time.monotonic()
-            counts, self._counts = self._counts, {}
-            for key, n in counts.items():
-                yield COUNTS, (key, n)
+            for item in self._drain():
+                yield COUNTS, item
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        counts, self._counts = self._counts, {}
-        for key, n in counts.items():
-            yield WindowedValue((COUNTS, (key, n)), -1, [GlobalWindow()])
+        for item in self._drain():
+            yield GlobalWindows.windowed_value((COUNTS, item))
 
 
 class _StageFn(SummedCounts, beam.DoFn):
@@ -220,21 +219,17 @@ class Collector:
         return (*self.outputs, counts)
 
 
-class _SumInBundle(beam.DoFn):
-    """Counter events summed per key within a bundle before the shuffle: one event per element and stage would
-    otherwise cross it (runners that do not lift combiners, like the DaskRunner, held them all in memory)."""
-
-    def start_bundle(self):
-        self.sums: dict = {}
+class _SumInBundle(SummedCounts, beam.DoFn):
+    """Counter events `(key, n)` summed per key within a bundle before the shuffle: one event per element and
+    stage would otherwise cross it (runners that do not lift combiners, like the DaskRunner, held them all)."""
 
     def process(self, event):
-        key, n = event
-        self.sums[key] = self.sums.get(key, 0) + n
+        self._add(*event)
+        return ()
 
     def finish_bundle(self):
-        for item in self.sums.items():
+        for item in self._drain():
             yield GlobalWindows.windowed_value(item)
-        self.sums = {}
 
 
 def _stat_output(item) -> tuple[str, str, dict]:
