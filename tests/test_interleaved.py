@@ -229,7 +229,7 @@ def test_url_list_with_image_fetching(server, coco, tmp_path):
                                                       "/huge.html", "/private/secret.html", "/repost.html",
                                                       "/broken-images.html"])
     config = tmp_path / "c.yaml"
-    config.write_text("pages: {host_delay: 0.0, retries: 0, timeout: 5}\nfetch: {groups: 1}\n"
+    config.write_text("pages: {host_delay: 0.0, retries: 0, timeout: 5}\nfetch: {batch_urls: 4}\n"
                       "quality: {max_duplicate_ngram_chars: {}}\ndedup: {max_image_repeats: 1}\n")
     out = tmp_path / "out"
     assert run_cli(urls, "-o", out, "--allow-private-network", "--config", config, "--max-page-bytes", 1_000_000,
@@ -307,6 +307,8 @@ def test_url_lists_fetch_hosts_in_parallel_and_each_host_politely(tmp_path):
     tasks = [t for path in lists for t in url_tasks(str(path))]
     assert len(tasks) == 15 and {host_group(t, 8)[0] for t in tasks if "a" in t["_url"].rsplit("/", 1)[-1]} == \
         {host_group(tasks[0], 8)[0]}  # one host, one group, across lists
+    spread = {host_group(t, 8, by_host=False)[0] for t in tasks if "a" in t["_url"].rsplit("/", 1)[-1]}
+    assert len(spread) > 2  # without a per-host delay a host's URLs spread over the groups
     for parts in (2, 3):  # a list read in parts (--read-parts): each task once over the parts, a bad file once
         split = [t for path in lists for k in range(parts) for t in url_task_part((str(path), k, parts))]
         assert sorted(t["source"] for t in split) == sorted(t["source"] for t in tasks)

@@ -481,7 +481,7 @@ def test_interleaved_nsfw_head_drops_images_and_documents_end_to_end(server, coc
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(f"{server}/{p}\n" for p in pages))
     config = tmp_path / "c.yaml"
-    config.write_text("pages: {host_delay: 0.0, retries: 0, timeout: 5}\nfetch: {groups: 1}\n"
+    config.write_text("pages: {host_delay: 0.0, retries: 0, timeout: 5}\nfetch: {batch_urls: 4}\n"
                       "quality: {max_duplicate_ngram_chars: {}}\n")
     out = tmp_path / "out"
     assert main(["interleaved", str(urls), "-o", str(out), "--allow-private-network", "--config", str(config),

@@ -261,36 +261,44 @@ def fetch_record_folder(out_dir: str) -> str:
 class FetchRecord:
     """OUT/_image_fetch: earlier results by URL, and a writer of this run's results (see the module docstring)."""
 
-    def __init__(self, folder: str, flush_every: int = 2000):
-        """`folder` "": no record (nothing reused or written; downloaded bytes stay in the Results)."""
+    def __init__(self, folder: str, flush_every: int = 2000, earlier_files: tuple[str, ...] | None = None):
+        """`folder` "": no record (nothing reused or written; downloaded bytes stay in the Results).
+        `earlier_files`: the status files earlier results come from (see `frozen`); None: every file there."""
         from mmcorpus.schemas import storage
 
         self.folder = folder
         self.images_dir = storage.join(folder, "images") if folder else ""
         self.status_dir = storage.join(folder, "status") if folder else ""
         self.flush_every = flush_every
+        self.earlier_files = None if earlier_files is None else tuple(earlier_files)
 
-    def earlier(self, urls: set[str]) -> dict[str, dict]:
-        """{url: latest recorded row} for the given URLs (reads every status file, keeps only these URLs)."""
-        from mmcorpus import schemas
+    def status_files(self) -> list[str]:
         from mmcorpus.schemas import storage
 
-        if not urls or not self.folder or not storage.isdir(self.status_dir):
-            return {}
-        import pyarrow as pa
-        import pyarrow.compute as pc
+        if not self.folder or not storage.isdir(self.status_dir):
+            return []
+        return sorted(storage.glob(storage.join(self.status_dir, "*.parquet")))
 
-        wanted = pa.array(sorted(urls), pa.string())
-        latest: dict[str, dict] = {}
-        for path in sorted(storage.glob(storage.join(self.status_dir, "*.parquet"))):
-            try:
-                table = schemas.read_table(path, "image_fetch")
-            except schemas.SchemaError:  # a damaged record file: its URLs are fetched again
-                continue
-            for row in table.filter(pc.is_in(table["url"], value_set=wanted)).to_pylist():
-                if row["fetched_at"] >= latest.get(row["url"], {}).get("fetched_at", ""):
-                    latest[row["url"]] = row
-        return latest
+    def frozen(self) -> FetchRecord:
+        """This record with its earlier results fixed to the status files there now (before the run): each worker
+        process reads them once into an index of their latest successes, instead of reading every file at every
+        lookup, and this run's own results are not looked up (the caller remembers those)."""
+        return FetchRecord(self.folder, self.flush_every, tuple(self.status_files()))
+
+    def earlier(self, urls: set[str]) -> dict[str, dict]:
+        """{url: latest recorded row} for the given URLs (a frozen record: only their latest successes)."""
+        if not urls or not self.folder:
+            return {}
+        if self.earlier_files is not None:
+            from mmcorpus.pipelines.runtime.shared import per_process
+
+            if not self.earlier_files:
+                return {}
+            index = per_process(("fetch_record", self.folder, hash(self.earlier_files)),
+                                lambda: _latest_successes(self.earlier_files))
+            return _rows_for(index, urls)
+        latest = _latest_rows(self.status_files())
+        return _rows_for(latest, urls) if latest is not None else {}
 
     def reusable(self, row: dict | None) -> Result | None:
         """The earlier success of a URL as a Result, when its bytes are still there; else None (fetch it)."""
@@ -315,6 +323,46 @@ class FetchRecord:
         pq.write_table(schemas.to_table(rows, "image_fetch"), buf)
         storage.makedirs(self.status_dir)
         storage.write_bytes(storage.join(self.status_dir, f"part-{uuid.uuid4().hex}.parquet"), buf.getvalue())
+
+
+def _latest_rows(files):
+    """One table of the latest recorded row of each URL in these status files (a damaged file is skipped: its
+    URLs are fetched again), or None. Ties go to the later file."""
+    from mmcorpus import schemas
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = []
+    for path in files:
+        try:
+            tables.append(schemas.read_table(path, "image_fetch"))
+        except schemas.SchemaError:
+            continue
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    table = table.take(pc.sort_indices(table, [("url", "ascending"), ("fetched_at", "ascending")]))  # stable
+    urls = table["url"]
+    last = pc.not_equal(urls.slice(0, len(table) - 1), urls.slice(1)).combine_chunks() if len(table) > 1 else None
+    keep = pa.concat_arrays([last, pa.array([True])]) if last is not None else pa.array([True])
+    return table.filter(pc.fill_null(keep, True))
+
+
+def _latest_successes(files):
+    import pyarrow.compute as pc
+
+    latest = _latest_rows(files)
+    return None if latest is None else latest.filter(pc.equal(latest["status"], "success"))
+
+
+def _rows_for(table, urls: set[str]) -> dict[str, dict]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if table is None or not urls:
+        return {}
+    wanted = pa.array(sorted(urls), pa.string())
+    return {row["url"]: row for row in table.filter(pc.is_in(table["url"], value_set=wanted)).to_pylist()}
 
 
 def fetch_with_record(urls: Iterable[str], cfg: DownloadConfig, allow_private: bool, record: FetchRecord,

@@ -1,17 +1,17 @@
-"""Fetch the images of interleaved documents, check them, and join the results back.
+"""Fetch the images of interleaved documents, check them, and fill them in where the documents are.
 
-Graph (every step a keyed shuffle, so it scales out; stage `fetch_images` counts image positions):
-  docs -> refs (url, (doc_id, position, refusal))            URL policy: http(s) only, no private/loopback hosts
-       -> grouped by hash(url) % groups (every reference of a URL in one group) -> each group's unique allowed
-          URLs streamed through the worker's one long-lived downloader (fetching/downloader.py: a thread pool
-          and pooled HTTP session built once per worker process, per-host connection cap, redirects checked,
-          X-Robots-Tag honoured, timeouts; URLs that succeeded in an earlier run into the same output come from
-          OUT/_image_fetch, the rest are fetched) -> each outcome (decoded with `inspect_image`, sized with
-          `check_decoded_image`) handed to the URL's references there -> (doc_id, position result)
-       -> CoGroupByKey(docs, results) by doc_id -> image_info filled (url, sha256, width, height, phash,
-          bytes); a failed image's position is removed with a reject row, the text stays.
-Two shuffles: the references (small), and the documents once to put their images back. Image bytes never
-travel: an outcome carries the stored file's reference (sink.FileBytes) and the sink reads it.
+Graph (stage `fetch_images` counts image positions): no shuffle. Each worker takes the documents it has
+just filtered in batches of about `batch_urls` image positions; a batch's unique URLs that pass the URL policy
+(http(s) only, no private/loopback hosts) stream through the worker's one long-lived downloader
+(fetching/downloader.py: a thread pool and pooled HTTP connections built once per worker process, per-host
+connection cap, redirects checked, X-Robots-Tag honoured, timeouts); each outcome (decoded with
+`inspect_image`, sized with `check_decoded_image`) fills its positions: image_info (url, sha256, width,
+height, phash, bytes), or the position removed with a reject row while the text stays. So a worker fetches
+the images of the pages it has extracted while other pages are still being extracted, and documents never
+wait for the rest of the run (a GroupByKey of the URLs would). A URL in several documents is fetched once per
+worker: the worker remembers the outcomes of its newest MEMO_URLS URLs; a URL that succeeded in an earlier run
+into the same output comes from OUT/_image_fetch without a request. Image bytes never travel: an outcome
+carries the stored file's reference (sink.FileBytes) and the sink reads it.
 With `fetched_dir` the outcomes come from img2dataset's files instead and meet the references in a join by URL.
 
 Separate, resumable fetching: `image_url_rows` writes the run's unique image URLs (schema "url", kind
@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 import pyarrow.parquet as pq
 
 from mmcorpus.filters.imageinfo import ENCODE_FORMATS, RESIZE_MODES
@@ -37,17 +41,19 @@ from mmcorpus.filters.urls import url_refusal
 from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, Result, fetch_with_record
 from mmcorpus.pipelines.interleaved.dedup import key_by_doc_id, source_of
 from mmcorpus.pipelines.fetching.hosts import HostResolver
-from mmcorpus.pipelines.runtime.sink import FileBytes, spool, stable_hash
+from mmcorpus.pipelines.runtime.sink import FileBytes, spool
+from mmcorpus.pipelines.runtime.shared import per_process
 from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, SummedCounts, split_tags
 
 STAGE_FETCH = "fetch_images"
 IMAGE_URL_KIND = "image_urls"  # sink kind for the URL list: Kind("url", "image_urls", shards)
 DEFAULT_DIRECTIVES = DownloadConfig.disallowed_header_directives  # X-Robots-Tag values honoured (as img2dataset)
+MEMO_URLS = 50_000  # outcomes a worker remembers, so a URL in many of its documents is fetched once
 
 
 @dataclass(frozen=True)
 class FetchConfig:
-    groups: int = 16  # hash groups of unique URLs, spread over the workers (each worker keeps one downloader)
+    batch_urls: int = 1024  # image positions a worker fetches at once (its documents wait for their batch)
     threads: int = 16  # download threads of a worker's downloader
     host_connections: int = 16  # requests to one host at once from one worker process (politeness)
     timeout: int = 10  # seconds per request
@@ -67,8 +73,8 @@ class FetchConfig:
     record_dir: str = ""
 
     def __post_init__(self):
-        if self.groups < 1:
-            raise ValueError("groups must be at least 1")
+        if self.batch_urls < 1:
+            raise ValueError("batch_urls must be at least 1")
         self.download  # noqa: B018 - the downloader settings are checked here
         if self.resize_mode not in RESIZE_MODES or self.encode_format not in ENCODE_FORMATS:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)} and encode_format one of "
@@ -99,10 +105,6 @@ class _ImageRefs(beam.DoFn):
         for pos, url in enumerate(doc["images"]):
             if url is not None:
                 yield url, (doc["doc_id"], pos, url_refusal(url, self.allow_private, self._resolve))
-
-
-def group_of(url: str, groups: int) -> int:
-    return stable_hash(url) % groups
 
 
 # ---- fetched bytes -> outcome ---------------------------------------------------------------------------
@@ -176,34 +178,74 @@ def iter_rows(path: str, rows_per_batch: int = 64):
             yield row.get("url"), row
 
 
-class _FetchGroup(SummedCounts, beam.DoFn):
-    """One hash group of image references: its unique allowed URLs streamed through the worker's downloader,
-    each outcome handed to every reference of its URL. Yields ("result", (doc_id, (position, url, result)))
-    and fetch counters (urls_fetched / urls_failed: downloaded now and kept / not; urls_reused: from an
-    earlier run), summed on the worker."""
+class _Outcomes:
+    """The outcomes of this run's URLs on one worker process, the newest `size` kept (shared by its threads)."""
 
-    def __init__(self, cfg: FetchConfig, allow_private: bool):
-        self.cfg, self.allow_private = cfg, allow_private
+    def __init__(self, size: int):
+        self.size, self.lock, self.items = size, threading.Lock(), OrderedDict()
 
-    def process(self, element):
-        _, refs = element
-        by_url: dict[str, list] = {}
-        for url, ref in refs:
-            by_url.setdefault(url, []).append(ref)
-        allowed = [url for url, rs in by_url.items() if any(not refusal for _, _, refusal in rs)]
-        for url in sorted(set(by_url) - set(allowed)):  # refused wherever it appears: nothing to fetch
-            yield from _tagged_results(url, by_url[url], None)
-        record = FetchRecord(self.cfg.record_dir)
-        for result in fetch_with_record(allowed, self.cfg.download, self.allow_private, record, checked=True):
-            outcome = assess_download(result, self.cfg)
+    def get(self, url: str) -> dict | None:
+        with self.lock:
+            outcome = self.items.get(url)
+            if outcome is not None:
+                self.items.move_to_end(url)
+            return outcome
+
+    def put(self, url: str, outcome: dict) -> None:
+        with self.lock:
+            self.items[url] = outcome
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+class _FetchDocs(SummedCounts, beam.DoFn):
+    """Documents in batches of about `cfg.batch_urls` image positions, each batch's images fetched and filled in
+    (see the module docstring). Yields (KEPT, document), reject rows, and counters summed on the worker: image
+    positions in/out/rejected, and per URL urls_fetched / urls_failed (downloaded now and kept / not) or
+    urls_reused (an earlier run's success from the record)."""
+
+    def __init__(self, cfg: FetchConfig, allow_private: bool, record: FetchRecord, run: str):
+        self.cfg, self.allow_private, self.record, self.run = cfg, allow_private, record, run
+
+    def setup(self):
+        self._resolve = HostResolver()
+
+    def start_bundle(self):
+        super().start_bundle()
+        self._docs, self._positions = [], 0
+
+    def process(self, doc):
+        self._docs.append(doc)
+        self._positions += sum(url is not None for url in doc["images"])
+        if self._positions >= self.cfg.batch_urls:
+            yield from self._batch()
+        yield from self.flush()
+
+    def finish_bundle(self):
+        for item in self._batch():
+            yield GlobalWindows.windowed_value(item)
+        yield from super().finish_bundle()
+
+    def _batch(self):
+        docs, self._docs, self._positions = self._docs, [], 0
+        refusals: dict[str, str | None] = {}
+        for doc in docs:
+            for url in doc["images"]:
+                if url is not None and url not in refusals:
+                    refusals[url] = url_refusal(url, self.allow_private, self._resolve)
+        outcomes = per_process(("image_outcomes", self.run), lambda: _Outcomes(MEMO_URLS))
+        known = {url: outcomes.get(url) for url, why in refusals.items() if not why}
+        todo = sorted(url for url, outcome in known.items() if outcome is None)
+        for result in fetch_with_record(todo, self.cfg.download, self.allow_private, self.record, checked=True):
+            known[result.url] = outcome = assess_download(result, self.cfg)
+            outcomes.put(result.url, outcome)
             self._add((STAGE_FETCH, _counter(outcome, result.reused), ""))
-            yield from _tagged_results(result.url, by_url[result.url], outcome)
-            yield from self.flush()
-
-
-def _tagged_results(url: str, refs: list, outcome: dict | None):
-    for doc_id, pos, result in _position_results(url, refs, outcome):
-        yield "result", (doc_id, (pos, url, result))
+        for doc in docs:
+            results = [(pos, url, _result(url, refusals[url], known.get(url)))
+                       for pos, url in enumerate(doc["images"]) if url is not None]
+            filled, events = fill_image_info(doc, results)
+            yield from self.count_events(events)
+            yield KEPT, filled
 
 
 def _counter(outcome: dict, reused: bool = False) -> str:
@@ -242,16 +284,19 @@ def _first_outcome(outcomes: list[dict]) -> dict | None:
     return sorted(outcomes, key=lambda o: ("info" not in o, o.get("detail", ""), o.get("info", {}).get("sha256") or ""))[0]
 
 
+def _result(url: str, refusal: str | None, outcome: dict | None) -> dict:
+    """An image position's result: the URL policy's refusal, else the URL's outcome."""
+    if refusal:
+        return {"reason": "url_not_allowed", "detail": f"{url}: {refusal}"}
+    if outcome is None:
+        return {"reason": "image_fetch_failed", "detail": f"{url}: no fetch result"}
+    return outcome
+
+
 def _position_results(url: str, refs, outcome: dict | None):
     """(doc_id, position, result) for each reference (doc_id, position, refusal) of a URL with this outcome."""
     for doc_id, pos, refusal in refs:
-        if refusal:
-            result = {"reason": "url_not_allowed", "detail": f"{url}: {refusal}"}
-        elif outcome is None:
-            result = {"reason": "image_fetch_failed", "detail": f"{url}: no fetch result"}
-        else:
-            result = outcome
-        yield doc_id, pos, result
+        yield doc_id, pos, _result(url, refusal, outcome)
 
 
 def _per_position(element):
@@ -299,32 +344,25 @@ class _Assemble(SummedCounts, beam.DoFn):
 def fetch_images(collector, docs, cfg: FetchConfig | None = None, allow_private: bool = False):
     """Fetch every image of `docs` (or read `cfg.fetched_dir`), fill image_info, drop failed image positions."""
     cfg = cfg or FetchConfig()
-    refs = docs | "FetchImages_Refs" >> beam.ParDo(_ImageRefs(allow_private))
     if cfg.fetched_dir:
         p = docs.pipeline
+        refs = docs | "FetchImages_Refs" >> beam.ParDo(_ImageRefs(allow_private))
         tagged = (p | "FetchImages_Files" >> beam.Create(_fetched_files(cfg.fetched_dir))
                   | "FetchImages_ReadFetched" >> beam.ParDo(_ReadFetched(cfg)))
         parts = split_tags(tagged, ("outcome", COUNTS), label="FetchImages_")
         results = ({"ref": refs, "outcome": parts["outcome"]} | "FetchImages_JoinUrls" >> beam.CoGroupByKey()
                    | "FetchImages_PerPosition" >> beam.FlatMap(_per_position))
-    else:  # the references grouped by URL hash: fetched and resolved in one step, no join by URL
-        tagged = (refs | "FetchImages_Group" >> beam.Map(_ref_group, cfg.groups)
-                  | "FetchImages_GroupRefs" >> beam.GroupByKey()
-                  | "FetchImages_Download" >> beam.ParDo(_FetchGroup(cfg, allow_private)))
-        parts = split_tags(tagged, ("result", COUNTS), label="FetchImages_")
-        results = parts["result"]
-    collector.add_counts(parts[COUNTS])
-    keyed = docs | "FetchImages_KeyDocs" >> beam.Map(key_by_doc_id)
-    assembled = ({"doc": keyed, "result": results} | "FetchImages_JoinDocs" >> beam.CoGroupByKey()
-                 | "FetchImages_Assemble" >> beam.ParDo(_Assemble()))
+        collector.add_counts(parts[COUNTS])
+        keyed = docs | "FetchImages_KeyDocs" >> beam.Map(key_by_doc_id)
+        assembled = ({"doc": keyed, "result": results} | "FetchImages_JoinDocs" >> beam.CoGroupByKey()
+                     | "FetchImages_Assemble" >> beam.ParDo(_Assemble()))
+    else:  # fetched where the documents are: no shuffle (the record's earlier files are listed once, now)
+        record = FetchRecord(cfg.record_dir).frozen()
+        assembled = docs | "FetchImages_Fetch" >> beam.ParDo(_FetchDocs(cfg, allow_private, record, uuid.uuid4().hex))
     out = split_tags(assembled, label="FetchImages_Docs")
     collector.add(out[REJECTS])
     collector.add_counts(out[COUNTS])
     return out[KEPT]
-
-
-def _ref_group(ref, groups: int):
-    return group_of(ref[0], groups), ref
 
 
 def _allowed_url_key(ref):

@@ -5,7 +5,10 @@ private/loopback/link-local addresses refused unless allowed.
 Scale-out: the URLs of all lists are keyed by a hash of their host into `groups` groups (GroupByKey), so one
 host's URLs always meet in one group and the per-host delay holds across the whole run, while the groups
 spread over the workers. Within a group, `threads` hosts are fetched at once, each host's URLs in order by
-one thread. (A redirect to another host is fetched by the thread of the original host.)
+one thread. (A redirect to another host is fetched by the thread of the original host.) With `host_delay` 0
+nothing needs a host's URLs together, so they are keyed by a hash of the URL instead: a list of one big site
+is then fetched, extracted and filtered on every worker, not on the one that holds its host's group (a host
+sees at most one request at a time from each group being fetched).
 """
 
 from __future__ import annotations
@@ -182,12 +185,13 @@ def url_tasks(path: str):
                 yield {"source": f"{path}:{lineno}", "_url": url, "_order": (path, lineno)}
 
 
-def host_group(task: dict, groups: int):
-    """(group, task): the URLs of one host share a group; bad markers go to group 0 and pass through."""
+def host_group(task: dict, groups: int, by_host: bool = True):
+    """(group, task): the URLs of one host share a group (`by_host`; else a URL's group is a hash of the URL);
+    bad markers go to group 0 and pass through."""
     from mmcorpus.pipelines.runtime.sink import stable_hash
 
     url = task.get("_url")
-    return (stable_hash(host_of(url)) % groups if url else 0), task
+    return (stable_hash(host_of(url) if by_host else url) % groups if url else 0), task
 
 
 class _Failure:
@@ -270,5 +274,5 @@ def fetch_url_lists(p, lists: list[str], max_bytes: int, allow_private: bool, cf
     GroupByKeys spread to the runner's bound, every page and image fetch after it stayed on one worker)."""
     items = [(path, k, parts) for path in sorted(lists) for k in range(parts)]
     return (p | "UrlLists" >> beam.Create(items) | "UrlTasks" >> beam.FlatMap(url_task_part)
-            | "HostKey" >> beam.Map(host_group, cfg.groups) | "HostGroup" >> beam.GroupByKey()
+            | "HostKey" >> beam.Map(host_group, cfg.groups, cfg.host_delay > 0) | "HostGroup" >> beam.GroupByKey()
             | "FetchPages" >> beam.ParDo(FetchHostGroup(cfg, max_bytes, allow_private)))

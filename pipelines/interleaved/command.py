@@ -37,7 +37,7 @@ DESCRIPTION = (
     "whose images were all boilerplate). Thresholds come from --config "
     "FILE (YAML): sections extract (trafilatura's options: fast, favor_precision, favor_recall, include_tables, "
     "include_comments), language, paragraphs, quality, images (filters/documents.py), dedup "
-    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image download: groups, threads, host_connections, timeout, retries, ...) and pages "
+    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image download: batch_urls, threads, host_connections, timeout, retries, ...) and pages "
     "(pipelines/fetching/pages.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
