@@ -297,8 +297,7 @@ class FetchRecord:
             index = per_process(("fetch_record", self.folder, hash(self.earlier_files)),
                                 lambda: _latest_successes(self.earlier_files))
             return _rows_for(index, urls)
-        latest = _latest_rows(self.status_files())
-        return _rows_for(latest, urls) if latest is not None else {}
+        return _rows_for(_latest_rows(self.status_files()), urls)
 
     def reusable(self, row: dict | None) -> Result | None:
         """The earlier success of a URL as a Result, when its bytes are still there; else None (fetch it)."""
@@ -343,9 +342,8 @@ def _latest_rows(files):
     table = pa.concat_tables(tables)
     table = table.take(pc.sort_indices(table, [("url", "ascending"), ("fetched_at", "ascending")]))  # stable
     urls = table["url"]
-    last = pc.not_equal(urls.slice(0, len(table) - 1), urls.slice(1)).combine_chunks() if len(table) > 1 else None
-    keep = pa.concat_arrays([last, pa.array([True])]) if last is not None else pa.array([True])
-    return table.filter(pc.fill_null(keep, True))
+    last = pc.not_equal(urls.slice(0, len(table) - 1), urls.slice(1))  # a URL's last row: the next URL differs
+    return table.filter(pa.concat_arrays([*last.chunks, pa.array([True])]))
 
 
 def _latest_successes(files):
