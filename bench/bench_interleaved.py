@@ -44,7 +44,8 @@ from mmcorpus.filters import minhash  # noqa: E402
 from mmcorpus.filters.documents import DocumentConfig  # noqa: E402
 from mmcorpus.filters.reasons import Reject  # noqa: E402
 from mmcorpus.pipelines.interleaved import command as ci  # noqa: E402
-from mmcorpus.pipelines.interleaved.dedup import DedupConfig, doc_text  # noqa: E402
+from mmcorpus.pipelines.interleaved.dedup import DedupConfig  # noqa: E402
+from mmcorpus.pipelines.interleaved.parking import doc_text  # noqa: E402
 from mmcorpus.pipelines.interleaved.sources import decode_page, read_html_file  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("MMCORPUS_SHARED", ROOT.parent / "shared")) / "data"

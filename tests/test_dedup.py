@@ -5,6 +5,7 @@ import argparse
 import gzip
 import itertools
 import json
+import pickle
 
 import apache_beam as beam
 import numpy as np
@@ -14,10 +15,12 @@ import trafilatura
 
 from mmcorpus import schemas
 from mmcorpus.filters import minhash
-from mmcorpus.pipelines.interleaved.dedup import STAGE_EXACT, STAGE_IMAGES, STAGE_NEAR, DedupConfig, dedup_documents, document_stages
+from mmcorpus.pipelines.interleaved import parking
+from mmcorpus.pipelines.interleaved.dedup import (STAGE_EXACT, STAGE_IMAGES, STAGE_NEAR, DedupConfig, dedup_documents,
+                                                  document_stages, drop_image_positions)
 from mmcorpus.pipelines.runtime.run import RunSpec, execute
 from mmcorpus.pipelines.runtime.runner import add_runner_args
-from mmcorpus.pipelines.runtime.sink import Kind
+from mmcorpus.pipelines.runtime.sink import Kind, park_folder
 from mmcorpus.pipelines.runtime.stage import CPU_METRIC, Collector
 
 BOILERPLATE = ["Cookie settings: we use cookies to improve your experience on our website.",
@@ -123,22 +126,24 @@ def run_args(runner, workers):
     return parser.parse_args(["--runner", runner, "--workers", str(workers)])
 
 
-def build_for(docs, cfg):
+def build_for(docs, cfg, park_dir=None):
     def build(p):
         c = Collector()
         src = p | "Read" >> beam.Create(docs)
         c.count(src, "read", "in")
         c.count(src, "read", "out")
-        kept = dedup_documents(c, src, cfg)
+        kept = dedup_documents(c, src, cfg, park_dir)
         c.add(kept | "ToSink" >> beam.Map(lambda d: ("data", d["doc_id"], doc_row(d))))
         return c.finish()
     return build
 
 
-def run_dedup(out, docs, runner="direct", workers=1, cfg=DedupConfig()):
+def run_dedup(out, docs, runner="direct", workers=1, cfg=DedupConfig(), park=True):
+    """The dedup transforms alone, documents parked in run files under the output's _tmp/ (or, `park` False,
+    carried inside their stubs)."""
     spec = RunSpec(command="test-dedup", out_dir=str(out), config={}, inputs=[],
                    kinds={"data": Kind("interleaved", "data", 2)}, stages=["read", *document_stages(cfg)])
-    stats = execute(spec, run_args(runner, workers), build_for(docs, cfg))
+    stats = execute(spec, run_args(runner, workers), build_for(docs, cfg, park_folder(str(out)) if park else None))
     files = {}
     for sub in ("data", "rejects", "_stats"):
         for f in sorted((out / sub).iterdir()):
@@ -179,6 +184,8 @@ def test_dedup_pipeline_direct_and_dask(tmp_path, pages, coco):
     dask_stats, dask_files = run_dedup(tmp_path / "dask", docs, "dask", 2, cfg=cfg)
     assert files == dask_files  # same shards, rows and order under both runners
     assert stats["totals"] == dask_stats["totals"]
+    held_stats, held_files = run_dedup(tmp_path / "held", docs, cfg=cfg, park=False)
+    assert held_files == files and held_stats["totals"] == stats["totals"]  # parking changes no decision
 
     rejects = [r for name, rows in files.items() if name.startswith("rejects/") for r in rows]
     doc_rejects = {r["source"].removeprefix("test:"): r for r in rejects if r["stage"] in (STAGE_EXACT, STAGE_NEAR)}
@@ -227,3 +234,40 @@ def test_dedups_can_be_switched_off(tmp_path, pages):
     with pytest.raises(ValueError, match="threshold"):
         DedupConfig(threshold=1.5)
     assert np.array_equal(minhash.text_signature("same words here"), minhash.text_signature("Same  words, here!"))
+
+
+def _run_dofn(fn, elements):
+    """Every output of a DoFn over one bundle, as the runners call it."""
+    fn.start_bundle()
+    out = [o for e in elements for o in fn.process(e)]
+    return out + [wv.value for wv in fn.finish_bundle()]
+
+
+def test_parked_documents_come_back_whole_from_small_stubs(tmp_path, pages, coco, monkeypatch):
+    """Dedup's shuffles carry stubs: documents wait in run files (several here) and come back equal, each in
+    its place, with the image positions the image dedup dropped removed from texts, images and image_info."""
+    monkeypatch.setattr(parking, "RUN_BYTES", 200_000)
+    monkeypatch.setattr(parking, "READ_BATCH", 50)
+    image_docs, repeated, allowed = repeated_image_docs(coco)
+    docs = pages + image_docs
+    folder = tmp_path / "parked"
+    stubs = _run_dofn(parking.Park(str(folder), DedupConfig()), docs)
+    assert [s["doc_id"] for s in stubs] == [d["doc_id"] for d in docs]
+    assert len(list(folder.iterdir())) > 1 and all("doc" not in s for s in stubs)
+    assert sum(len(pickle.dumps(s)) for s in stubs) < sum(len(pickle.dumps(d)) for d in docs) / 3
+    trimmed = {}
+    for n, stub in enumerate(stubs):
+        if repeated in stub["images"]:
+            stubs[n], events = drop_image_positions(stub, {repeated: "boilerplate"}, STAGE_IMAGES, "image_repeated")
+            trimmed[stub["doc_id"]] = events
+    assert len(trimmed) == len(image_docs)
+    back = _run_dofn(parking.Unpark(), stubs[::-1])[::-1]  # any order: each stub gets its own document
+    for doc, original in zip(back, docs):
+        if doc["doc_id"] not in trimmed:
+            assert doc == original
+            continue
+        keep = [i for i, u in enumerate(original["images"]) if u != repeated]
+        assert doc["images"] == [original["images"][i] for i in keep] and repeated not in doc["images"]
+        assert doc["texts"] == [original["texts"][i] for i in keep]
+        assert doc["image_info"] == [original["image_info"][i] for i in keep]
+        assert [e.metric for e in trimmed[doc["doc_id"]] if hasattr(e, "metric")] == ["in", "out"]

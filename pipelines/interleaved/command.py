@@ -330,7 +330,7 @@ def build(p, items, opts):
         clip_cfg, head, policy, groups = opts["nsfw"]
         x = c.stage(score_images(c, x, clip_cfg, head, groups), STAGE_NSFW, DocNsfw(policy), source_of)
     x = c.stage(x, STAGE_IMAGE_COUNT, DocStep(STAGE_IMAGE_COUNT, doc_cfg), source_of)
-    x = dedup_documents(c, x, dedup_cfg)
+    x = dedup_documents(c, x, dedup_cfg, opts.get("park_dir"))
     if STAGE_IMAGE_RECOUNT in stages:
         x = c.stage(x, STAGE_IMAGE_RECOUNT, DocStep(STAGE_IMAGE_RECOUNT, doc_cfg), source_of)
     c.add(x | "Rows" >> beam.Map(to_row))
@@ -399,7 +399,7 @@ def nsfw_option(args, fetch_cfg):
 def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from mmcorpus.pipelines.fetching.downloader import fetch_record_folder
-    from mmcorpus.pipelines.runtime.sink import Kind, spool_folder
+    from mmcorpus.pipelines.runtime.sink import Kind, park_folder, spool_folder
     from mmcorpus.pipelines.interleaved.sources import expand_sources, load_url_manifest
     from mmcorpus.schemas import storage
 
@@ -438,7 +438,7 @@ def run(args) -> int:
     parts = args.read_parts or read_parts(items, workers)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
-            "urls": urls, "read_parts": parts, "nsfw": nsfw}
+            "urls": urls, "read_parts": parts, "nsfw": nsfw, "park_dir": park_folder(args.output)}
     # the DaskRunner makes one partition of up to 128 created items and every later step keeps the partitions:
     # two per worker (more only multiply the tasks of every step and shuffle)
     args.dask_partitions = min(sum(parts if item[0] in ("warc", "urls") else 1 for item in items), 2 * workers)

@@ -16,6 +16,7 @@ Every decision is a shuffle on a key (text hash, LSH band key, doc_id, image URL
   command then counts each document's images again: one left with too few is rejected there, even if it was
   the survivor a duplicate's reject names).
 Documents with no text (no shingles) are never exact or near duplicates of each other.
+The shuffles carry stubs, not documents: see parking.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from mmcorpus.filters import minhash
 from mmcorpus.filters.reasons import Reject
+from mmcorpus.pipelines.interleaved.parking import Park, Unpark
 from mmcorpus.pipelines.runtime.stage import COUNTS, KEPT, REJECTS, Count, ItemReject, reject_output, split_tags
 
 STAGE_EXACT = "dedup_exact"
@@ -79,10 +81,6 @@ def source_of(doc: dict) -> str:
     return doc.get("source") or doc["doc_id"]
 
 
-def doc_text(doc: dict) -> str:
-    return "\n".join(t for t in doc["texts"] if t)
-
-
 def key_by_doc_id(doc: dict) -> tuple[str, dict]:
     return doc["doc_id"], doc
 
@@ -100,10 +98,8 @@ def _emit_tags(collector, tagged, label: str):
 
 # ---- exact ----------------------------------------------------------------------------------------------
 
-def exact_key(doc: dict) -> tuple[str, dict]:
-    normalized = minhash.normalize_text(doc_text(doc))
-    key = "text:" + minhash.text_hash(normalized) if normalized else "empty:" + doc["doc_id"]
-    return key, doc
+def exact_key(stub: dict) -> tuple[str, dict]:
+    return stub["exact"], stub
 
 
 class _ExactSurvivor(beam.DoFn):
@@ -130,21 +126,18 @@ def exact_dedup(collector, docs):
 # ---- near -----------------------------------------------------------------------------------------------
 
 class _BandKeys(beam.DoFn):
-    """(band_key, (doc_id, signature bytes)) for each band of a document with text."""
+    """(band_key, (doc_id, signature bytes)) for each band of a document with text (its stub's signature)."""
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
 
-    def process(self, doc):
-        cfg = self.cfg
-        hashed = minhash.shingle_hashes(minhash.normalize_text(doc_text(doc)), cfg.ngram)
-        if not len(hashed):
+    def process(self, stub):
+        packed = stub["sig"]
+        if packed is None:
             return
-        sig = minhash.signature_from_hashes(hashed, cfg.num_perm, cfg.seed)
-        bands, rows = cfg.lsh()
-        packed = sig.tobytes()
-        for key in minhash.band_keys(sig, bands, rows):
-            yield key, (doc["doc_id"], packed)
+        bands, rows = self.cfg.lsh()
+        for key in minhash.band_keys(np.frombuffer(packed, dtype=np.uint32), bands, rows):
+            yield key, (stub["doc_id"], packed)
 
 
 class _VerifyBucket(beam.DoFn):
@@ -214,25 +207,22 @@ class _RepeatedUrls(beam.DoFn):
                 yield doc_id, (url, len(doc_ids))
 
 
-def drop_image_positions(doc: dict, drop: dict[str, str], stage: str, reason: str) -> tuple[dict, list]:
-    """Remove the image positions whose URL is in `drop` (url -> detail). Returns the new doc and the
+def drop_image_positions(stub: dict, drop: dict[str, str], stage: str, reason: str) -> tuple[dict, list]:
+    """The stub without the image positions whose URL is in `drop` (url -> detail): its `images` shortened and
+    `keep` listing the positions of the document that stay (`Unpark` applies them). Returns the new stub and the
     ItemReject/Count events (in/out per image position) for `stage`."""
-    positions = [i for i, u in enumerate(doc["images"]) if u is not None]
-    gone = [i for i in positions if doc["images"][i] in drop]
+    positions = [i for i, u in enumerate(stub["images"]) if u is not None]
+    gone = [i for i in positions if stub["images"][i] in drop]
     events: list = [Count(stage, "in", len(positions)), Count(stage, "out", len(positions) - len(gone))]
     for i in gone:
-        url = doc["images"][i]
-        events.append(ItemReject(stage, Reject(reason, f"{url}: {drop[url]}"), source_of(doc)))
+        url = stub["images"][i]
+        events.append(ItemReject(stage, Reject(reason, f"{url}: {drop[url]}"), source_of(stub)))
     if not gone:
-        return doc, events
-    keep = [i for i in range(len(doc["images"])) if i not in set(gone)]
-    new = dict(doc)
-    new["texts"] = [doc["texts"][i] for i in keep]
-    new["images"] = [doc["images"][i] for i in keep]
-    infos = doc.get("image_info")
-    if infos is not None:
-        new["image_info"] = [infos[i] for i in keep]
-    return new, events
+        return stub, events
+    dropped = set(gone)
+    keep = [i for i in range(len(stub["images"])) if i not in dropped]
+    before = stub["keep"] if stub["keep"] is not None else range(len(stub["images"]))
+    return {**stub, "images": [stub["images"][i] for i in keep], "keep": [before[i] for i in keep]}, events
 
 
 class _ApplyRepeated(beam.DoFn):
@@ -269,13 +259,17 @@ def drop_repeated_images(collector, docs, cfg: DedupConfig):
     return _emit_tags(collector, tagged, "DedupImages_")
 
 
-def dedup_documents(collector, docs, cfg: DedupConfig | None = None):
-    """Exact, near and repeated-image dedup (each when on in `cfg`); returns the surviving documents."""
+def dedup_documents(collector, docs, cfg: DedupConfig | None = None, park_dir: str | None = None):
+    """Exact, near and repeated-image dedup (each when on in `cfg`); returns the surviving documents. With
+    `park_dir` the documents wait in run files there while only their stubs cross the shuffles (parking.py)."""
     cfg = cfg or DedupConfig()
+    if not (cfg.exact or cfg.near or cfg.images):
+        return docs
+    stubs = docs | "Dedup_Park" >> beam.ParDo(Park(park_dir, cfg))
     if cfg.exact:
-        docs = exact_dedup(collector, docs)
+        stubs = exact_dedup(collector, stubs)
     if cfg.near:
-        docs = near_dedup(collector, docs, cfg)
+        stubs = near_dedup(collector, stubs, cfg)
     if cfg.images:
-        docs = drop_repeated_images(collector, docs, cfg)
-    return docs
+        stubs = drop_repeated_images(collector, stubs, cfg)
+    return stubs | "Dedup_Unpark" >> beam.ParDo(Unpark())

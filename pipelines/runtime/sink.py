@@ -90,6 +90,11 @@ def spool_folder(out_dir: str) -> str:
     return storage.join(storage.abspath(out_dir), TMP_DIR, "images")
 
 
+def park_folder(out_dir: str) -> str:
+    """Where a run's documents wait while its shuffles carry their references (removed with _tmp/)."""
+    return storage.join(storage.abspath(out_dir), TMP_DIR, "parked")
+
+
 def spool(folder: str, data: bytes, name: str) -> FileBytes:
     """Store `data` once under `folder` as `name` (a content digest; atomic rename, or one PUT on an object
     store; a copy already there is kept) and return the reference that rows carry instead of the bytes."""
