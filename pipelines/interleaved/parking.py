@@ -12,14 +12,13 @@ Without a folder (unit pipelines) the stub carries the document itself: the same
 from __future__ import annotations
 
 import pickle
-import uuid
 from collections import defaultdict
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 
 from mmcorpus.filters import minhash
-from mmcorpus.pipelines.runtime.sink import RUN_BYTES, Section
+from mmcorpus.pipelines.runtime.sink import RUN_BYTES, Section, write_run
 from mmcorpus.schemas import storage
 
 READ_BATCH = 256  # stubs whose documents `Unpark` reads together
@@ -83,9 +82,7 @@ class Park(beam.DoFn):
     def _flush(self) -> list[dict]:
         if not self.waiting:
             return []
-        path = storage.join(self.folder, f"{uuid.uuid4().hex}.run")
-        storage.makedirs(self.folder)
-        storage.write_bytes(path, bytes(self.buffer))  # written whole before any stub names it
+        path = write_run(self.folder, bytes(self.buffer))
         out = []
         for stub, offset, length in self.waiting:
             stub["parked"] = Section(path, offset, length)

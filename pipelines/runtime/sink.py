@@ -199,6 +199,14 @@ class Section:
         return out
 
 
+def write_run(folder: str, data: bytes) -> str:
+    """A new run file under `folder` holding `data`, written whole (before any Section names it); its path."""
+    path = storage.join(folder, f"{uuid.uuid4().hex}.run")
+    storage.makedirs(folder)
+    storage.write_bytes(path, data)
+    return path
+
+
 class _SpillRuns(beam.DoFn):
     """Rows to run files by shard; emits `((kind, shard), Section)` for each shard a run file holds rows of."""
 
@@ -228,15 +236,13 @@ class _SpillRuns(beam.DoFn):
     def _flush(self):
         if not self.buffers:
             return []
-        path = storage.join(self.folder, f"{uuid.uuid4().hex}.run")
         shards = sorted(self.buffers)
+        path = write_run(self.folder, b"".join(self.buffers[shard] for shard in shards))
         out, offset = [], 0
         for shard in shards:
             length = len(self.buffers[shard])
             out.append((shard, Section(path, offset, length)))
             offset += length
-        storage.makedirs(self.folder)
-        storage.write_bytes(path, b"".join(self.buffers[shard] for shard in shards))
         self.buffers.clear()
         self.size = 0
         return out
