@@ -17,6 +17,10 @@ against bare img2dataset on the same loopback URL list. Sections (--sections):
   largest size --interleaved-repeats alternating rounds of --no-images, with images and bare img2dataset over
   its image URLs (ratio of medians). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
 - capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows, each its own photo.
+- warc: `interleaved --no-images` over one .gz WARC of --warc-records real article pages (the trafilatura-eval
+  pages in turn, a gzip member per record, as Common Crawl writes them), read in byte ranges (the default) and,
+  at the sizes of --warc-stride-records, in two interleaved parts per worker (--read-parts 4: how every WARC was
+  read before byte ranges): peak RSS per process as one file grows.
 
     python bench/bench_scale.py [--sections scale,fetch,interleaved,capfilt] [--sizes 500,2000,8000]
 
@@ -42,7 +46,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_interleaved import SHARED, _tree_peaks  # noqa: E402
+from bench_interleaved import SHARED, _tree_peaks, copies, write_warcs  # noqa: E402
 
 COCO = SHARED / "coco-mini"
 TINY_CLIP = {"embed_dim": 32,
@@ -426,7 +430,40 @@ def scale_bench(sizes: list[int], runners: list[str], tmp: pathlib.Path, save) -
     return out
 
 
-SECTIONS = ("scale", "fetch", "interleaved", "capfilt")
+SECTIONS = ("scale", "fetch", "interleaved", "capfilt", "warc")
+
+
+def warc_bench(sizes: list[int], stride_sizes: list[int], tmp: pathlib.Path) -> dict:
+    """`interleaved --no-images` (default runner) over one .gz WARC of N real pages: byte ranges (default) at
+    every N, --read-parts 4 at the stride sizes."""
+    tmp.mkdir(parents=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    runs = []
+    for n in sorted(set(sizes) | set(stride_sizes)):
+        folder = tmp / f"warc-{n}"
+        folder.mkdir()
+        (path,) = write_warcs(copies(n), folder / "pages", 1)
+        variants = [("byte_ranges", [])] * (n in sizes) + [("read_parts_4", ["--read-parts", "4"])] * (n in stride_sizes)
+        for label, extra in variants:
+            work = tmp / f"run-{n}-{label}"
+            work.mkdir()
+            cmd = _mm("interleaved", path, "--output", str(work / "out"), "--no-images", "--overwrite", *extra)
+            res = {"records": n, "warc_mib": round(os.path.getsize(path) / 2**20, 1), "variant": label,
+                   **_totals(measured(cmd, str(work)), work / "out", work),
+                   "load_average": [round(x, 2) for x in os.getloadavg()]}
+            print(json.dumps(res), flush=True)
+            runs.append(res)
+            shutil.rmtree(work / "out", ignore_errors=True)
+        shutil.rmtree(folder)
+    out: dict = {"runs": runs, "taken": f"{started} - {time.strftime('%H:%M:%S', time.gmtime())} UTC",
+                 "command": " ".join(["bench_scale.py", *sys.argv[1:]])}
+    for label in ("byte_ranges", "read_parts_4"):
+        ok = [r for r in runs if r["variant"] == label and r["exit"] == 0]
+        if len(ok) > 1:
+            out[f"largest_worker_growth_{label}"] = {
+                "records": [ok[0]["records"], ok[-1]["records"]],
+                "ratio": round(ok[-1]["peak_rss_mib_largest_worker"] / max(ok[0]["peak_rss_mib_largest_worker"], 1), 2)}
+    return out
 
 
 def main() -> None:
@@ -442,6 +479,8 @@ def main() -> None:
                     help="interleaved: alternating rounds of --no-images / images / bare img2dataset at the "
                          "largest size")
     ap.add_argument("--capfilt-rows", default="312,1250,5000", help="capfilt: pairs per run")
+    ap.add_argument("--warc-records", default="576,2304,9216", help="warc: records of the one WARC per run")
+    ap.add_argument("--warc-stride-records", default="576,2304", help="warc: sizes also run with --read-parts 4")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
     out = pathlib.Path(args.out)
@@ -467,6 +506,9 @@ def main() -> None:
                                                           args.interleaved_repeats))
         if "capfilt" in sections:
             save_section("capfilt")(capfilt_bench([int(n) for n in args.capfilt_rows.split(",")], tmp / "cf"))
+        if "warc" in sections:
+            save_section("warc")(warc_bench([int(n) for n in args.warc_records.split(",")],
+                                            [int(n) for n in args.warc_stride_records.split(",") if n], tmp / "warc"))
     print(f"wrote {out}")
 
 

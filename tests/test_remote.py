@@ -62,8 +62,9 @@ def s3_runs(s3_endpoint, warcs, tmp_path_factory):
     assert main(["interleaved", src, "-o", "s3://mm-out/direct", "--no-images", "--workers", "1",
                  "--storage-option", f"s3:secret={SECRET}", "--storage-option", "s3:key=testing"]) == 0
     with dask_hosts(tmp_path_factory.mktemp("hosts")) as address:
+        # Dask reads each WARC in byte ranges of 4 kB, each from its own offset on S3
         assert main(["interleaved", src, "-o", "s3://mm-out/dask", "--no-images", "--runner", "dask",
-                     "--dask-address", address]) == 0
+                     "--dask-address", address, "--warc-part-mb", "0.004"]) == 0
     return "s3://mm-out/direct", "s3://mm-out/dask"
 
 

@@ -240,3 +240,57 @@ def test_rows_cross_the_shuffle_as_run_file_sections(tmp_path, coco, monkeypatch
     assert back == sorted((r["image_id"], json.dumps(r, sort_keys=True)) for r in rows)
     with pytest.raises(ValueError, match="unknown kind 'other'"):
         list(spill.process(("other", "k", {})))
+
+
+def no_dogs(row):
+    """The caption up to its first comma; a caption naming a dog is rejected."""
+    if "dog" in row["caption"].lower():
+        return Reject("caption_boilerplate", row["caption"][:40])
+    return dict(row, caption=row["caption"].split(",", 1)[0])
+
+
+def keep_short(row):
+    n = len(row["caption"].split())
+    return row if n <= 14 else Reject("caption_too_long", f"{n} words")
+
+
+STEPS = [("length", keep_long, None), ("no_dogs", no_dogs, None), ("short", keep_short, None)]
+
+
+def build_steps(rows, chained: bool):
+    def build(p):
+        c = Collector()
+        src = p | "Read" >> beam.Create(rows)
+        c.count(src, "read", "in")
+        c.count(src, "read", "out")
+        if chained:
+            kept = c.chain(src, "Chain", STEPS, source_of=lambda r: r["image_id"])
+        else:
+            kept = src
+            for name, fn, _ in STEPS:
+                kept = c.stage(kept, name, fn, source_of=lambda r: r["image_id"])
+        c.add(kept | "ToSink" >> beam.Map(lambda r: ("data", r["image_id"], r)))
+        return c.finish()
+    return build
+
+
+def test_chained_stages_write_what_the_stages_one_by_one_write(tmp_path, coco):
+    """Stages chained in one DoFn (Collector.chain: how `interleaved` takes a page to a document) keep, change,
+    reject and count exactly as the same stages applied one after the other."""
+    rows = caption_rows(coco)
+    runs = {}
+    for chained in (False, True):
+        out = tmp_path / f"chained-{chained}"
+        stats = execute(RunSpec(command="test-sink", out_dir=str(out), config={}, inputs=[],
+                                kinds={"data": Kind("pair", "data", 4)}, stages=["read"] + [s[0] for s in STEPS]),
+                        run_args("dask", 2), build_steps(rows, chained))
+        runs[chained] = ({f: [r for r in rs if r.get("metric") != CPU_METRIC] for f, rs in shard_bytes(out).items()},
+                         stats)
+    (one_by_one, stats_a), (chained, stats_b) = runs[False], runs[True]
+    assert one_by_one == chained
+    stages = {s["stage"]: s for s in stats_b["stages"]}
+    assert all(stages[name]["rejected"] > 0 and stages[name]["out"] > 0 for name, _, _ in STEPS)
+    assert stages["short"]["in"] == stages["no_dogs"]["out"] and stages["no_dogs"]["in"] == stages["length"]["out"]
+    assert all("," not in r["caption"] for f, rs in chained.items() if f.startswith("data/") for r in rs)
+    assert all(stages[name]["cpu_seconds"] is not None for name, _, _ in STEPS)
+    assert stats_a["totals"] == stats_b["totals"]

@@ -12,8 +12,9 @@ import pytest
 from fastwarc.warc import ArchiveIterator
 
 from mmcorpus.pipelines.errors import UserError
-from mmcorpus.pipelines.interleaved.sources import (decode_bytes, decode_page, dechunk, expand_sources, looks_binary,
-                                                    read_items, read_part, split_items, warc_record)
+from mmcorpus.pipelines.interleaved.sources import (Part, decode_bytes, decode_page, dechunk, expand_sources,
+                                                    file_sizes, looks_binary, read_items, read_part, split_items,
+                                                    warc_record)
 
 WARC_DIRS = ("warcio-samples", "resiliparse-warcs", "cc-whirlwind", "dolma-cc-warc")
 
@@ -110,10 +111,39 @@ def test_parts_of_a_damaged_warc_yield_every_item_once(crawl, tmp_path):
     whole = [(r["source"], r.get("_reject")) for r in read_items(("warc", str(path)))]
     assert len(whole) == 48 and whole[-1][1][0] == "warc_file_truncated"
     items = [("warc", str(path)), ("html", str(tmp_path / "page.html"))]
-    assert split_items(items, 3) == [(items[0], 0, 3), (items[0], 1, 3), (items[0], 2, 3), (items[1], 0, 1)]
+    assert split_items(items, 3) == [Part(items[0], 0, 3), Part(items[0], 1, 3), Part(items[0], 2, 3), Part(items[1])]
     parts = [[(r["source"], r.get("_reject")) for r in read_part(item)] for item in split_items(items[:1], 3)]
     assert [len(p) for p in parts] == [16, 16, 16]
     assert sorted(sum(parts, [])) == sorted(whole)
+
+
+def test_byte_ranges_of_a_warc_yield_every_item_once(crawl, tmp_path):
+    """A .gz WARC read in byte ranges (each range the records whose gzip member starts in it) yields, over its
+    ranges and at any range size, exactly what reading it whole yields: damaged members, junk between members
+    and a cut end included. A whole-file gzip stream cannot be cut: its first range reads it all."""
+    data, starts = crawl
+    damaged = bytearray(data[: (starts[47] + starts[48]) // 2])  # cut end
+    for k in (3, 4, 30):  # two damaged members in a row, and one more
+        for i in range(starts[k] + 200, starts[k] + 260):
+            damaged[i] ^= 0x55
+    junk = b"this is not a gzip member " * 4
+    files = {"clean": data, "damaged": bytes(damaged), "junk": data[:starts[20]] + junk + data[starts[20]:],
+             "whole_gzip": gzip.compress(gzip.decompress(data))}
+    for name, blob in files.items():
+        item = ("warc", str(tmp_path / f"{name}.warc.gz"))
+        pathlib.Path(item[1]).write_bytes(blob)
+        whole = sorted((r["source"], r.get("_reject")) for r in read_items(item))
+        for size in (997, 20_011, 100_003, 10**7):
+            tasks = split_items([item], 2, size, file_sizes([item]))
+            assert len(tasks) == -(-len(blob) // size)
+            got = [[(r["source"], r.get("_reject")) for r in read_part(t)] for t in tasks]
+            assert sorted(sum(got, [])) == whole, (name, size)
+            if name == "clean" and size == 100_003:  # every range reads its own records from its offset
+                assert [len(g) for g in got] == [sum(lo <= s < lo + size for s in starts) for lo in range(0, len(blob), size)]
+            if name == "whole_gzip" and len(tasks) > 1:
+                assert len(got[0]) == 50 and not any(got[1:])
+    assert split_items([("warc", "a.warc")], 2, 1000, {"a.warc": 5000}) == [Part(("warc", "a.warc"), 0, 2),
+                                                                            Part(("warc", "a.warc"), 1, 2)]
 
 
 def test_garbage_between_members_and_cut_end(crawl, tmp_path):

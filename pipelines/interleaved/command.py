@@ -9,8 +9,8 @@ import os
 import apache_beam as beam
 
 from mmcorpus.pipelines.errors import UserError
-from mmcorpus.pipelines.interleaved.sources import CC_PREFIX
-from mmcorpus.pipelines.runtime.runner import add_runner_args, worker_count
+from mmcorpus.pipelines.interleaved.sources import CC_PREFIX, PART_BYTES
+from mmcorpus.pipelines.runtime.runner import add_runner_args, chosen_runner, worker_count
 
 HELP = "build interleaved image-text web documents (M3W/OBELICS style) from WARCs, HTML folders or URL lists"
 DESCRIPTION = (
@@ -41,9 +41,10 @@ DESCRIPTION = (
     "(pipelines/fetching/pages.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
-    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image). Each WARC or URL "
-    "list is read in interleaved parts (--read-parts) so one large file keeps every worker busy; stats.json records "
-    "the CPU seconds of every stage."
+    "rendering (<image> where an image sits, <|endofchunk|> closing the text after each image). A .gz WARC is read "
+    "in byte ranges (--warc-part-mb), other WARCs and URL lists in interleaved parts (--read-parts): one large file "
+    "keeps every worker busy, and a worker holds one part's pages at a time. stats.json records the CPU seconds of "
+    "every stage."
 )
 
 STAGE_READ = "read"
@@ -81,8 +82,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
     parser.add_argument("--read-parts", type=int, default=0,
                         help="cut each WARC or URL list into this many interleaved parts read by different workers "
-                             "(default: enough for two parts per worker over all of them; 1 = one worker reads a "
-                             "whole file)")
+                             "(default: .gz WARCs in byte ranges of --warc-part-mb, other WARCs and URL lists in "
+                             "two parts per worker over all of them; 1 = one worker reads a whole file)")
+    parser.add_argument("--warc-part-mb", type=float, default=PART_BYTES / 2**20,
+                        help="a .gz WARC (a gzip member per record, as Common Crawl's) is read in byte ranges of "
+                             "this many MiB, each its own task: a worker holds one range's pages at a time "
+                             "(default %(default)g; ignored with --read-parts)")
     parser.add_argument("--path-prefix", default=CC_PREFIX,
                         help="joined to each relative line of a WARC listing (warc.paths.gz); e.g. "
                              "s3://commoncrawl/ to read Common Crawl from S3")
@@ -288,7 +293,7 @@ def build(p, items, opts):
     from mmcorpus.pipelines.interleaved.dedup import dedup_documents
     from mmcorpus.pipelines.fetching.pages import fetch_url_lists
     from mmcorpus.pipelines.fetching.images import fetch_images
-    from mmcorpus.pipelines.interleaved.sources import read_part, split_items
+    from mmcorpus.pipelines.interleaved.sources import read_batch, split_items, task_batches
     from mmcorpus.pipelines.runtime.stage import Collector
 
     doc_cfg, dedup_cfg, fetch_cfg = opts["doc"], opts["dedup"], opts["fetch"]
@@ -296,10 +301,12 @@ def build(p, items, opts):
     files = [item for item in items if item[0] != "urls"]
     lists = [item[1] for item in items if item[0] == "urls"]
     branches = []
-    if files:  # WARCs cut into interleaved parts: read, extract and filter run fused on every worker
-        parts = split_items(files, opts["read_parts"])
-        records = (p | "Files" >> beam.Create(parts) | "Reshuffle" >> beam.Reshuffle()
-                   | "ReadFiles" >> beam.FlatMap(read_part, opts["max_bytes"], opts.get("urls")))
+    if files:  # WARCs cut into byte ranges or interleaved parts: read, extract and filter run fused on every worker
+        batches = task_batches(opts.get("read_tasks") or split_items(files, opts["read_parts"]))
+        records = p | "Files" >> beam.Create(batches)
+        if opts.get("spread_tasks", True):  # on the Dask runner each batch is already its own partition
+            records = records | "Reshuffle" >> beam.Reshuffle()
+        records = records | "ReadFiles" >> beam.FlatMap(read_batch, opts["max_bytes"], opts.get("urls"))
         if os.environ.get("MMCORPUS_BENCH_RESHUFFLE_RECORDS"):  # bench only: the alternative measured against
             records = records | "ReshuffleRecords" >> beam.Reshuffle()
         branches.append(records)
@@ -307,21 +314,21 @@ def build(p, items, opts):
         branches.append(fetch_url_lists(p, lists, opts["max_bytes"], opts["allow_private"], opts["pages"],
                                         opts["read_parts"]))
     records = branches[0] if len(branches) == 1 else tuple(branches) | "Records" >> beam.Flatten()
-    x = c.stage(records, STAGE_READ, read_record, source_of)
-    x = c.stage(x, STAGE_DECODE, decode_record, source_of)
     # safety (issue 17): opt-outs and blocklists before extraction, images and PII after it
     from mmcorpus.pipelines.safety.stages import STAGE_OPT_OUT, STAGE_SAFETY, DocSafety, PageOptOut
 
     page_opt_out, doc_safety = PageOptOut(opts["safety"]), DocSafety(opts["safety"])
-    x = c.stage(x, STAGE_OPT_OUT, page_opt_out, source_of, setup=page_opt_out.setup)
     stages = document_stages(dedup_cfg, doc_cfg)  # the stats stage list decides the optional stages
+    steps = [(STAGE_READ, read_record, None), (STAGE_DECODE, decode_record, None),
+             (STAGE_OPT_OUT, page_opt_out, page_opt_out.setup)]
     if STAGE_PRECHECK in stages:
-        x = c.stage(x, STAGE_PRECHECK, Precheck(doc_cfg), source_of)
-    x = c.stage(x, STAGE_EXTRACT, functools.partial(extract_record, options=doc_cfg.extract.trafilatura_options()),
-                source_of)
-    x = c.stage(x, STAGE_SAFETY, doc_safety, source_of, setup=doc_safety.setup)
-    for name in (STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES):
-        x = c.stage(x, name, DocStep(name, doc_cfg), source_of)
+        steps.append((STAGE_PRECHECK, Precheck(doc_cfg), None))
+    steps += [(STAGE_EXTRACT, functools.partial(extract_record, options=doc_cfg.extract.trafilatura_options()), None),
+              (STAGE_SAFETY, doc_safety, doc_safety.setup)]
+    steps += [(name, DocStep(name, doc_cfg), None)
+              for name in (STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES)]
+    # one DoFn from the page record to the filtered document: a partition's pages are held once, not per stage
+    x = c.chain(records, "PageToDocument", steps, source_of)
     if not opts["no_images"]:
         x = fetch_images(c, x, fetch_cfg, allow_private=opts["allow_private"])
     if opts.get("nsfw") is not None:  # issue 17: one CLIP embedding per fetched image, the head, the policy
@@ -335,6 +342,16 @@ def build(p, items, opts):
         x = c.stage(x, STAGE_IMAGE_RECOUNT, DocStep(STAGE_IMAGE_RECOUNT, doc_cfg), source_of)
     c.add(x | "Rows" >> beam.Map(to_row))
     return c.finish()
+
+
+def dask_partitions(tasks, items, parts: int, workers: int) -> int:
+    """Partitions of the Dask runner's bags: one per read batch (a WARC part, or up to 256 HTML files), so a
+    partition holds a bounded share of the pages however large the input (every step keeps a whole partition's
+    output in memory); URL lists add their parts; at least two per worker."""
+    from mmcorpus.pipelines.interleaved.sources import task_batches
+
+    lists = sum(item[0] == "urls" for item in items) * parts
+    return max(2 * workers, len(task_batches(tasks)) + lists)
 
 
 def read_parts(items, workers: int) -> int:
@@ -400,13 +417,15 @@ def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from mmcorpus.pipelines.fetching.downloader import fetch_record_folder
     from mmcorpus.pipelines.runtime.sink import Kind, park_folder, spool_folder
-    from mmcorpus.pipelines.interleaved.sources import expand_sources, load_url_manifest
+    from mmcorpus.pipelines.interleaved.sources import expand_sources, file_sizes, load_url_manifest, split_items
     from mmcorpus.schemas import storage
 
     if args.num_shards < 1:
         raise UserError("--num-shards must be at least 1")
     if args.read_parts < 0:
         raise UserError("--read-parts must be 0 (automatic) or more")
+    if not args.warc_part_mb > 0:
+        raise UserError("--warc-part-mb must be more than 0")
     if args.max_page_bytes < 1:
         raise UserError("--max-page-bytes must be at least 1")
     if args.skip < 0 or (args.limit is not None and args.limit < 0):
@@ -436,12 +455,14 @@ def run(args) -> int:
     fetch_cfg = dataclasses.replace(fetch_cfg, spool_dir=spool_dir, record_dir=fetch_record_folder(args.output))
     workers = worker_count(args)
     parts = args.read_parts or read_parts(items, workers)
+    part_bytes = 0 if args.read_parts else max(1, int(args.warc_part_mb * 2**20))
+    files = [item for item in items if item[0] != "urls"]
+    tasks = split_items(files, parts, part_bytes, file_sizes(files) if part_bytes else None)
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
-            "urls": urls, "read_parts": parts, "nsfw": nsfw, "park_dir": park_folder(args.output)}
-    # the DaskRunner makes one partition of up to 128 created items and every later step keeps the partitions:
-    # two per worker (more only multiply the tasks of every step and shuffle)
-    args.dask_partitions = min(sum(parts if item[0] in ("warc", "urls") else 1 for item in items), 2 * workers)
+            "urls": urls, "read_parts": parts, "read_tasks": tasks, "nsfw": nsfw, "park_dir": park_folder(args.output),
+            "spread_tasks": chosen_runner(args) != "dask"}
+    args.dask_partitions = dask_partitions(tasks, items, parts, workers)
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=inputs,
                    kinds={"data": Kind("interleaved", "data", args.num_shards)},
                    stages=document_stages(dedup_cfg, doc_cfg, nsfw is not None), overwrite=args.overwrite,

@@ -15,6 +15,8 @@ import gzip
 import json
 import os
 import re
+import zlib
+from typing import NamedTuple
 
 from mmcorpus.filters.reasons import Reject, shorten
 from mmcorpus.schemas import storage
@@ -32,6 +34,7 @@ def _is_warc(path: str) -> bool:
 
 CC_PREFIX = "https://data.commoncrawl.org/"
 REMOTE_RETRY = (5, 0.5)  # a remote WARC read: retries in a row at one offset, first backoff in seconds (doubling)
+RANGE_BLOCK = 1 << 19  # bytes per ranged read of a remote WARC read in byte ranges (a whole one: 4 MiB)
 LISTING_SUFFIXES = (".paths", ".paths.gz", ".paths.txt")
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
@@ -208,32 +211,51 @@ def read_html_file(path: str, max_bytes: int) -> dict:
             "status": 200, "content_type": "text/html", "charset": None, "payload": raw}
 
 
-def read_warc(path: str, max_bytes: int):
-    """Yield the page records / bad markers of one WARC file (see `warc_records`). A remote WARC is streamed
-    through `storage.ResumingReader` (ranged reads of a few MB, a dropped connection resumed at the offset
-    reached); one that still fails ends in one `read_failed` reject naming it and the offset."""
+def read_warc(path: str, max_bytes: int, lo: int = 0, hi: int | None = None):
+    """Yield the page records / bad markers of one WARC file (see `warc_records`), or of the records that start in
+    bytes [lo, hi) of it (a `Part`). A remote WARC is streamed through `storage.ResumingReader` (ranged reads of
+    a few MB, a dropped connection resumed at the offset reached); one that still fails ends in one
+    `read_failed` reject naming it and the offset."""
     source = storage.redact_url(path)
+    ranged = bool(lo) or hi is not None
     try:
-        fh = storage.ResumingReader(path, *REMOTE_RETRY) if storage.is_url(path) else open(path, "rb")
+        if storage.is_url(path):  # a range reads little past its end: smaller blocks
+            fh = storage.ResumingReader(path, *REMOTE_RETRY, **({"block_size": RANGE_BLOCK} if ranged else {}))
+        else:
+            fh = open(path, "rb")
     except (OSError, ValueError) as exc:
-        yield bad(source, "read_failed", _why(exc))
+        if not lo:  # one reject per file, from its first part
+            yield bad(source, "read_failed", _why(exc))
         return
     with fh:
         try:
-            yield from warc_records(fh, source, max_bytes)
+            yield from warc_records(fh, source, max_bytes, lo, hi)
         except storage.ReadFailed as exc:
             yield bad(f"{source}:{fh.tell()}", "read_failed", shorten(str(exc), 500))
 
 
-def warc_records(fh, path: str, max_bytes: int):
+def warc_records(fh, path: str, max_bytes: int, lo: int = 0, hi: int | None = None):
     """Every record of a WARC stream, one item each; a record that fails is one reject and reading goes on.
 
     When fastwarc cannot parse on (bad header, broken gzip member), reading resumes at the next place a record
     parses (a gzip member start in a .gz file, a `WARC/1.` line in a plain one) and the stretch skipped becomes
     one `warc_invalid_record` reject naming its byte offsets; an unreadable remainder is one reject naming the
-    offset where it starts. Bodies of non-response records are not read into memory (fastwarc skips them)."""
-    gz = fh.read(2) == b"\x1f\x8b"
+    offset where it starts. Bodies of non-response records are not read into memory (fastwarc skips them).
+
+    With a byte range (lo > 0 or hi): only the records whose gzip member starts in [lo, hi), when the file has a
+    member per record (`one_record_members`); else the first part reads the whole file and the others nothing.
+    A damaged stretch is reported by the part of the record before it (the first part at the file's start)."""
+    head = fh.read(HEAD_BYTES)
+    gz = head[:2] == b"\x1f\x8b"
+    if (lo or hi is not None) and not (gz and one_record_members(head)):
+        if lo:
+            return
+        hi = None
     start, last, n, last_failed = 0, -1, 0, False
+    if lo:  # the first record start in the range; what lies before it belongs to an earlier part
+        start = _resume_point(fh, lo, gz, limit=hi)[0]
+        if start is None:
+            return
     while True:
         fh.seek(start)
         records = iter(_archive_iterator(fh))
@@ -248,8 +270,15 @@ def warc_records(fh, path: str, max_bytes: int):
             except Exception as exc:  # fastwarc raises OSError/ValueError on bad headers and broken gzip
                 error = shorten(f"{type(exc).__name__}: {exc}", 300)
                 break
-            n, got = n + 1, got + 1
             pos = rec.stream_pos
+            if hi is not None and pos >= hi:  # the next part's
+                return
+            if (lo or hi is not None) and pos <= last:  # not a member per record after all: the range is unsure
+                yield bad(f"{path}:{pos}", "warc_invalid_record", "several records in one gzip member of a WARC "
+                          "read in byte ranges: the rest of this range is not read (read the file whole: "
+                          "--read-parts 1)")
+                return
+            n, got = n + 1, got + 1
             # a whole-file gzip stream reports the same compressed offset for several records
             source = f"{path}:{pos}" if pos > last else f"{path}:{pos}:record{n}"
             last = max(last, pos)
@@ -260,7 +289,7 @@ def warc_records(fh, path: str, max_bytes: int):
             last_failed = item.get("_reject", ("",))[0] == "warc_invalid_record"
             yield item
         if error is None:
-            if n == 0:
+            if n == 0 and not lo:
                 yield bad(path, "warc_invalid_record", "no WARC record in the file")
             return
         begin = last + 1 if got else start  # the first byte that may hold what could not be read
@@ -274,7 +303,32 @@ def warc_records(fh, path: str, max_bytes: int):
             first = skipped[0] if skipped else begin
             yield bad(f"{path}:{first}", "warc_invalid_record",
                       f"bytes {first}-{resume} unreadable ({error}); reading resumed at byte {resume}")
+        if hi is not None and resume >= hi:
+            return
         start, last_failed = resume, False
+
+
+HEAD_BYTES = 1 << 18  # read at a WARC's start: enough for its first record in most files (a warcinfo record)
+
+
+def one_record_members(head: bytes) -> bool:
+    """Whether the first gzip member of a .gz WARC (`head`: the file's first bytes) holds exactly one record, as
+    the WARC standard recommends and Common Crawl writes: then every member starts a record, and a byte offset
+    finds one. A whole-file gzip stream, a member of several records, a damaged start or a first member longer
+    than `head`: False (the file is then read whole by its first part)."""
+    d = zlib.decompressobj(31)
+    try:
+        out = d.decompress(head, 1 << 22)
+    except zlib.error:
+        return False
+    end = out.find(b"\r\n\r\n")
+    length = _CONTENT_LENGTH.search(out[:end]) if end >= 0 else None
+    if not d.eof or not out.startswith(b"WARC/") or length is None:
+        return False
+    return len(out) - (end + 4 + int(length.group(1))) in range(0, 65)  # the block, its CRLF CRLF, nothing more
+
+
+_CONTENT_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
 
 
 def _archive_iterator(fh):
@@ -287,9 +341,10 @@ _GZIP_MAGIC = b"\x1f\x8b\x08"
 _WARC_LINE = b"\nWARC/1."
 
 
-def _resume_point(fh, offset: int, gz: bool, chunk: int = 1 << 20) -> tuple[int | None, list[int]]:
-    """The first record start at or after `offset` where a record parses, and the candidate starts passed over
-    on the way (broken gzip members, damaged headers). Scans the file in chunks, never whole."""
+def _resume_point(fh, offset: int, gz: bool, chunk: int = 1 << 20,
+                  limit: int | None = None) -> tuple[int | None, list[int]]:
+    """The first record start at or after `offset` (and before `limit`) where a record parses, and the candidate
+    starts passed over on the way (broken gzip members, damaged headers). Scans the file in chunks, never whole."""
     marker = _GZIP_MAGIC if gz else _WARC_LINE
     skip = 0 if gz else 1  # a WARC line starts after its newline
     skipped: list[int] = []
@@ -299,11 +354,13 @@ def _resume_point(fh, offset: int, gz: bool, chunk: int = 1 << 20) -> tuple[int 
         data = fh.read(chunk + len(marker))
         at = data.find(marker)
         if at < 0:
-            if len(data) <= len(marker):
+            if len(data) <= len(marker) or (limit is not None and pos + chunk >= limit):
                 return None, skipped
             pos += chunk
             continue
         candidate = pos + at + skip
+        if limit is not None and candidate >= limit:
+            return None, skipped
         if _parses_at(fh, candidate):
             return candidate, skipped
         skipped.append(candidate)
@@ -556,18 +613,84 @@ def detect_and_decode(raw: bytes, tried: list[str]) -> str | Reject:
         return Reject("decode_failed", f"detected charset {best.encoding} unknown")
 
 
-def split_items(items: list[tuple], parts: int) -> list[tuple[tuple, int, int]]:
-    """Work items -> (item, part, parts): each WARC cut into `parts` interleaved parts (record i goes to part
-    i % parts), so one big file spreads over every worker; other items stay whole (part 0 of 1)."""
-    return [(item, k, parts if item[0] == "warc" else 1) for item in items
-            for k in range(parts if item[0] == "warc" else 1)]
+# a .gz WARC is read in byte ranges of this size, each its own task: a worker holds one range's pages at a time
+# (the DaskRunner keeps a step's output for a whole partition as one list), not a whole file's
+PART_BYTES = 4 << 20
 
 
-def read_part(element: tuple[tuple, int, int], max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
-    """The records of one part of a work item (see `split_items`): every part reads the file through (the
-    reader's resynchronisation after damage stays exactly as for a whole file) and yields every parts-th item,
-    so the parts together yield each record and bad marker once."""
-    item, part, parts = element
-    for i, rec in enumerate(read_items(item, max_bytes, urls)):
-        if i % parts == part:
+class Part(NamedTuple):
+    """One read task of a work item: its records i with i % n == k (a WARC cut into `n` interleaved parts, each
+    read through), or, with `hi` set, the records whose gzip member starts in bytes [lo, hi) (the last range of
+    a file: hi = -1, to its end)."""
+
+    item: tuple
+    k: int = 0
+    n: int = 1
+    lo: int = 0
+    hi: int | None = None
+
+
+def _gz_warc(item: tuple) -> bool:
+    return item[0] == "warc" and item[1].lower().endswith(".gz")
+
+
+def file_sizes(items: list[tuple], threads: int = 16) -> dict[str, int | None]:
+    """Bytes of each .gz WARC item's file (remote ones asked in parallel); None where that fails (the read
+    reports it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def size(path):
+        try:
+            return storage.info(path)["bytes"]
+        except Exception:  # noqa: BLE001 - the file's own read names the problem
+            return None
+
+    paths = sorted({item[1] for item in items if _gz_warc(item)})
+    with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
+        return dict(zip(paths, pool.map(size, paths)))
+
+
+def split_items(items: list[tuple], parts: int, part_bytes: int = 0,
+                sizes: dict[str, int | None] | None = None) -> list[Part]:
+    """Work items -> read tasks. With `part_bytes`, a .gz WARC of known size is cut into byte ranges of that
+    size (`warc_records`: each range read from its own offset); any other WARC into `parts` interleaved parts
+    (record i goes to part i % parts), so one big file spreads over every worker; other items stay whole."""
+    out: list[Part] = []
+    for item in items:
+        size = (sizes or {}).get(item[1]) if part_bytes and _gz_warc(item) else None
+        if size:
+            starts = range(0, size, part_bytes)
+            out += [Part(item, lo=lo, hi=lo + part_bytes if lo + part_bytes < size else -1) for lo in starts]
+        elif item[0] == "warc" and parts > 1:
+            out += [Part(item, k, parts) for k in range(parts)]
+        else:
+            out.append(Part(item))
+    return [Part(p.item) if p.hi == -1 and p.lo == 0 else p for p in out]
+
+
+def read_part(part: Part, max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
+    """The records of one read task (see `Part`). Interleaved parts each read the file through (the reader's
+    resynchronisation after damage stays exactly as for a whole file) and yield every n-th item; byte ranges
+    read from their offset. Either way the parts together yield each record and bad marker once."""
+    part = Part(*part)
+    if part.hi is not None:
+        yield from read_warc(part.item[1], max_bytes, part.lo, None if part.hi == -1 else part.hi)
+        return
+    for i, rec in enumerate(read_items(part.item, max_bytes, urls)):
+        if i % part.n == part.k:
             yield rec
+
+
+def task_batches(tasks: list[Part], html_per_batch: int = 256) -> list[list[Part]]:
+    """Read tasks as the pipeline's work elements: each WARC part on its own, HTML files `html_per_batch` at a
+    time (on the Dask runner each element is its own partition)."""
+    html = [t for t in tasks if t.item[0] == "html"]
+    return [[t] for t in tasks if t.item[0] != "html"] + [html[i:i + html_per_batch]
+                                                           for i in range(0, len(html), html_per_batch)]
+
+
+def read_batch(batch: list[Part], max_bytes: int = 5_000_000, urls: dict[str, str] | None = None):
+    """The records of a `task_batches` element."""
+    for part in batch:
+        yield from read_part(part, max_bytes, urls)
+

@@ -117,10 +117,15 @@ class _StageFn(SummedCounts, beam.DoFn):
             self._call = self._setup()
 
     def process(self, element):
-        self._add((self.name, "in", ""))
+        yield from self._step(self.name, self._call, element)
+        yield from self.flush()
+
+    def _step(self, name: str, call, element):
+        """One element through one stage function: its rejects and kept items tagged, its counters summed."""
+        self._add((name, "in", ""))
         t = time.process_time()  # the worker process's CPU: threads a stage starts are counted too
-        result = self._call(element)
-        self._add((self.name, CPU_METRIC, ""), int((time.process_time() - t) * 1e6))
+        result = call(element)
+        self._add((name, CPU_METRIC, ""), int((time.process_time() - t) * 1e6))
         results = result if isinstance(result, list) else [result]
         for item in results:
             if isinstance(item, Count):
@@ -129,11 +134,40 @@ class _StageFn(SummedCounts, beam.DoFn):
                 yield REJECTS, reject_output(item.stage, item.reject, item.source)
                 self._add((item.stage, "rejected", item.reject.reason))
             elif isinstance(item, Reject):
-                yield REJECTS, reject_output(self.name, item, self.source_of(element))
-                self._add((self.name, "rejected", item.reason))
+                yield REJECTS, reject_output(name, item, self.source_of(element))
+                self._add((name, "rejected", item.reason))
             else:
-                self._add((self.name, "out", ""))
+                self._add((name, "out", ""))
                 yield KEPT, item
+
+
+class _ChainFn(_StageFn):
+    """Several stages in one DoFn: each element goes through them in turn (counted per stage as `_StageFn`
+    counts), and only what the last one keeps, the rejects and the counters leave it. The DaskRunner keeps each
+    ParDo's output for a whole partition in memory, and a stage's output until its three `_Pick`s have run: a
+    chain of stages held a partition's pages once per stage; chained, it holds them once."""
+
+    def __init__(self, steps: list[tuple], source_of: Callable[[Any], str]):
+        super().__init__(steps[0][0], steps[0][1], source_of, None)
+        self.steps = steps
+        self._calls = [fn for _, fn, _ in steps]
+
+    def setup(self):
+        self._calls = [setup() if setup is not None else fn for _, fn, setup in self.steps]
+
+    def process(self, element):
+        items = [element]
+        for (name, _, _), call in zip(self.steps, self._calls):
+            kept = []
+            for item in items:
+                for tag, value in self._step(name, call, item):
+                    if tag == KEPT:
+                        kept.append(value)
+                    else:
+                        yield tag, value
+            items = kept
+        for item in items:
+            yield KEPT, item
         yield from self.flush()
 
 
@@ -181,6 +215,15 @@ class Collector:
     def stage(self, pcoll, name: str, fn, source_of, setup=None):
         """Run a Stage and collect its rejects and counts; return the kept elements."""
         result = pcoll | name >> Stage(name, fn, source_of, setup)
+        self.outputs.append(result[REJECTS])
+        self.counts.append(result[COUNTS])
+        return result[KEPT]
+
+    def chain(self, pcoll, label: str, steps: list[tuple], source_of):
+        """Run stages `steps` = [(name, fn, setup or None)] one after the other in one DoFn (`_ChainFn`), with
+        the same rejects and counters as a `stage` each; return what the last one keeps."""
+        tagged = pcoll | label >> beam.ParDo(_ChainFn(steps, source_of))
+        result = split_tags(tagged, label=f"{label}_")
         self.outputs.append(result[REJECTS])
         self.counts.append(result[COUNTS])
         return result[KEPT]
