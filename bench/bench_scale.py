@@ -14,8 +14,9 @@ against bare img2dataset on the same loopback URL list. Sections (--sections):
   files (so CLIP and the rest cancel out): ratio = bare / fetch overhead.
 - interleaved: `interleaved` over a loopback site of --pages photo-story pages (4 photos each, every photo its
   own URL and its own bytes, pages distinct so dedup keeps them: photo_site) with image fetching; at the
-  largest size --interleaved-repeats alternating rounds of --no-images, with images and bare img2dataset over
-  its image URLs (ratio of medians). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
+  largest size --interleaved-repeats alternating rounds of --no-images, with images, bare img2dataset over
+  its image URLs (ratio of medians) and img2dataset decoding every image (skip_reencode: the check
+  `interleaved` makes too). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
 - capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows, each its own photo.
 - warc: `interleaved --no-images` over one .gz WARC of --warc-records real article pages (the trafilatura-eval
   pages in turn, a gzip member per record, as Common Crawl writes them), read in byte ranges (the default) and,
@@ -161,12 +162,16 @@ if __name__ == "__main__":
 """
 
 
-def bare_img2dataset(urls: pathlib.Path, work: pathlib.Path) -> dict:
+def bare_img2dataset(urls: pathlib.Path, work: pathlib.Path, decode: bool = False) -> dict:
+    """img2dataset as its users fetch originals: no resize, no re-encoding (`disable_all_reencoding`: the bytes
+    are not even decoded), or with `decode` its checked variant (`skip_reencode`: every image decoded, by
+    OpenCV, to check it and read its size; a JPEG is kept as downloaded), the check `interleaved` also makes."""
     work.mkdir()
+    reencoding = "skip_reencode=True" if decode else "disable_all_reencoding=True"
     code = ("from img2dataset import download; download(url_list=%r, output_folder=%r, input_format='txt', "
             "output_format='parquet', processes_count=2, thread_count=16, resize_mode='no', "
-            "disable_all_reencoding=True, compute_hash='sha256', enable_wandb=False, timeout=10)"
-            % (str(urls), str(work / "out")))
+            "%s, compute_hash='sha256', enable_wandb=False, timeout=10)"
+            % (str(urls), str(work / "out"), reencoding))
     res = measured([sys.executable, "-c", code], str(work))
     stats = list((work / "out").glob("*_stats.json"))
     res["fetched"] = sum(json.loads(f.read_text()).get("successes", 0) for f in stats)
@@ -312,6 +317,7 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
     config.write_text("pages: {host_delay: 0.0}\n")  # our own server: no politeness delay
     out: dict = {"runs": []}
     bare: list[dict] = []
+    bare_decoding: list[dict] = []
     top = sizes[-1]
     for n in sizes:
         site = tmp / f"site-{n}"
@@ -325,15 +331,16 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
             urls.write_text("".join(f"{base}/{name}\n" for name in names))
             images = tmp / f"images-{n}.txt"
             images.write_text("".join(f"{base}/img/p{i:05d}-{k}.jpg\n" for i in range(n) for k in range(4)))
-            variants = [("no_images", ["--no-images"]), ("images", []), ("bare", None)] if n == top else \
-                [("images", [])]
+            variants = [("no_images", ["--no-images"]), ("images", []), ("bare", None), ("bare_decoding", None)] \
+                if n == top else [("images", [])]
             for rnd in range(repeats if n == top else 1):
                 for label, extra in variants:
                     work = tmp / f"run-{n}-{label}-{rnd}"
                     if extra is None:
-                        bare.append({**bare_img2dataset(images, work), "round": rnd,
-                                     "load_average": [round(x, 2) for x in os.getloadavg()]})
-                        print(json.dumps({"bare_img2dataset": bare[-1]}), flush=True)
+                        done = {**bare_img2dataset(images, work, decode=label == "bare_decoding"), "round": rnd,
+                                "load_average": [round(x, 2) for x in os.getloadavg()]}
+                        (bare if label == "bare" else bare_decoding).append(done)
+                        print(json.dumps({f"{label}_img2dataset": done}), flush=True)
                         shutil.rmtree(work / "out", ignore_errors=True)
                         continue
                     work.mkdir()
@@ -348,6 +355,7 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
         finally:
             server.shutdown()
     out["bare_img2dataset_same_images"] = bare
+    out["bare_img2dataset_decoding_same_images"] = bare_decoding
     out["decode_cost"] = decode_cost(4 * top)
     walls = {label: [r["wall_s"] for r in out["runs"] if r["pages"] == top and r["variant"] == label
                      and r["exit"] == 0] for label in ("images", "no_images")}
@@ -360,6 +368,9 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
         out["ratio_vs_img2dataset"] = round(bare_s / overhead, 2) if overhead > 0 else None  # None: fetch hidden
         out["ratio_per_round"] = [round(b["wall_s"] / (i - n), 2) if i > n else None
                                   for i, n, b in zip(walls["images"], walls["no_images"], bare)]
+        if bare_decoding and overhead > 0:
+            out["ratio_vs_img2dataset_decoding"] = round(
+                statistics.median([b["wall_s"] for b in bare_decoding]) / overhead, 2)
         out["note"] = (f"ratio = median bare img2dataset wall over the site's image URLs / (median interleaved "
                        f"with images - median interleaved --no-images) at {top} pages, {repeats} alternating "
                        "round(s)")

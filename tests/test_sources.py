@@ -134,7 +134,7 @@ def test_byte_ranges_of_a_warc_yield_every_item_once(crawl, tmp_path):
         pathlib.Path(item[1]).write_bytes(blob)
         whole = sorted((r["source"], r.get("_reject")) for r in read_items(item))
         for size in (997, 20_011, 100_003, 10**7):
-            tasks = split_items([item], 2, size, file_sizes([item]))
+            tasks = split_items([item], 2, size, file_sizes([item[1]]))
             assert len(tasks) == -(-len(blob) // size)
             got = [[(r["source"], r.get("_reject")) for r in read_part(t)] for t in tasks]
             assert sorted(sum(got, [])) == whole, (name, size)

@@ -79,7 +79,10 @@ def add_arguments(parser) -> None:
                              "manifest); without one a page's <link rel=canonical> or og:url is its base URL")
     parser.add_argument("--emit-m3w-text", action="store_true", help="also write OUT/m3w/part-*.txt (see above)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in --output")
-    parser.add_argument("--num-shards", type=int, default=4, help="Parquet shards per output folder")
+    parser.add_argument("--num-shards", type=int, default=0,
+                        help="Parquet shards per output folder (default: one per about 128 MiB of WARC, 4,096 "
+                             "URL-list pages or 4,096 HTML files of input, at least 4: a worker holds one shard's "
+                             "rows while writing it, so they stay the same size however large the input)")
     parser.add_argument("--read-parts", type=int, default=0,
                         help="cut each WARC or URL list into this many interleaved parts read by different workers "
                              "(default: .gz WARCs in byte ranges of --warc-part-mb, other WARCs and URL lists in "
@@ -302,7 +305,7 @@ def build(p, items, opts):
     lists = [item[1] for item in items if item[0] == "urls"]
     branches = []
     if files:  # WARCs cut into byte ranges or interleaved parts: read, extract and filter run fused on every worker
-        batches = task_batches(opts.get("read_tasks") or split_items(files, opts["read_parts"]))
+        batches = task_batches(opts.get("read_tasks") or split_items(files, opts["read_parts"]), PAGES_PER_PARTITION)
         records = p | "Files" >> beam.Create(batches)
         if opts.get("spread_tasks", True):  # on the Dask runner each batch is already its own partition
             records = records | "Reshuffle" >> beam.Reshuffle()
@@ -344,14 +347,28 @@ def build(p, items, opts):
     return c.finish()
 
 
-def dask_partitions(tasks, items, parts: int, workers: int) -> int:
-    """Partitions of the Dask runner's bags: one per read batch (a WARC part, or up to 256 HTML files), so a
-    partition holds a bounded share of the pages however large the input (every step keeps a whole partition's
-    output in memory); URL lists add their parts; at least two per worker."""
+PAGES_PER_PARTITION = 256  # URL-list pages per Dask partition after the host-group shuffle (and HTML files)
+
+
+SHARD_WARC_BYTES = 128 << 20  # input per output shard (automatic --num-shards): WARC bytes,
+SHARD_PAGES = 4096  # or URL-list pages, or HTML files
+
+
+def auto_shards(items, sizes: dict, url_lines: int) -> int:
+    """Output shards for the input's size (at least 4), so a shard's rows, which its writer holds, do not grow
+    with the input."""
+    warc_bytes = sum(sizes.get(item[1]) or 0 for item in items if item[0] == "warc")
+    html = sum(item[0] == "html" for item in items)
+    return max(4, -(-warc_bytes // SHARD_WARC_BYTES) + -(-(url_lines + html) // SHARD_PAGES))
+
+
+def dask_partitions(tasks, url_lines: int, workers: int) -> int:
+    """Partitions of the Dask runner's bags: one per read batch (a WARC part, or up to 256 HTML files) and one per
+    PAGES_PER_PARTITION pages of the URL lists, so a partition holds a bounded share of the pages however large
+    the input (every step keeps a whole partition's output in memory); at least two per worker."""
     from mmcorpus.pipelines.interleaved.sources import task_batches
 
-    lists = sum(item[0] == "urls" for item in items) * parts
-    return max(2 * workers, len(task_batches(tasks)) + lists)
+    return max(2 * workers, len(task_batches(tasks, PAGES_PER_PARTITION)) + -(-url_lines // PAGES_PER_PARTITION))
 
 
 def read_parts(items, workers: int) -> int:
@@ -417,11 +434,12 @@ def run(args) -> int:
     from mmcorpus.pipelines.runtime.run import RunSpec, execute
     from mmcorpus.pipelines.fetching.downloader import fetch_record_folder
     from mmcorpus.pipelines.runtime.sink import Kind, park_folder, spool_folder
-    from mmcorpus.pipelines.interleaved.sources import expand_sources, file_sizes, load_url_manifest, split_items
+    from mmcorpus.pipelines.interleaved.sources import (expand_sources, file_sizes, line_count, load_url_manifest,
+                                                        sized_items, split_items)
     from mmcorpus.schemas import storage
 
-    if args.num_shards < 1:
-        raise UserError("--num-shards must be at least 1")
+    if args.num_shards < 0:
+        raise UserError("--num-shards must be 0 (automatic) or more")
     if args.read_parts < 0:
         raise UserError("--read-parts must be 0 (automatic) or more")
     if not args.warc_part_mb > 0:
@@ -457,14 +475,19 @@ def run(args) -> int:
     parts = args.read_parts or read_parts(items, workers)
     part_bytes = 0 if args.read_parts else max(1, int(args.warc_part_mb * 2**20))
     files = [item for item in items if item[0] != "urls"]
-    tasks = split_items(files, parts, part_bytes, file_sizes(files) if part_bytes else None)
+    sizes = file_sizes(sized_items(items))
+    tasks = split_items(files, parts, part_bytes, sizes)
+    url_lines = sum(line_count(item[1]) for item in items if item[0] == "urls")  # comments and blanks too
+    # a URL list's pages spread over host groups of about PAGES_PER_PARTITION pages, each partition a few groups
+    page_cfg = dataclasses.replace(page_cfg, groups=max(page_cfg.groups, -(-url_lines // PAGES_PER_PARTITION)))
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
             "urls": urls, "read_parts": parts, "read_tasks": tasks, "nsfw": nsfw, "park_dir": park_folder(args.output),
             "spread_tasks": chosen_runner(args) != "dask"}
-    args.dask_partitions = dask_partitions(tasks, items, parts, workers)
+    args.dask_partitions = dask_partitions(tasks, url_lines, workers)
+    shards = args.num_shards or auto_shards(items, sizes, url_lines)
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=inputs,
-                   kinds={"data": Kind("interleaved", "data", args.num_shards)},
+                   kinds={"data": Kind("interleaved", "data", shards)},
                    stages=document_stages(dedup_cfg, doc_cfg, nsfw is not None), overwrite=args.overwrite,
                    extra_stats={"safety": safety_applied})
     print(f"interleaved: {len(items)} input file(s) -> {args.output}", flush=True)

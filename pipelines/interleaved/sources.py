@@ -634,9 +634,8 @@ def _gz_warc(item: tuple) -> bool:
     return item[0] == "warc" and item[1].lower().endswith(".gz")
 
 
-def file_sizes(items: list[tuple], threads: int = 16) -> dict[str, int | None]:
-    """Bytes of each .gz WARC item's file (remote ones asked in parallel); None where that fails (the read
-    reports it)."""
+def file_sizes(paths: list[str], threads: int = 16) -> dict[str, int | None]:
+    """Bytes of each file (remote ones asked in parallel); None where that fails (the read reports it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def size(path):
@@ -645,9 +644,26 @@ def file_sizes(items: list[tuple], threads: int = 16) -> dict[str, int | None]:
         except Exception:  # noqa: BLE001 - the file's own read names the problem
             return None
 
-    paths = sorted({item[1] for item in items if _gz_warc(item)})
+    paths = sorted(set(paths))
     with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
         return dict(zip(paths, pool.map(size, paths)))
+
+
+def line_count(path: str, chunk: int = 1 << 20) -> int:
+    """Lines of a text file (a URL list), read in chunks; 0 when it cannot be read (its read names the problem)."""
+    try:
+        with storage.open(path, "rb") as f:
+            n, last = 0, b"\n"
+            while data := f.read(chunk):
+                n, last = n + data.count(b"\n"), data[-1:]
+        return n + (last != b"\n")
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def sized_items(items: list[tuple]) -> list[str]:
+    """The paths whose size plans the run: the WARCs (byte ranges, output shards)."""
+    return [item[1] for item in items if item[0] == "warc"]
 
 
 def split_items(items: list[tuple], parts: int, part_bytes: int = 0,
