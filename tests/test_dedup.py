@@ -158,8 +158,12 @@ def test_minhash_estimates_jaccard_of_real_edited_pages(pages):
     for dup, (_, original) in expected.items():
         a, b = shingle_set(by_id[dup]), shingle_set(by_id[original])
         exact = minhash.jaccard(a, b)
-        estimate = minhash.jaccard_estimate(minhash.signature(a), minhash.signature(b))
+        sig_a, sig_b = minhash.signature(a), minhash.signature(b)
+        estimate = minhash.jaccard_estimate(sig_a, sig_b)
         assert abs(exact - estimate) < 0.1, (dup, exact, estimate)
+        # the low bytes the LSH join carries estimate the same (b-bit minwise hashing)
+        low = [np.frombuffer(minhash.low_bytes(s), dtype=np.uint8) for s in (sig_a, sig_b)]
+        assert abs(float(minhash.low_byte_estimates(low[0][None], low[1])[0]) - estimate) < 0.03
         assert exact >= 0.85, (dup, exact)  # lightly edited: well above the 0.8 threshold
     assert minhash.normalize_text("  Hello,   WORLD!\u00a0ﬁne_day ") == "hello world fine day"
     assert minhash.shingles("a b c", 5) == {"a b c"} and minhash.shingles("", 5) == set()
@@ -173,6 +177,9 @@ def test_distinct_real_pages_are_far_apart(pages):
     sets = [shingle_set(d) for d in pages]
     worst = max(minhash.jaccard(a, b) for a, b in itertools.combinations(sets, 2) if a and b)
     assert worst < 0.5
+    # unrelated pages' low bytes agree 1/256 of the time by chance: the estimate corrects that away
+    lows = np.stack([np.frombuffer(minhash.low_bytes(minhash.signature(x)), dtype=np.uint8) for x in sets if x])
+    assert max(float(minhash.low_byte_estimates(lows[:i], lows[i]).max()) for i in range(1, len(lows))) < 0.5
 
 
 def test_dedup_pipeline_direct_and_dask(tmp_path, pages, coco):

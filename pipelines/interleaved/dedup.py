@@ -3,9 +3,9 @@ repeated across too many documents.
 
 Every decision is a shuffle on a key (text hash, LSH band key, doc_id, image URL), never a set on one worker:
 - exact (`dedup_exact`): group by the hash of the normalised text; the smallest doc_id survives.
-- near (`dedup_near`): each document's MinHash signature is emitted under its `bands` band keys; documents
-  sharing a band key are candidates and a candidate pair only counts when the signature Jaccard estimate is
-  >= threshold. Rule (deterministic, order-free, one pass): a document is dropped iff it has a verified near
+- near (`dedup_near`): each document's MinHash signature is emitted under its `bands` band keys (as its low
+  bytes: b-bit minwise hashing); documents sharing a band key are candidates and a candidate pair only counts
+  when the Jaccard estimate from those bytes is >= threshold. Rule (deterministic, order-free, one pass): a document is dropped iff it has a verified near
   duplicate with a smaller doc_id; the reject names the smallest such doc_id and the estimate. The kept set
   then holds no verified pair. With A~B, B~C and A!~C (A<B<C) both B and C go (C is named a duplicate of B,
   B of A): following the named ids always ends at a kept document. Greedy "keep unless similar to a kept
@@ -126,7 +126,9 @@ def exact_dedup(collector, docs):
 # ---- near -----------------------------------------------------------------------------------------------
 
 class _BandKeys(beam.DoFn):
-    """(band_key, (doc_id, signature bytes)) for each band of a document with text (its stub's signature)."""
+    """(band_key, (doc_id, low bytes of the signature)) for each band of a document with text (its stub's
+    signature): the bands' join carries a quarter of the signature (128 bytes, not 512) in each of a document's
+    band records, and candidates are verified on the low bytes (`minhash.low_byte_estimates`)."""
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
@@ -136,8 +138,10 @@ class _BandKeys(beam.DoFn):
         if packed is None:
             return
         bands, rows = self.cfg.lsh()
-        for key in minhash.band_keys(np.frombuffer(packed, dtype=np.uint32), bands, rows):
-            yield key, (stub["doc_id"], packed)
+        sig = np.frombuffer(packed, dtype=np.uint32)
+        low = minhash.low_bytes(sig)
+        for key in minhash.band_keys(sig, bands, rows):
+            yield key, (stub["doc_id"], low)
 
 
 class _VerifyBucket(beam.DoFn):
@@ -152,9 +156,9 @@ class _VerifyBucket(beam.DoFn):
         if len(unique) < 2:
             return
         ids = list(unique)
-        sigs = np.stack([np.frombuffer(unique[i], dtype=np.uint32) for i in ids])
+        sigs = np.stack([np.frombuffer(unique[i], dtype=np.uint8) for i in ids])
         for j in range(1, len(ids)):
-            estimates = np.count_nonzero(sigs[:j] == sigs[j], axis=1) / sigs.shape[1]
+            estimates = minhash.low_byte_estimates(sigs[:j], sigs[j])
             hits = np.flatnonzero(estimates >= self.threshold)
             if hits.size:
                 i = int(hits[0])
