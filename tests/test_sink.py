@@ -38,13 +38,18 @@ def keep_long(row):
     return row if n >= MIN_WORDS else Reject("caption_too_short", f"{n} words")
 
 
-def build_for(rows):
+def image_id(row):
+    return row["image_id"]
+
+
+def build_for(rows, stages=lambda c, src: c.stage(src, "length", keep_long, source_of=image_id)):
+    """Read `rows`, run `stages(collector, rows)` (default: stage "length"), write what it keeps."""
     def build(p):
         c = Collector()
         src = p | "Read" >> beam.Create(rows)
         c.count(src, "read", "in")
         c.count(src, "read", "out")
-        kept = c.stage(src, "length", keep_long, source_of=lambda r: r["image_id"])
+        kept = stages(c, src)
         c.add(kept | "ToSink" >> beam.Map(lambda r: ("data", r["image_id"], r)))
         return c.finish()
     return build
@@ -257,21 +262,10 @@ def keep_short(row):
 STEPS = [("length", keep_long, None), ("no_dogs", no_dogs, None), ("short", keep_short, None)]
 
 
-def build_steps(rows, chained: bool):
-    def build(p):
-        c = Collector()
-        src = p | "Read" >> beam.Create(rows)
-        c.count(src, "read", "in")
-        c.count(src, "read", "out")
-        if chained:
-            kept = c.chain(src, "Chain", STEPS, source_of=lambda r: r["image_id"])
-        else:
-            kept = src
-            for name, fn, _ in STEPS:
-                kept = c.stage(kept, name, fn, source_of=lambda r: r["image_id"])
-        c.add(kept | "ToSink" >> beam.Map(lambda r: ("data", r["image_id"], r)))
-        return c.finish()
-    return build
+def stages_one_by_one(c, src):
+    for name, fn, _ in STEPS:
+        src = c.stage(src, name, fn, source_of=image_id)
+    return src
 
 
 def test_chained_stages_write_what_the_stages_one_by_one_write(tmp_path, coco):
@@ -283,7 +277,8 @@ def test_chained_stages_write_what_the_stages_one_by_one_write(tmp_path, coco):
         out = tmp_path / f"chained-{chained}"
         stats = execute(RunSpec(command="test-sink", out_dir=str(out), config={}, inputs=[],
                                 kinds={"data": Kind("pair", "data", 4)}, stages=["read"] + [s[0] for s in STEPS]),
-                        run_args("dask", 2), build_steps(rows, chained))
+                        run_args("dask", 2),
+                        build_for(rows, (lambda c, src: c.chain(src, "Chain", STEPS, image_id)) if chained else stages_one_by_one))
         runs[chained] = ({f: [r for r in rs if r.get("metric") != CPU_METRIC] for f, rs in shard_bytes(out).items()},
                          stats)
     (one_by_one, stats_a), (chained, stats_b) = runs[False], runs[True]
