@@ -74,3 +74,30 @@ def test_flatten_never_makes_a_branch_wait_for_another():
     for bundle in early:
         assert len({t for t, _ in bundle}) == 1 and len({n // 100 for _, n in bundle}) == 1 and len(bundle) == 100
     assert sorted(x for b in bundles for x in b) == sorted([(t, n) for t in "abc" for n in range(400)])
+
+
+def test_reads_keep_their_partitions_and_shuffles_stop_at_the_bound(monkeypatch):
+    """Work items keep a partition each (a WARC range's pages stay apart), while a GroupByKey gives at most
+    SHUFFLE_BOUND partitions however many work items there are (a run over many WARCs: tasks stay bounded)."""
+    from mmcorpus.pipelines.runtime import dask_graph
+
+    assert dask_graph.shuffle_bound(40_000, 2) == dask_graph.SHUFFLE_BOUND and dask_graph.shuffle_bound(3, 2) == 4
+    monkeypatch.setattr(dask_graph, "SHUFFLE_BOUND", 3)
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        options = PipelineOptions([f"--runner={DASK_RUNNER}", f"--dask_client_address={cluster.scheduler_address}",
+                                   "--dask_npartitions=12"])
+        p = beam.Pipeline(options=options)
+        numbers = p | beam.Create(list(range(240)))  # 12 work items of 20 numbers
+        reads = numbers | "Reads" >> beam.ParDo(_BundleContents()) | "TagReads" >> beam.Map(lambda b: ("read", b))
+        grouped = (numbers | beam.Map(lambda n: (n % 30, n)) | beam.GroupByKey() | beam.FlatMapTuple(lambda k, ns: ns)
+                   | "Shuffled" >> beam.ParDo(_BundleContents()) | "TagShuffled" >> beam.Map(lambda b: ("shuffled", b)))
+        (reads, grouped) | beam.Flatten() | beam.Map(lambda x: x)
+        result = p.run()
+        result.wait_until_finish()
+        bundles = [getattr(v, "value", v) for f in result.futures for v in f.result()]
+        result.client.close()
+    reads = [b for t, b in bundles if t == "read"]
+    shuffled = [b for t, b in bundles if t == "shuffled" and b]
+    assert len(reads) == 12 and all(len(b) == 20 for b in reads)
+    assert len(shuffled) == 3 and sorted(n for b in shuffled for n in b) == list(range(240))

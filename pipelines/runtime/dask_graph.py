@@ -7,9 +7,9 @@ the one sink, so the sink's shuffle had some hundred input partitions and each l
 tasks for 576 WARC records (`interleaved --no-images`, 2 workers), against 717 with the bound: a fifth less CPU
 in all (the scheduler's own nearly halved), the same output files. A Flatten never joins partitions of different
 branches (one would wait for the other: rows held); a GroupByKey joins its inputs (it waits for all anyway).
-The bound is two per worker thread of the cluster, or `--dask_npartitions` when that is more: a command sets it
-to its number of work items (e.g. `pairs`' read chunks), so a partition holds about one work item's rows however
-large the input (the rows of one partition are one list in one worker's memory).
+The bound is two per worker thread of the cluster, or `--dask_npartitions` when that is more (up to
+SHUFFLE_BOUND): a command sets it to its number of work items (e.g. `pairs`' read chunks), so a partition holds
+about one work item's rows however large the input (the rows of one partition are one list in one worker's memory).
 """
 
 from __future__ import annotations
@@ -129,6 +129,18 @@ class _ToBags(PipelineVisitor):
         self.bags[node] = op.apply(input_bag=main, side_inputs=sides)
 
 
+SHUFFLE_BOUND = 512  # most partitions out of a GroupByKey (and per Flatten branch): tasks grow with them
+
+
+def shuffle_bound(work_items: int, threads: int) -> int:
+    """Partitions after a GroupByKey and per Flatten branch: a command's work items (read chunks, WARC ranges)
+    when there are more than two per thread, so partitions stay about one work item's rows; at most
+    SHUFFLE_BOUND (a run over hundreds of WARCs has tens of thousands of ranges, and a tasks shuffle of that
+    many partitions would be hundreds of thousands of tasks). What crosses the shuffles is small (stubs, reject
+    rows, counters, run-file sections); the reads before them keep one partition per work item."""
+    return max(2 * threads, min(work_items, SHUFFLE_BOUND))
+
+
 class BoundedDaskRunner(DaskRunner):
     """DaskRunner whose Flatten and GroupByKey keep at most `bound` partitions."""
 
@@ -141,8 +153,7 @@ class BoundedDaskRunner(DaskRunner):
         lazy = dask_options.pop("lazy_side_inputs", False)
         client = ddist.Client(**dask_options)
         threads = sum(client.nthreads().values()) or 1
-        # a command's work items (read chunks) when there are more of them: partitions then stay the size of one
-        bag_kwargs["bound"] = max(bag_kwargs.get("npartitions") or 0, 2 * threads)
+        bag_kwargs["bound"] = shuffle_bound(bag_kwargs.get("npartitions") or 0, threads)
         pipeline.replace_all(dask_overrides())
         visitor = _ToBags(bag_kwargs, lazy)
         pipeline.visit(visitor)
