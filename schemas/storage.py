@@ -265,6 +265,18 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def read_range(path: str, start: int, end: int, retries: int = 5, backoff: float = 0.5) -> bytes:
+    """Bytes [start, end) of a file (fewer at its end): of a remote one, one ranged read, retried as
+    `ResumingReader` retries (then ReadFailed)."""
+    if not is_url(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    with ResumingReader(path, retries, backoff, block_size=max(1, end - start)) as r:
+        r.seek(start)
+        return r.read(end - start)
+
+
 def move(src: str, dst: str) -> None:
     """Rename (local, atomic) or copy then delete (object stores: the copy appears whole or not at all)."""
     if not is_url(src):
@@ -305,9 +317,11 @@ class ResumingReader(io.RawIOBase):
     up to `retries` times in a row with exponential backoff; then ReadFailed naming the file and the offset.
     Missing files and denied access are not retried."""
 
-    def __init__(self, path: str, retries: int = 5, backoff: float = 0.5, block_size: int = 4 << 20):
+    def __init__(self, path: str, retries: int = 5, backoff: float = 0.5, block_size: int = 4 << 20,
+                 cache_type: str = "readahead"):
         super().__init__()
         self.path, self.retries, self.backoff, self.block_size = path, retries, backoff, block_size
+        self.cache_type = cache_type  # fsspec's; "blockcache" keeps recent blocks for reads that seek back
         self.pos = 0
         self.resumes = 0  # reopenings after a failure, for logs and tests
         self._fh = None
@@ -333,7 +347,8 @@ class ResumingReader(io.RawIOBase):
     def _handle(self):
         if self._fh is None:
             # the size is known: no second HEAD per (re)opening
-            self._fh = self._fs.open(self._p, "rb", block_size=self.block_size, size=self.size)
+            self._fh = self._fs.open(self._p, "rb", block_size=self.block_size, size=self.size,
+                                     cache_type=self.cache_type)
             self._fh.seek(self.pos)
         return self._fh
 

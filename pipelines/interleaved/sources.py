@@ -34,7 +34,7 @@ def _is_warc(path: str) -> bool:
 
 CC_PREFIX = "https://data.commoncrawl.org/"
 REMOTE_RETRY = (5, 0.5)  # a remote WARC read: retries in a row at one offset, first backoff in seconds (doubling)
-RANGE_BLOCK = 1 << 19  # bytes per ranged read of a remote WARC read in byte ranges (a whole one: 4 MiB)
+RANGE_BLOCK = 1 << 18  # bytes per ranged read of a WARC read in byte ranges (a whole one: 4 MiB blocks)
 LISTING_SUFFIXES = (".paths", ".paths.gz", ".paths.txt")
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
@@ -218,14 +218,29 @@ def read_warc(path: str, max_bytes: int, lo: int = 0, hi: int | None = None):
     `read_failed` reject naming it and the offset."""
     source = storage.redact_url(path)
     ranged = bool(lo) or hi is not None
+    if ranged:  # every range of a file must decide alike: a failed check is this range's read_failed
+        try:
+            cut = one_record_members(path)
+        except (FileNotFoundError, PermissionError) as exc:
+            if not lo:  # one reject per file, from its first range
+                yield bad(source, "read_failed", _why(exc))
+            return
+        except (OSError, ValueError) as exc:
+            yield bad(f"{source}:{lo}", "read_failed", f"the range from byte {lo} was not read: checking the file's "
+                                                       f"start failed ({shorten(str(exc), 300)})")
+            return
+        if not cut:  # the first range reads it whole, the others nothing
+            if lo:
+                return
+            ranged, hi = False, None
     try:
-        if storage.is_url(path):  # a range reads little past its end: smaller blocks
-            fh = storage.ResumingReader(path, *REMOTE_RETRY, **({"block_size": RANGE_BLOCK} if ranged else {}))
+        if storage.is_url(path):  # a range reads little past its end, and seeks back after its first scan
+            fh = storage.ResumingReader(path, *REMOTE_RETRY, **({"block_size": RANGE_BLOCK, "cache_type": "blockcache"}
+                                                                 if ranged else {}))
         else:
             fh = open(path, "rb")
-    except (OSError, ValueError) as exc:
-        if not lo:  # one reject per file, from its first part
-            yield bad(source, "read_failed", _why(exc))
+    except (OSError, ValueError) as exc:  # a later range got here after its check read the file: its own reject
+        yield bad(f"{source}:{lo}" if lo else source, "read_failed", _why(exc))
         return
     with fh:
         try:
@@ -242,18 +257,13 @@ def warc_records(fh, path: str, max_bytes: int, lo: int = 0, hi: int | None = No
     one `warc_invalid_record` reject naming its byte offsets; an unreadable remainder is one reject naming the
     offset where it starts. Bodies of non-response records are not read into memory (fastwarc skips them).
 
-    With a byte range (lo > 0 or hi): only the records whose gzip member starts in [lo, hi), when the file has a
-    member per record (`one_record_members`); else the first part reads the whole file and the others nothing.
-    A damaged stretch is reported by the part of the record before it (the first part at the file's start)."""
-    head = fh.read(HEAD_BYTES)
-    gz = head[:2] == b"\x1f\x8b"
-    if (lo or hi is not None) and not (gz and one_record_members(head)):
-        if lo:
-            return
-        hi = None
+    With a byte range (lo > 0 or hi; the file must have a member per record: `read_warc` checks): only the records
+    whose gzip member starts in [lo, hi). A damaged stretch is reported by the range of the record before it (the
+    first range at the file's start)."""
+    gz = fh.read(2) == b"\x1f\x8b"
     start, last, n, last_failed = 0, -1, 0, False
     if lo:  # the first record start in the range; what lies before it belongs to an earlier part
-        start = _resume_point(fh, lo, gz, limit=hi)[0]
+        start = _resume_point(fh, lo, gz, chunk=SCAN_CHUNK, limit=hi)[0]
         if start is None:
             return
     while True:
@@ -308,19 +318,25 @@ def warc_records(fh, path: str, max_bytes: int, lo: int = 0, hi: int | None = No
         start, last_failed = resume, False
 
 
-HEAD_BYTES = 1 << 18  # read at a WARC's start: enough for its first record in most files (a warcinfo record)
+HEAD_BYTES = (1 << 16, 1 << 18)  # read at a WARC's start to check its first member: first try, most
+SCAN_CHUNK = 1 << 16  # a range looks for its first member start this many bytes at a time
 
 
-def one_record_members(head: bytes) -> bool:
-    """Whether the first gzip member of a .gz WARC (`head`: the file's first bytes) holds exactly one record, as
-    the WARC standard recommends and Common Crawl writes: then every member starts a record, and a byte offset
-    finds one. A whole-file gzip stream, a member of several records, a damaged start or a first member longer
-    than `head`: False (the file is then read whole by its first part)."""
-    d = zlib.decompressobj(31)
-    try:
-        out = d.decompress(head, 1 << 22)
-    except zlib.error:
-        return False
+def one_record_members(path: str) -> bool:
+    """Whether the first gzip member of a .gz WARC holds exactly one record, as the WARC standard recommends and
+    Common Crawl writes: then every member starts a record, and a byte offset finds one. A whole-file gzip stream,
+    a member of several records, a damaged start, a first member longer than HEAD_BYTES: False (the
+    file is then read whole by its first range). One ranged read of the file's start (a second, larger one when
+    the first member does not end in it)."""
+    for size in HEAD_BYTES:
+        d = zlib.decompressobj(31)
+        head = storage.read_range(path, 0, size, *REMOTE_RETRY)  # a failed read raises: never a guess
+        try:
+            out = d.decompress(head, 1 << 22)
+        except zlib.error:
+            return False
+        if d.eof or len(head) < size:
+            break
     end = out.find(b"\r\n\r\n")
     length = _CONTENT_LENGTH.search(out[:end]) if end >= 0 else None
     if not d.eof or not out.startswith(b"WARC/") or length is None:
