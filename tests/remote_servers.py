@@ -52,7 +52,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
     """GET/HEAD of files under `root` with single-range `Range` requests (206). Paths:
     /files/NAME  served whole; /cut/NAME  the first response that reaches the middle of the file stops there
     and the connection is closed (Content-Length promised more); /dead/NAME  every response is cut;
-    /denied/NAME  403. Every request is logged as (path, first byte) in `server.requests`."""
+    /denied/NAME  403. Every request is logged as (path, first byte) in `server.requests`, the body bytes written
+    are added up in `server.sent`."""
 
     protocol_version = "HTTP/1.1"
 
@@ -104,20 +105,22 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         cut = (mode == "dead" or (mode == "cut" and path not in self.server.cut_done)) and start <= middle <= end
         if cut:
             self.server.cut_done.add(path)
+            self.server.sent += middle - start
             self.wfile.write(data[: middle - start])
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        self.server.sent += len(data)
         self.wfile.write(data)
 
 
 @contextlib.contextmanager
 def range_server(root: str):
-    """A threaded RangeHandler server over `root`; yields it (.url, .requests, .cut_done)."""
+    """A threaded RangeHandler server over `root`; yields it (.url, .requests, .sent, .cut_done)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     server.daemon_threads = True
-    server.root, server.requests, server.cut_done = str(root), [], set()
+    server.root, server.requests, server.sent, server.cut_done = str(root), [], 0, set()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

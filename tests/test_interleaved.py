@@ -374,7 +374,7 @@ def test_plan_scales_partitions_and_shards_with_the_input(tmp_path):
     """Read partitions, URL-list host groups and output shards grow with the input (a worker holds a partition's
     pages and a shard's rows), and stay at their floors for a small one."""
     from mmcorpus.pipelines.interleaved.command import PAGES_PER_PARTITION, auto_shards, dask_partitions
-    from mmcorpus.pipelines.interleaved.sources import line_count, split_items
+    from mmcorpus.pipelines.interleaved.sources import line_count, split_items, task_batches
 
     urls = tmp_path / "urls.txt"
     urls.write_text("# a comment\n" + "".join(f"http://example.org/{i}\n" for i in range(10_000)) + "http://x/last")
@@ -382,7 +382,8 @@ def test_plan_scales_partitions_and_shards_with_the_input(tmp_path):
     warc = ("warc", "big.warc.gz")
     tasks = split_items([warc, ("html", "a.html")], 4, 4 << 20, {"big.warc.gz": 1 << 30})
     assert len(tasks) == 257  # 256 ranges of 4 MiB and the HTML file
-    assert dask_partitions(tasks, 10_002, 2) == 257 + -(-10_002 // PAGES_PER_PARTITION)
-    assert dask_partitions(split_items([("html", "a.html")], 4), 0, 2) == 4
+    batches = task_batches(tasks, PAGES_PER_PARTITION)
+    assert len(batches) == 257 and dask_partitions(len(batches), 10_002, 2) == 257 + -(-10_002 // PAGES_PER_PARTITION)
+    assert dask_partitions(len(task_batches(split_items([("html", "a.html")], 4))), 0, 2) == 4
     assert auto_shards([warc, ("urls", str(urls))], {"big.warc.gz": 1 << 30}, 10_002) == 8 + 3
     assert auto_shards([("html", "a.html")], {}, 0) == 4

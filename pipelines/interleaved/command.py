@@ -305,7 +305,7 @@ def build(p, items, opts):
     lists = [item[1] for item in items if item[0] == "urls"]
     branches = []
     if files:  # WARCs cut into byte ranges or interleaved parts: read, extract and filter run fused on every worker
-        batches = task_batches(opts.get("read_tasks") or split_items(files, opts["read_parts"]), PAGES_PER_PARTITION)
+        batches = opts.get("read_batches") or task_batches(split_items(files, opts["read_parts"]), PAGES_PER_PARTITION)
         records = p | "Files" >> beam.Create(batches)
         if opts.get("spread_tasks", True):  # on the Dask runner each batch is already its own partition
             records = records | "Reshuffle" >> beam.Reshuffle()
@@ -362,13 +362,11 @@ def auto_shards(items, sizes: dict, url_lines: int) -> int:
     return max(4, -(-warc_bytes // SHARD_WARC_BYTES) + -(-(url_lines + html) // SHARD_PAGES))
 
 
-def dask_partitions(tasks, url_lines: int, workers: int) -> int:
+def dask_partitions(batches: int, url_lines: int, workers: int) -> int:
     """Partitions of the Dask runner's bags: one per read batch (a WARC part, or up to 256 HTML files) and one per
     PAGES_PER_PARTITION pages of the URL lists, so a partition holds a bounded share of the pages however large
     the input (every step keeps a whole partition's output in memory); at least two per worker."""
-    from mmcorpus.pipelines.interleaved.sources import task_batches
-
-    return max(2 * workers, len(task_batches(tasks, PAGES_PER_PARTITION)) + -(-url_lines // PAGES_PER_PARTITION))
+    return max(2 * workers, batches + -(-url_lines // PAGES_PER_PARTITION))
 
 
 def read_parts(items, workers: int) -> int:
@@ -435,7 +433,7 @@ def run(args) -> int:
     from mmcorpus.pipelines.fetching.downloader import fetch_record_folder
     from mmcorpus.pipelines.runtime.sink import Kind, park_folder, spool_folder
     from mmcorpus.pipelines.interleaved.sources import (expand_sources, file_sizes, line_count, load_url_manifest,
-                                                        sized_items, split_items)
+                                                        ranged_sizes, sized_items, split_items, task_batches)
     from mmcorpus.schemas import storage
 
     if args.num_shards < 0:
@@ -476,15 +474,16 @@ def run(args) -> int:
     part_bytes = 0 if args.read_parts else max(1, int(args.warc_part_mb * 2**20))
     files = [item for item in items if item[0] != "urls"]
     sizes = file_sizes(sized_items(items))
-    tasks = split_items(files, parts, part_bytes, sizes)
+    batches = task_batches(split_items(files, parts, part_bytes, ranged_sizes(files, sizes, part_bytes)),
+                           PAGES_PER_PARTITION)
     url_lines = sum(line_count(item[1]) for item in items if item[0] == "urls")  # comments and blanks too
     # a URL list's pages spread over host groups of about PAGES_PER_PARTITION pages, each partition a few groups
     page_cfg = dataclasses.replace(page_cfg, groups=max(page_cfg.groups, -(-url_lines // PAGES_PER_PARTITION)))
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
-            "urls": urls, "read_parts": parts, "read_tasks": tasks, "nsfw": nsfw, "park_dir": park_folder(args.output),
+            "urls": urls, "read_parts": parts, "read_batches": batches, "nsfw": nsfw, "park_dir": park_folder(args.output),
             "spread_tasks": chosen_runner(args) != "dask"}
-    args.dask_partitions = dask_partitions(tasks, url_lines, workers)
+    args.dask_partitions = dask_partitions(len(batches), url_lines, workers)
     shards = args.num_shards or auto_shards(items, sizes, url_lines)
     spec = RunSpec(command="interleaved", out_dir=args.output, config=config, inputs=inputs,
                    kinds={"data": Kind("interleaved", "data", shards)},

@@ -218,28 +218,13 @@ def read_warc(path: str, max_bytes: int, lo: int = 0, hi: int | None = None):
     `read_failed` reject naming it and the offset."""
     source = storage.redact_url(path)
     ranged = bool(lo) or hi is not None
-    if ranged:  # every range of a file must decide alike: a failed check is this range's read_failed
-        try:
-            cut = one_record_members(path)
-        except (FileNotFoundError, PermissionError) as exc:
-            if not lo:  # one reject per file, from its first range
-                yield bad(source, "read_failed", _why(exc))
-            return
-        except (OSError, ValueError) as exc:
-            yield bad(f"{source}:{lo}", "read_failed", f"the range from byte {lo} was not read: checking the file's "
-                                                       f"start failed ({shorten(str(exc), 300)})")
-            return
-        if not cut:  # the first range reads it whole, the others nothing
-            if lo:
-                return
-            ranged, hi = False, None
     try:
         if storage.is_url(path):  # a range reads little past its end, and seeks back after its first scan
             fh = storage.ResumingReader(path, *REMOTE_RETRY, **({"block_size": RANGE_BLOCK, "cache_type": "blockcache"}
                                                                  if ranged else {}))
         else:
             fh = open(path, "rb")
-    except (OSError, ValueError) as exc:  # a later range got here after its check read the file: its own reject
+    except (OSError, ValueError) as exc:  # each range of a file reports its own failure
         yield bad(f"{source}:{lo}" if lo else source, "read_failed", _why(exc))
         return
     with fh:
@@ -257,7 +242,7 @@ def warc_records(fh, path: str, max_bytes: int, lo: int = 0, hi: int | None = No
     one `warc_invalid_record` reject naming its byte offsets; an unreadable remainder is one reject naming the
     offset where it starts. Bodies of non-response records are not read into memory (fastwarc skips them).
 
-    With a byte range (lo > 0 or hi; the file must have a member per record: `read_warc` checks): only the records
+    With a byte range (lo > 0 or hi; the file has a member per record: `ranged_sizes` checked): only the records
     whose gzip member starts in [lo, hi). A damaged stretch is reported by the range of the record before it (the
     first range at the file's start)."""
     gz = fh.read(2) == b"\x1f\x8b"
@@ -325,12 +310,12 @@ SCAN_CHUNK = 1 << 16  # a range looks for its first member start this many bytes
 def one_record_members(path: str) -> bool:
     """Whether the first gzip member of a .gz WARC holds exactly one record, as the WARC standard recommends and
     Common Crawl writes: then every member starts a record, and a byte offset finds one. A whole-file gzip stream,
-    a member of several records, a damaged start, a first member longer than HEAD_BYTES: False (the
-    file is then read whole by its first range). One ranged read of the file's start (a second, larger one when
-    the first member does not end in it)."""
+    a member of several records, a damaged start, a first member longer than HEAD_BYTES: False (the file is then
+    read whole). One ranged read of the file's start (a second, larger one when the first member does not end in
+    it); a read that fails raises."""
     for size in HEAD_BYTES:
         d = zlib.decompressobj(31)
-        head = storage.read_range(path, 0, size, *REMOTE_RETRY)  # a failed read raises: never a guess
+        head = storage.read_range(path, 0, size, *REMOTE_RETRY)
         try:
             out = d.decompress(head, 1 << 22)
         except zlib.error:
@@ -650,19 +635,33 @@ def _gz_warc(item: tuple) -> bool:
     return item[0] == "warc" and item[1].lower().endswith(".gz")
 
 
-def file_sizes(paths: list[str], threads: int = 16) -> dict[str, int | None]:
-    """Bytes of each file (remote ones asked in parallel); None where that fails (the read reports it)."""
+def _each(fn, paths: list[str], threads: int = 16) -> dict:
+    """fn(path) for each of `paths` (remote ones asked in parallel); None where it raises (the file's own read
+    names the problem)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def size(path):
+    def ask(path):
         try:
-            return storage.info(path)["bytes"]
-        except Exception:  # noqa: BLE001 - the file's own read names the problem
+            return fn(path)
+        except Exception:  # noqa: BLE001
             return None
 
     paths = sorted(set(paths))
     with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
-        return dict(zip(paths, pool.map(size, paths)))
+        return dict(zip(paths, pool.map(ask, paths)))
+
+
+def file_sizes(paths: list[str]) -> dict[str, int | None]:
+    """Bytes of each file; None where that fails."""
+    return _each(lambda path: storage.info(path)["bytes"], paths)
+
+
+def ranged_sizes(items: list[tuple], sizes: dict[str, int | None], part_bytes: int) -> dict[str, int]:
+    """Sizes of the WARCs to read in byte ranges of `part_bytes`: .gz ones larger than that with a gzip member per
+    record (`one_record_members`, asked once per file here, so every range of a file is read the same way). A
+    file whose check fails is read whole, by one task."""
+    paths = [item[1] for item in items if part_bytes and _gz_warc(item) and (sizes.get(item[1]) or 0) > part_bytes]
+    return {path: sizes[path] for path, ok in _each(one_record_members, paths).items() if ok}
 
 
 def line_count(path: str, chunk: int = 1 << 20) -> int:
@@ -684,16 +683,18 @@ def sized_items(items: list[tuple]) -> list[str]:
 
 def split_items(items: list[tuple], parts: int, part_bytes: int = 0,
                 sizes: dict[str, int | None] | None = None) -> list[Part]:
-    """Work items -> read tasks. With `part_bytes`, a .gz WARC of known size is cut into byte ranges of that
-    size (`warc_records`: each range read from its own offset); any other WARC into `parts` interleaved parts
-    (record i goes to part i % parts), so one big file spreads over every worker; other items stay whole."""
+    """Work items -> read tasks. With `part_bytes`, a .gz WARC in `sizes` (`ranged_sizes`) is cut into byte ranges
+    of that size (`warc_records`: each range read from its own offset) and any other .gz WARC is one task; other
+    WARCs are cut into `parts` interleaved parts (record i goes to part i % parts), so one big file spreads over
+    every worker; other items stay whole."""
     out: list[Part] = []
     for item in items:
-        size = (sizes or {}).get(item[1]) if part_bytes and _gz_warc(item) else None
+        ranged = bool(part_bytes) and _gz_warc(item)  # a .gz WARC not in `sizes` is one task
+        size = (sizes or {}).get(item[1]) if ranged else None
         if size:
             starts = range(0, size, part_bytes)
             out += [Part(item, lo=lo, hi=lo + part_bytes if lo + part_bytes < size else -1) for lo in starts]
-        elif item[0] == "warc" and parts > 1:
+        elif item[0] == "warc" and parts > 1 and not ranged:
             out += [Part(item, k, parts) for k in range(parts)]
         else:
             out.append(Part(item))
