@@ -16,7 +16,10 @@ against bare img2dataset on the same loopback URL list. Sections (--sections):
   own URL and its own bytes, pages distinct so dedup keeps them: photo_site) with image fetching; at the
   largest size --interleaved-repeats alternating rounds of --no-images, with images, bare img2dataset over
   its image URLs (ratio of medians) and img2dataset decoding every image (skip_reencode: the check
-  `interleaved` makes too). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
+  `interleaved` makes too), and `interleaved` with `fetch.decode: false` (header check, no pHash: what bare
+  img2dataset checks). --pages 312,1250,5000 gives peak RSS per process at 1x, 4x, 16x.
+- latency: the interleaved comparison at --latency-pages with the server waiting --image-latency-ms before each
+  image, as remote hosts do (pages served at once): what overlapping downloads with extraction is for.
 - capfilt: `capfilt` with a tiny random BLIP over `pairs` outputs of --capfilt-rows rows, each its own photo.
 - warc: `interleaved --no-images` over one .gz WARC of --warc-records real article pages (the trafilatura-eval
   pages in turn, a gzip member per record, as Common Crawl writes them), read in byte ranges (the default) and,
@@ -122,8 +125,15 @@ def pairs_run(rows: pathlib.Path, work: pathlib.Path, runner: list[str], *extra:
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
+    image_delay = 0.0  # seconds before each answer under /img/: a remote host's latency (section latency)
+
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        if self.image_delay and self.path.startswith("/img/"):
+            time.sleep(self.image_delay)
+        super().do_GET()
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -134,8 +144,9 @@ class _Server(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
 
-def serve(folder: pathlib.Path):
-    server = _Server(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+def serve(folder: pathlib.Path, image_delay: float = 0.0):
+    handler = type("_Handler", (_Quiet,), {"image_delay": image_delay})
+    server = _Server(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -307,14 +318,18 @@ def decode_cost(n_images: int) -> dict:
     return {"images": n_images, "inspect_image_cpu_s": round(time.process_time() - t, 1)}
 
 
-def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> dict:
+def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1, latency_ms: float = 0.0,
+                      decoding: bool = True) -> dict:
     """`interleaved` over a loopback site of N pages x 4 photos with image fetching (default runner); at the
     largest N, `repeats` alternating rounds of --no-images, with images and bare img2dataset over the site's
-    image URLs: ratio = median bare wall / (median with-images wall - median --no-images wall)."""
+    image URLs (and img2dataset decoding, with `decoding`): ratio = median bare wall / (median with-images wall
+    - median --no-images wall). `latency_ms`: the server waits that long before each image (pages at once)."""
     config = tmp / "site.yaml"
     tmp.mkdir(parents=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     config.write_text("pages: {host_delay: 0.0}\n")  # our own server: no politeness delay
+    header_only = tmp / "site-no-decode.yaml"  # fetch.decode false: img2dataset's disable_all_reencoding check
+    header_only.write_text("pages: {host_delay: 0.0}\nfetch: {decode: false}\n")
     out: dict = {"runs": []}
     bare: list[dict] = []
     bare_decoding: list[dict] = []
@@ -324,15 +339,15 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
         t = time.time()
         names = photo_site(site, n)
         print(f"site of {n} pages written in {time.time() - t:.0f} s", flush=True)
-        server = serve(site)
+        server = serve(site, latency_ms / 1000)
         try:
             base = f"http://127.0.0.1:{server.server_address[1]}"
             urls = tmp / f"pages-{n}.txt"
             urls.write_text("".join(f"{base}/{name}\n" for name in names))
             images = tmp / f"images-{n}.txt"
             images.write_text("".join(f"{base}/img/p{i:05d}-{k}.jpg\n" for i in range(n) for k in range(4)))
-            variants = [("no_images", ["--no-images"]), ("images", []), ("bare", None), ("bare_decoding", None)] \
-                if n == top else [("images", [])]
+            variants = [("no_images", ["--no-images"]), ("images", []), ("images_no_decode", []), ("bare", None)] \
+                + [("bare_decoding", None)] * decoding if n == top else [("images", [])]
             for rnd in range(repeats if n == top else 1):
                 for label, extra in variants:
                     work = tmp / f"run-{n}-{label}-{rnd}"
@@ -344,7 +359,8 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
                         shutil.rmtree(work / "out", ignore_errors=True)
                         continue
                     work.mkdir()
-                    cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(config),
+                    settings = header_only if label == "images_no_decode" else config
+                    cmd = _mm("interleaved", str(urls), "--output", str(work / "out"), "--config", str(settings),
                               "--allow-private-network", "--overwrite", *extra)
                     res = {"pages": n, "variant": label, "round": rnd,
                            **_totals(measured(cmd, str(work)), work / "out", work),
@@ -358,11 +374,12 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
     out["bare_img2dataset_decoding_same_images"] = bare_decoding
     out["decode_cost"] = decode_cost(4 * top)
     walls = {label: [r["wall_s"] for r in out["runs"] if r["pages"] == top and r["variant"] == label
-                     and r["exit"] == 0] for label in ("images", "no_images")}
+                     and r["exit"] == 0] for label in ("images", "images_no_decode", "no_images")}
     if walls["images"] and walls["no_images"] and bare:
         import statistics
 
-        overhead = statistics.median(walls["images"]) - statistics.median(walls["no_images"])
+        base = statistics.median(walls["no_images"])
+        overhead = statistics.median(walls["images"]) - base
         bare_s = statistics.median([b["wall_s"] for b in bare])
         out["fetch_overhead_s"] = round(overhead, 1)
         out["ratio_vs_img2dataset"] = round(bare_s / overhead, 2) if overhead > 0 else None  # None: fetch hidden
@@ -371,11 +388,18 @@ def interleaved_bench(sizes: list[int], tmp: pathlib.Path, repeats: int = 1) -> 
         if bare_decoding and overhead > 0:
             out["ratio_vs_img2dataset_decoding"] = round(
                 statistics.median([b["wall_s"] for b in bare_decoding]) / overhead, 2)
+        if walls["images_no_decode"]:
+            no_decode = statistics.median(walls["images_no_decode"]) - base
+            out["fetch_overhead_no_decode_s"] = round(no_decode, 1)
+            out["ratio_no_decode_vs_img2dataset"] = round(bare_s / no_decode, 2) if no_decode > 0 else None
         out["note"] = (f"ratio = median bare img2dataset wall over the site's image URLs / (median interleaved "
                        f"with images - median interleaved --no-images) at {top} pages, {repeats} alternating "
-                       "round(s)")
+                       "round(s); like for like: the default (every image decoded, pHash) against img2dataset "
+                       "decoding every image (skip_reencode), fetch.decode false (header check, no pHash) "
+                       "against bare img2dataset (disable_all_reencoding: no decode)")
     out["taken"] = f"{started} - {time.strftime('%H:%M:%S', time.gmtime())} UTC"
     out["command"] = " ".join(["bench_scale.py", *sys.argv[1:]])
+    out["image_latency_ms"] = latency_ms
     ok = [r for r in out["runs"] if r["variant"] == "images" and r["exit"] == 0]
     out["peak_rss_mib_by_pages"] = {r["pages"]: {"main": r["peak_rss_mib_main"],
                                                  "largest_worker": r["peak_rss_mib_largest_worker"]} for r in ok}
@@ -441,7 +465,7 @@ def scale_bench(sizes: list[int], runners: list[str], tmp: pathlib.Path, save) -
     return out
 
 
-SECTIONS = ("scale", "fetch", "interleaved", "capfilt", "warc")
+SECTIONS = ("scale", "fetch", "interleaved", "latency", "capfilt", "warc")
 
 
 def warc_bench(sizes: list[int], stride_sizes: list[int], tmp: pathlib.Path) -> dict:
@@ -489,6 +513,8 @@ def main() -> None:
     ap.add_argument("--interleaved-repeats", type=int, default=2,
                     help="interleaved: alternating rounds of --no-images / images / bare img2dataset at the "
                          "largest size")
+    ap.add_argument("--latency-pages", type=int, default=1250, help="latency: pages of the site")
+    ap.add_argument("--image-latency-ms", type=float, default=200.0, help="latency: the server's wait per image")
     ap.add_argument("--capfilt-rows", default="312,1250,5000", help="capfilt: pairs per run")
     ap.add_argument("--warc-records", default="576,2304,9216", help="warc: records of the one WARC per run")
     ap.add_argument("--warc-stride-records", default="576,2304", help="warc: sizes also run with --read-parts 4")
@@ -515,6 +541,10 @@ def main() -> None:
         if "interleaved" in sections:
             save_section("interleaved")(interleaved_bench([int(n) for n in args.pages.split(",")], tmp / "il",
                                                           args.interleaved_repeats))
+        if "latency" in sections:
+            save_section("interleaved_latency")(interleaved_bench([args.latency_pages], tmp / "lat",
+                                                                  args.interleaved_repeats, args.image_latency_ms,
+                                                                  decoding=False))
         if "capfilt" in sections:
             save_section("capfilt")(capfilt_bench([int(n) for n in args.capfilt_rows.split(",")], tmp / "cf"))
         if "warc" in sections:

@@ -10,6 +10,7 @@ JPEG is decoded at that scale (PIL draft: libjpeg's DCT scaling, which still rea
 stream, so truncation is still found, and skips most of the IDCT, colour conversion and resize work), other
 formats are decoded fully and box-reduced. With `transforms=True` also the pHashes of its horizontal flip and
 90/180/270-degree rotations, so dedup can catch flipped and rotated copies, which plain pHash cannot.
+`header_info(data)` checks without decoding (header, orientation, end marker; no pHash).
 `decode_rgb(data, max_pixels)` is the same size guard and full-size RGB conversion for callers that need the
 pixels (CapFilt).
 """
@@ -35,7 +36,8 @@ class ImageInfo:
     format: str  # PIL format name: JPEG, PNG, WEBP, GIF, ...
     mode: str  # mode as stored: RGB, L, CMYK, I;16, P, RGBA, ...
     sha256: str  # hex of the raw bytes
-    phash: str  # 16 hex digits (imagehash 64-bit pHash of the reduced grey image, see above)
+    phash: str | None  # 16 hex digits (imagehash 64-bit pHash of the reduced grey image, see above); None from
+    # header_info
     n_frames: int
     phash_transforms: tuple[str, ...] = ()  # pHashes of the TRANSFORMS of the image, when asked for
 
@@ -338,6 +340,29 @@ def inspect_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, transforms: bool =
     return ImageInfo(width=width, height=height, format=fmt, mode=mode,
                      sha256=sha256 or hashlib.sha256(bytes(data)).hexdigest(), phash=phash, n_frames=n_frames,
                      phash_transforms=variants)
+
+
+def header_info(data, max_pixels: int = DEFAULT_MAX_PIXELS, sha256: str | None = None) -> ImageInfo | Reject:
+    """`inspect_image` without decoding a pixel (what img2dataset's disable_all_reencoding keeps): the header, the
+    pixel guard, the EXIF orientation and the format's end marker, so random bytes and cut-off files are
+    rejected but damage inside the compressed data is not found; `phash` is None."""
+    img, problem = _open_checked(data, max_pixels)
+    if problem is not None:
+        return problem
+    fmt, (width, height) = img.format or "unknown", img.size
+    data = bytes(data)
+    if not _ends_whole(data, fmt):
+        return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # what exif_transpose turns by 90 degrees
+                width, height = height, width
+            n_frames = int(getattr(img, "n_frames", 1) or 1)
+    except Exception as exc:  # noqa: BLE001 - a broken EXIF block or frame table
+        return Reject("image_decode_failed", f"{fmt} {width}x{height}: {type(exc).__name__}: {exc}")
+    return ImageInfo(width=width, height=height, format=fmt, mode=img.mode,
+                     sha256=sha256 or hashlib.sha256(data).hexdigest(), phash=None, n_frames=n_frames)
 
 
 def phash_distance(a_hex: str, b_hex: str) -> int:

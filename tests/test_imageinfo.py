@@ -256,3 +256,36 @@ def test_header_size_agrees_with_pil(coco):
         assert header_size(data) == (img.format, *img.size)
     for data in (encode(base, "BMP"), encode(base, "TIFF"), b"\xff\xd8\xff\xe0 not a jpeg", b""):
         assert header_size(data) is None
+
+
+def test_header_info_is_inspect_image_without_decoding(ukbench, coco):
+    """header_info (fetching with `decode: false`) gives inspect_image's size after EXIF orientation, format,
+    mode, sha256 and frame count without decoding a pixel, and no pHash; cut-off and random bytes are still
+    rejected, while damage inside the compressed data passes (it is what the decode finds)."""
+    from mmcorpus.filters.imageinfo import header_info
+
+    same = 0
+    for path in image_files(ukbench):
+        data = path.read_bytes()
+        full, head = inspect_image(data), header_info(data)
+        if isinstance(full, ImageInfo):
+            assert isinstance(head, ImageInfo) and head.phash is None, path.name
+            assert (head.width, head.height, head.format, head.mode, head.sha256, head.n_frames) == \
+                (full.width, full.height, full.format, full.mode, full.sha256, full.n_frames), path.name
+            same += 1
+        elif isinstance(head, Reject):
+            assert head.reason == full.reason, path.name
+    assert same >= 30
+    data = photo(coco)
+    rgb = Image.open(io.BytesIO(data)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = header_info(encode(rgb, "JPEG", exif=exif.tobytes()))
+    assert (turned.width, turned.height) == (rgb.height, rgb.width)
+    for cut in (10, len(data) // 3, len(data) - 200, len(data) - 2):
+        assert header_info(data[:cut]).reason == "image_decode_failed", cut
+    assert header_info(b"not an image at all").reason == "image_decode_failed"
+    assert header_info(png_header_only(30_000, 30_000)).reason == "image_too_large"
+    damaged = bytearray(data)
+    damaged[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # zeroed entropy-coded data, end marker intact
+    assert isinstance(header_info(bytes(damaged)), ImageInfo)

@@ -22,8 +22,10 @@ from PIL import Image
 
 from mmcorpus.filters.imageinfo import phash_distance
 from mmcorpus.filters.urls import url_refusal
-from mmcorpus.pipelines.fetching.downloader import DownloadConfig, ImageDownloader
-from mmcorpus.pipelines.fetching.images import IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, fetch_images, image_url_rows
+from mmcorpus.pipelines.fetching.downloader import DownloadConfig, FetchRecord, ImageDownloader
+from mmcorpus.pipelines.fetching.images import (IMAGE_URL_KIND, STAGE_FETCH, FetchConfig, ImageFill, fetch_images,
+                                                image_url_rows)
+from mmcorpus.pipelines.runtime.stage import Count
 from mmcorpus.pipelines.runtime.run import RunSpec, execute
 from mmcorpus.pipelines.runtime.runner import add_runner_args
 from mmcorpus.pipelines.runtime.sink import Kind
@@ -31,6 +33,8 @@ from mmcorpus.pipelines.runtime.stage import Collector
 from tests.test_dedup import doc_row, make_doc
 
 SLOW_SECONDS = 4
+GATE = threading.Event()  # /gate/<path> answers once this is set (or after GATE_SECONDS)
+GATE_SECONDS = 60
 TIMEOUT = 2
 RUNNER = "dask"
 
@@ -64,6 +68,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path.startswith("/slow/"):
             time.sleep(SLOW_SECONDS)
             path = path.removeprefix("/slow")
+        if path.startswith("/gate/"):
+            GATE.wait(GATE_SECONDS)
+            path = path.removeprefix("/gate")
         target = self.files.get(path)
         if target is None:
             self.send_error(404)
@@ -233,6 +240,30 @@ def test_fetch_images_under_dask(tmp_path, site, coco):
     assert sum(hits.values()) - sum(before.values()) == fetched
 
 
+def test_fetching_without_decoding_keeps_the_same_images_without_a_phash(tmp_path, site, coco):
+    """fetch.decode false (img2dataset's disable_all_reencoding check): the same images as the decoding fetch,
+    with the same sizes and bytes and no pHash, except one whose damage only a decode finds; the same rejects
+    otherwise (the cut-off, the unsupported format, the too small, the too wide, the missing)."""
+    base, files, _ = site
+    docs, ok, bad = documents(base, coco)
+    _, decoded, decoded_rejects = run_fetch(tmp_path / "decoded", docs, FetchConfig(timeout=TIMEOUT))
+    stats, headers, header_rejects = run_fetch(tmp_path / "headers", docs, FetchConfig(timeout=TIMEOUT, decode=False))
+    only_decoded = {(r["detail"].split(": ", 1)[0], r["reason"]) for r in decoded_rejects} - \
+        {(r["detail"].split(": ", 1)[0], r["reason"]) for r in header_rejects}
+    assert {reason for _, reason in only_decoded} <= {"image_decode_failed"}
+    for doc in docs:
+        full, head = decoded[doc["doc_id"]], headers[doc["doc_id"]]
+        infos = {i["url"]: i for i in full["image_info"] if i}
+        for info in (i for i in head["image_info"] if i):
+            assert info["phash"] is None
+            if info["url"] in infos:
+                assert {k: info[k] for k in ("width", "height", "sha256", "bytes")} == \
+                    {k: infos[info["url"]][k] for k in ("width", "height", "sha256", "bytes")}
+            else:
+                assert (info["url"], "image_decode_failed") in only_decoded
+    assert stats["totals"]["read"] == stats["totals"]["written"] == len(docs)
+
+
 def test_a_url_in_many_documents_is_fetched_once_per_worker(tmp_path, site, coco):
     """Documents fetched where they are, in batches: a URL in documents of different batches of one worker takes
     its first outcome, success or failure, without another request; every document gets it."""
@@ -254,6 +285,43 @@ def test_a_url_in_many_documents_is_fetched_once_per_worker(tmp_path, site, coco
     stage = {s["stage"]: s for s in stats["stages"]}[STAGE_FETCH]
     assert stage["counters"] == {"urls_fetched": 2, "urls_failed": 1}
     assert stage["in"] == 15 and stage["out"] == 9 and stage["rejected"] == 6
+
+
+def test_documents_go_on_while_their_images_download(tmp_path, site, coco):
+    """ImageFill, the fetch step at the end of `interleaved`'s page-to-document DoFn: `add` hands a batch to a
+    background thread and returns while its images download (the server holds them until GATE is set), so the
+    worker goes on extracting; when they arrive every document comes out once, filled, with its counters."""
+    base, files, hits = site
+    names = ("000000000790.jpg", "000000018575.jpg", "000000019221.jpg")
+    texts = captions(coco, 4)
+    docs = [make_doc(f"d-gate-{i}", texts[i], [f"{base}/gate/coco/{names[i % 3]}"]) for i in range(4)]
+    fill = ImageFill(FetchConfig(timeout=GATE_SECONDS, batch_urls=4), True, FetchRecord(str(tmp_path / "rec")),
+                     "gate-test")
+    GATE.clear()
+    fill.setup()
+    fill.start()
+    try:
+        early = [out for doc in docs for out in fill.add(doc)]  # the first document's batch starts at once
+        assert early == []  # nothing waited for the held downloads (add would have waited GATE_SECONDS)
+        deadline = time.time() + 10
+        while not hits[f"/gate/coco/{names[0]}"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert hits[f"/gate/coco/{names[0]}"] == 1  # its download is under way, held by the server
+    finally:
+        GATE.set()
+    outs = list(fill.finish())
+    fill.teardown()
+    filled = [o for o in outs if isinstance(o, dict)]
+    assert [d["doc_id"] for d in filled] == [d["doc_id"] for d in docs]
+    for doc in filled:
+        (url,), (info,) = [u for u in doc["images"] if u], [i for i in doc["image_info"] if i]
+        data = files[url.removeprefix(base + "/gate")].read_bytes()
+        assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["bytes"].read() == data
+    counts = collections.Counter()
+    for o in outs:
+        if isinstance(o, Count):
+            counts[o.metric] += o.n
+    assert counts == {"in": 4, "out": 4, "urls_fetched": 3}
 
 
 def test_private_urls_refused_without_fetching(tmp_path, site, coco):

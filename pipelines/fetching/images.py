@@ -1,13 +1,15 @@
 """Fetch the images of interleaved documents, check them, and fill them in where the documents are.
 
 Graph (stage `fetch_images` counts image positions): no shuffle. Each worker takes the documents it has
-just filtered in batches of about `batch_urls` image positions; a batch's unique URLs that pass the URL policy
+just filtered in batches of up to about `batch_urls` image positions (`ImageFill`: in `interleaved` the last
+step of the page-to-document DoFn, a batch downloading in a background thread while the next pages are
+extracted); a batch's unique URLs that pass the URL policy
 (http(s) only, no private/loopback hosts) stream through the worker's one long-lived downloader
 (fetching/downloader.py: a thread pool and pooled HTTP connections built once per worker process, per-host
 connection cap, redirects checked, X-Robots-Tag honoured, timeouts); each outcome (decoded with
 `inspect_image`, sized with `check_decoded_image`) fills its positions: image_info (url, sha256, width,
-height, phash, bytes), or the position removed with a reject row while the text stays. So a worker fetches
-the images of the pages it has extracted while other pages are still being extracted, and documents never
+height, phash, bytes), or the position removed with a reject row while the text stays. So a worker's CPU
+extracts pages while the network brings the images of the pages before them, and documents never
 wait for the rest of the run (a GroupByKey of the URLs would). A URL in several documents is fetched once per
 worker: the worker remembers the outcomes of its newest MEMO_URLS URLs; a URL that succeeded in an earlier run
 into the same output comes from OUT/_image_fetch without a request. Image bytes never travel: an outcome
@@ -29,6 +31,8 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -49,11 +53,12 @@ STAGE_FETCH = "fetch_images"
 IMAGE_URL_KIND = "image_urls"  # sink kind for the URL list: Kind("url", "image_urls", shards)
 DEFAULT_DIRECTIVES = DownloadConfig.disallowed_header_directives  # X-Robots-Tag values honoured (as img2dataset)
 MEMO_URLS = 50_000  # outcomes a worker remembers, so a URL in many of its documents is fetched once
+MIN_BATCH_PART = 8  # a batch starts with at least batch_urls // this positions (ImageFill)
 
 
 @dataclass(frozen=True)
 class FetchConfig:
-    batch_urls: int = 1024  # image positions a worker fetches at once (its documents wait for their batch)
+    batch_urls: int = 1024  # most image positions a worker fetches at once (ImageFill: the next batch waits)
     threads: int = 16  # download threads of a worker's downloader
     host_connections: int = 16  # requests to one host at once from one worker process (politeness)
     timeout: int = 10  # seconds per request
@@ -63,6 +68,9 @@ class FetchConfig:
     resize_mode: str = "keep_ratio"  # keep_ratio, keep_ratio_largest or center_crop when image_size > 0
     encode_format: str = "jpg"  # format of the resized copy: jpg, png or webp
     keep_bytes: bool = True  # store image bytes in image_info.bytes
+    # decode every image (pHash; damage inside the data found). False: header, EXIF orientation and end marker
+    # only, phash null: img2dataset's disable_all_reencoding check, 2.5 ms less CPU per photo (bench_scale.py)
+    decode: bool = True
     user_agent_token: str = "mmcorpus"
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DIRECTIVES
     fetched_dir: str = ""  # read an earlier img2dataset Parquet output instead of downloading
@@ -120,14 +128,14 @@ def _rules(cfg: FetchConfig):
 def assess_bytes(url: str, data: bytes | None, cfg: FetchConfig, stored: FileBytes | None = None,
                  sha256: str | None = None) -> dict:
     """Outcome of one image's bytes: {"info": image_info} or {"reason", "detail"}. The decode rules apply to the
-    image as downloaded; with `cfg.image_size` the kept copy is a resized one. `stored`: where the bytes already
+    image as downloaded (decoded, or with `cfg.decode` False its header: `header_info`); with `cfg.image_size` the kept copy is a resized one. `stored`: where the bytes already
     wait as a file (the fetch record), so they are not stored again; `sha256`: their digest, when known."""
     from mmcorpus.filters.documents import check_decoded_image
-    from mmcorpus.filters.imageinfo import inspect_image, resize_image
+    from mmcorpus.filters.imageinfo import header_info, inspect_image, resize_image
 
     if not data:
         return {"reason": "image_fetch_failed", "detail": f"{url}: empty response"}
-    info = inspect_image(data, sha256=sha256)
+    info = inspect_image(data, sha256=sha256) if cfg.decode else header_info(data, sha256=sha256)
     if isinstance(info, Reject):
         return {"reason": info.reason, "detail": f"{url}: {info.detail}"}
     checked = {"width": info.width, "height": info.height, "format": info.format, "bytes": data}
@@ -198,36 +206,68 @@ class _Outcomes:
                 self.items.popitem(last=False)
 
 
-class _FetchDocs(SummedCounts, beam.DoFn):
-    """Documents in batches of about `cfg.batch_urls` image positions, each batch's images fetched and filled in
-    (see the module docstring). Yields (KEPT, document), reject rows, and counters summed on the worker: image
-    positions in/out/rejected, and per URL urls_fetched / urls_failed (downloaded now and kept / not) or
-    urls_reused (an earlier run's success from the record)."""
+class ImageFill:
+    """The fetch step of one DoFn: documents in; out, each document with its images filled in
+    (`fill_image_info`) and the Count/ItemReject events of stage `fetch_images`, plus per URL urls_fetched /
+    urls_failed (downloaded now and kept / not) or urls_reused (an earlier run's success from the record).
+
+    Pipelined: a batch's downloads (and their decode and pHash) run in one background thread while the caller
+    goes on with the next documents (in `interleaved`, extracting the next pages of the partition: see
+    `Collector.chain`'s `tail`), so a worker's CPU does not wait on the network. A batch starts as soon as the
+    previous one is done and at least `cfg.batch_urls` // MIN_BATCH_PART image positions wait; the caller waits
+    only when `cfg.batch_urls` positions wait while one still runs. So batches grow while downloads are slower
+    than extraction, and at most 2 x `batch_urls` positions are held."""
 
     def __init__(self, cfg: FetchConfig, allow_private: bool, record: FetchRecord, run: str):
         self.cfg, self.allow_private, self.record, self.run = cfg, allow_private, record, run
+        self._pool = None
 
     def setup(self):
         self._resolve = HostResolver()
 
-    def start_bundle(self):
-        super().start_bundle()
-        self._docs, self._positions = [], 0
+    def start(self):
+        self._docs, self._positions, self._running = [], 0, None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmcorpus-fill")
 
-    def process(self, doc):
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def add(self, doc) -> Iterator:
         self._docs.append(doc)
         self._positions += sum(url is not None for url in doc["images"])
-        if self._positions >= self.cfg.batch_urls:
-            yield from self._batch()
-        yield from self.flush()
+        running = self._running
+        if running is not None and (running[1].done() or self._positions >= self.cfg.batch_urls):
+            yield from self._collect()
+        if self._running is None and self._positions >= max(1, self.cfg.batch_urls // MIN_BATCH_PART):
+            self._submit()
 
-    def finish_bundle(self):
-        for item in self._batch():
-            yield GlobalWindows.windowed_value(item)
-        yield from super().finish_bundle()
+    def finish(self) -> Iterator:
+        if self._running is not None:
+            yield from self._collect()
+        if self._docs:
+            self._submit()
+            yield from self._collect()
 
-    def _batch(self):
+    def _submit(self):
         docs, self._docs, self._positions = self._docs, [], 0
+        self._running = docs, self._pool.submit(self._fetch, docs)
+
+    def _collect(self) -> Iterator:
+        (docs, future), self._running = self._running, None
+        refusals, known, events = future.result()
+        yield from events
+        for doc in docs:
+            results = [(pos, url, _result(url, refusals[url], known.get(url)))
+                       for pos, url in enumerate(doc["images"]) if url is not None]
+            filled, doc_events = fill_image_info(doc, results)
+            yield from doc_events
+            yield filled
+
+    def _fetch(self, docs: list[dict]) -> tuple[dict, dict, list]:
+        """(URL refusals, outcomes, per-URL counter events) of a batch: the background thread's work."""
         refusals: dict[str, str | None] = {}
         for doc in docs:
             for url in doc["images"]:
@@ -236,16 +276,49 @@ class _FetchDocs(SummedCounts, beam.DoFn):
         outcomes = per_process(("image_outcomes", self.run), lambda: _Outcomes(MEMO_URLS))
         known = {url: outcomes.get(url) for url, why in refusals.items() if not why}
         todo = sorted(url for url, outcome in known.items() if outcome is None)
+        events = {}
         for result in fetch_with_record(todo, self.cfg.download, self.allow_private, self.record, checked=True):
             known[result.url] = outcome = assess_download(result, self.cfg)
             outcomes.put(result.url, outcome)
-            self._add((STAGE_FETCH, _counter(outcome, result.reused), ""))
-        for doc in docs:
-            results = [(pos, url, _result(url, refusals[url], known.get(url)))
-                       for pos, url in enumerate(doc["images"]) if url is not None]
-            filled, events = fill_image_info(doc, results)
-            yield from self.count_events(events)
-            yield KEPT, filled
+            metric = _counter(outcome, result.reused)
+            events[metric] = events.get(metric, 0) + 1
+        return refusals, known, [Count(STAGE_FETCH, metric, n) for metric, n in events.items()]
+
+
+def image_fill(cfg: FetchConfig | None, allow_private: bool) -> ImageFill | None:
+    """The pipelined fetch step for `Collector.chain`'s `tail`; None with `cfg.fetched_dir` (a join instead:
+    use `fetch_images`)."""
+    cfg = cfg or FetchConfig()
+    if cfg.fetched_dir:
+        return None
+    return ImageFill(cfg, allow_private, FetchRecord(cfg.record_dir).frozen(), uuid.uuid4().hex)
+
+
+class _FetchDocs(SummedCounts, beam.DoFn):
+    """`ImageFill` as a DoFn of its own (documents from any stage). Yields (KEPT, document), reject rows and
+    counters summed on the worker."""
+
+    def __init__(self, fill: ImageFill):
+        self.fill = fill
+
+    def setup(self):
+        self.fill.setup()
+
+    def start_bundle(self):
+        super().start_bundle()
+        self.fill.start()
+
+    def process(self, doc):
+        yield from self.kept_and_events(self.fill.add(doc))
+        yield from self.flush()
+
+    def finish_bundle(self):
+        for item in self.kept_and_events(self.fill.finish()):
+            yield GlobalWindows.windowed_value(item)
+        yield from super().finish_bundle()
+
+    def teardown(self):
+        self.fill.teardown()
 
 
 def _counter(outcome: dict, reused: bool = False) -> str:
@@ -357,8 +430,7 @@ def fetch_images(collector, docs, cfg: FetchConfig | None = None, allow_private:
         assembled = ({"doc": keyed, "result": results} | "FetchImages_JoinDocs" >> beam.CoGroupByKey()
                      | "FetchImages_Assemble" >> beam.ParDo(_Assemble()))
     else:  # fetched where the documents are: no shuffle (the record's earlier files are listed once, now)
-        record = FetchRecord(cfg.record_dir).frozen()
-        assembled = docs | "FetchImages_Fetch" >> beam.ParDo(_FetchDocs(cfg, allow_private, record, uuid.uuid4().hex))
+        assembled = docs | "FetchImages_Fetch" >> beam.ParDo(_FetchDocs(image_fill(cfg, allow_private)))
     out = split_tags(assembled, label="FetchImages_Docs")
     collector.add(out[REJECTS])
     collector.add_counts(out[COUNTS])

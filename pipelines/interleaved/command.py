@@ -27,7 +27,7 @@ DESCRIPTION = (
     "safety_images; e-mails, IPs and phone numbers masked, or rejected with --pii reject) -> language -> "
     "paragraphs (OBELICS node rules, removes paragraphs) "
     "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
-    "document; per-image rejects under image_rules_images) -> fetch_images (one downloader per worker; the "
+    "document; per-image rejects under image_rules_images) -> fetch_images (one downloader per worker, in the background while the next pages are extracted; the "
     "image's X-Robots-Tag noai/noimageai refuses it; decoded size rules; a rerun into the same output fetches only "
     "the images that failed, OUT/_image_fetch; skipped with --no-images, then images stay URL references) -> nsfw "
     "(with --nsfw-head: every fetched image embedded once with CLIP (--clip-model), scored by the head, "
@@ -37,7 +37,7 @@ DESCRIPTION = (
     "whose images were all boilerplate). Thresholds come from --config "
     "FILE (YAML): sections extract (trafilatura's options: fast, favor_precision, favor_recall, include_tables, "
     "include_comments), language, paragraphs, quality, images (filters/documents.py), dedup "
-    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image download: batch_urls, threads, host_connections, timeout, retries, ...) and pages "
+    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image download: batch_urls, threads, host_connections, timeout, retries, decode (false: check headers only, no pHash, as img2dataset's disable_all_reencoding), ...) and pages "
     "(pipelines/fetching/pages.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
@@ -295,7 +295,7 @@ def document_stages(dedup_cfg, doc_cfg=None, nsfw: bool = False) -> list[str]:
 def build(p, items, opts):
     from mmcorpus.pipelines.interleaved.dedup import dedup_documents
     from mmcorpus.pipelines.fetching.pages import fetch_url_lists
-    from mmcorpus.pipelines.fetching.images import fetch_images
+    from mmcorpus.pipelines.fetching.images import fetch_images, image_fill
     from mmcorpus.pipelines.interleaved.sources import read_batch, split_items, task_batches
     from mmcorpus.pipelines.runtime.stage import Collector
 
@@ -330,9 +330,11 @@ def build(p, items, opts):
               (STAGE_SAFETY, doc_safety, doc_safety.setup)]
     steps += [(name, DocStep(name, doc_cfg), None)
               for name in (STAGE_LANGUAGE, STAGE_PARAGRAPHS, STAGE_QUALITY, STAGE_IMAGE_RULES)]
-    # one DoFn from the page record to the filtered document: a partition's pages are held once, not per stage
-    x = c.chain(records, "PageToDocument", steps, source_of)
-    if not opts["no_images"]:
+    # one DoFn from the page record to the filtered document: a partition's pages are held once, not per stage;
+    # its images download in the background while the next pages are extracted (ImageFill)
+    fill = None if opts["no_images"] else image_fill(fetch_cfg, opts["allow_private"])
+    x = c.chain(records, "PageToDocument", steps, source_of, tail=fill)
+    if not opts["no_images"] and fill is None:  # img2dataset's output joined in (fetch.fetched_dir)
         x = fetch_images(c, x, fetch_cfg, allow_private=opts["allow_private"])
     if opts.get("nsfw") is not None:  # issue 17: one CLIP embedding per fetched image, the head, the policy
         from mmcorpus.pipelines.safety.nsfw import STAGE_NSFW, DocNsfw, score_images

@@ -78,6 +78,15 @@ class SummedCounts:
                 yield REJECTS, reject_output(item.stage, item.reject, item.source)
                 self._add((item.stage, "rejected", item.reject.reason))
 
+    def kept_and_events(self, outputs):
+        """(KEPT, item) for each item of `outputs`, which may also hold Count/ItemReject events (counted, or
+        yielded as reject rows by `count_events`)."""
+        for out in outputs:
+            if isinstance(out, (Count, ItemReject)):
+                yield from self.count_events((out,))
+            else:
+                yield KEPT, out
+
     def _drain(self) -> list:
         counts, self._counts = self._counts, {}
         return list(counts.items())
@@ -120,12 +129,14 @@ class _StageFn(SummedCounts, beam.DoFn):
         yield from self._step(self.name, self._call, element)
         yield from self.flush()
 
+    _clock = staticmethod(time.process_time)  # the worker process's CPU: threads a stage starts are counted too
+
     def _step(self, name: str, call, element):
         """One element through one stage function: its rejects and kept items tagged, its counters summed."""
         self._add((name, "in", ""))
-        t = time.process_time()  # the worker process's CPU: threads a stage starts are counted too
+        t = self._clock()
         result = call(element)
-        self._add((name, CPU_METRIC, ""), int((time.process_time() - t) * 1e6))
+        self._add((name, CPU_METRIC, ""), int((self._clock() - t) * 1e6))
         results = result if isinstance(result, list) else [result]
         for item in results:
             if isinstance(item, Count):
@@ -145,15 +156,27 @@ class _ChainFn(_StageFn):
     """Several stages in one DoFn: each element goes through them in turn (counted per stage as `_StageFn`
     counts), and only what the last one keeps, the rejects and the counters leave it. The DaskRunner keeps each
     ParDo's output for a whole partition in memory, and a stage's output until its three `_Pick`s have run: a
-    chain of stages held a partition's pages once per stage; chained, it holds them once."""
+    chain of stages held a partition's pages once per stage; chained, it holds them once.
 
-    def __init__(self, steps: list[tuple], source_of: Callable[[Any], str]):
+    `tail`: a last step that works on batches of what the stages keep while they go on (fetching/images.py
+    `ImageFill`: setup(), start(), add(item) and finish() yield items and Count/ItemReject events, teardown())."""
+
+    def __init__(self, steps: list[tuple], source_of: Callable[[Any], str], tail=None):
         super().__init__(steps[0][0], steps[0][1], source_of, None)
-        self.steps = steps
+        self.steps, self.tail = steps, tail
+        if tail is not None:  # the tail's threads run beside the stages: each stage counts its own thread's CPU
+            self._clock = time.thread_time
         self._calls = [fn for _, fn, _ in steps]
 
     def setup(self):
         self._calls = [setup() if setup is not None else fn for _, fn, setup in self.steps]
+        if self.tail is not None:
+            self.tail.setup()
+
+    def start_bundle(self):
+        super().start_bundle()
+        if self.tail is not None:
+            self.tail.start()
 
     def process(self, element):
         items = [element]
@@ -167,8 +190,21 @@ class _ChainFn(_StageFn):
                         yield tag, value
             items = kept
         for item in items:
-            yield KEPT, item
+            if self.tail is None:
+                yield KEPT, item
+            else:
+                yield from self.kept_and_events(self.tail.add(item))
         yield from self.flush()
+
+    def finish_bundle(self):
+        if self.tail is not None:
+            for item in self.kept_and_events(self.tail.finish()):
+                yield GlobalWindows.windowed_value(item)
+        yield from super().finish_bundle()
+
+    def teardown(self):
+        if self.tail is not None:
+            self.tail.teardown()
 
 
 class _Pick(beam.DoFn):
@@ -219,10 +255,11 @@ class Collector:
         self.counts.append(result[COUNTS])
         return result[KEPT]
 
-    def chain(self, pcoll, label: str, steps: list[tuple], source_of):
+    def chain(self, pcoll, label: str, steps: list[tuple], source_of, tail=None):
         """Run stages `steps` = [(name, fn, setup or None)] one after the other in one DoFn (`_ChainFn`), with
-        the same rejects and counters as a `stage` each; return what the last one keeps."""
-        tagged = pcoll | label >> beam.ParDo(_ChainFn(steps, source_of))
+        the same rejects and counters as a `stage` each, then `tail` (a batch step, see `_ChainFn`) if given;
+        return what the last one keeps."""
+        tagged = pcoll | label >> beam.ParDo(_ChainFn(steps, source_of, tail))
         result = split_tags(tagged, label=f"{label}_")
         self.outputs.append(result[REJECTS])
         self.counts.append(result[COUNTS])
