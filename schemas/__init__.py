@@ -7,6 +7,7 @@ Types are plain Arrow types (strings, ints, lists, structs, binary) so pyarrow, 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -250,6 +251,29 @@ def schema(name: str) -> pa.Schema:
         return SCHEMAS[name]
     except KeyError:
         raise SchemaError(f"unknown schema {name!r}; known: {', '.join(SCHEMAS)}") from None
+
+
+@functools.cache
+def leaf_columns(name: str) -> tuple[str, ...]:
+    """The Parquet column paths of schema `name` (nested fields as `image_info.list.element.bytes`)."""
+    buf = pa.BufferOutputStream()
+    pq.ParquetWriter(buf, schema(name)).close()
+    parquet_schema = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
+    return tuple(parquet_schema.column(i).path for i in range(len(parquet_schema)))
+
+
+def _image_bytes(column: str) -> bool:
+    return column == "image_bytes" or column.endswith(".bytes")
+
+
+def parquet_options(name: str) -> dict:
+    """ParquetWriter arguments for schema `name`: every column zstd-compressed, except encoded image files,
+    stored as they are and without a dictionary (JPEG, PNG and WebP are compressed already and each value is
+    unique: on the bench's photos zstd saved 0.02% of the bytes and wrote 0.29 s against 0.19 s, scale.json
+    `sink_per_92_MB_shard_part`)."""
+    leaves = leaf_columns(name)
+    return {"compression": {c: "none" if _image_bytes(c) else "zstd" for c in leaves},
+            "use_dictionary": [c for c in leaves if not _image_bytes(c)]}
 
 
 def with_metadata(name: str, fingerprint: str = "") -> pa.Schema:

@@ -238,6 +238,12 @@ def test_fetch_images_under_dask(tmp_path, site, coco):
     fetched = counters["urls_fetched"] + counters["urls_failed"]
     assert len(unique) <= fetched <= len(unique) + 1  # photos[0] is in two documents: once per worker at most
     assert sum(hits.values()) - sum(before.values()) == fetched
+    # the image files are stored as they came (compressed formats already), the other columns zstd-compressed
+    (shard,) = (tmp_path / "dask" / "data").glob("*.parquet")
+    group = pq.ParquetFile(shard).metadata.row_group(0)
+    codecs = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
+    assert codecs.pop("image_info.list.element.bytes") == "UNCOMPRESSED"
+    assert set(codecs.values()) == {"ZSTD"}
 
 
 def test_fetching_without_decoding_keeps_the_same_images_without_a_phash(tmp_path, site, coco):

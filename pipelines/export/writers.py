@@ -12,7 +12,6 @@ shard that exists is complete. Memory is one row group per writing worker, whate
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import tarfile
 import uuid
@@ -156,22 +155,6 @@ def tar_keys(fh) -> set[str]:
         pos += 512 + size + (-size % 512)
 
 
-@functools.cache
-def _leaf_columns(name: str) -> tuple[str, ...]:
-    buf = pa.BufferOutputStream()
-    pq.ParquetWriter(buf, schemas.schema(name)).close()
-    parquet_schema = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
-    return tuple(parquet_schema.column(i).path for i in range(len(parquet_schema)))
-
-
-def image_bytes_plain(name: str) -> dict:
-    """ParquetWriter arguments that store image bytes as they are (no compression, no dictionary: already
-    compressed formats, unique values) and every other column zstd-compressed."""
-    leaves = _leaf_columns(name)
-    return {"compression": {c: "none" if c.endswith(".bytes") else "zstd" for c in leaves},
-            "use_dictionary": [c for c in leaves if not c.endswith(".bytes")]}
-
-
 class _Writer(ShardWriter):
     def __init__(self, cfg: samples.ExportConfig, rows_per_shard: int, total: int):
         self.cfg, self.rows_per_shard, self.total = cfg, rows_per_shard, total
@@ -278,7 +261,7 @@ class HfShard(_Writer):
         rejects, written, pending = [], 0, []
         with _opened(tmp) as fh:
             out = (pq.ParquetWriter(fh, schemas.with_metadata(self.hf_schema, fingerprint),
-                                    **image_bytes_plain(self.hf_schema)) if write else None)
+                                    **schemas.parquet_options(self.hf_schema)) if write else None)
             for made, _, _ in self.batches(task, rejects):
                 written += len(made.keys)
                 if not write or not made.keys:

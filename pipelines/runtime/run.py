@@ -237,7 +237,7 @@ def fill_empty_shards(out_dir: str, kind: Kind, fp: str) -> None:
             kind.writer.write([], path, tmp_dir, kind.schema, fp)
             continue
         buf = pa.BufferOutputStream()  # no row group at all: `datasets` refuses a 0-row group (batch size 0)
-        pq.ParquetWriter(buf, schemas.with_metadata(kind.schema, fp), compression="zstd").close()
+        pq.ParquetWriter(buf, schemas.with_metadata(kind.schema, fp), **schemas.parquet_options(kind.schema)).close()
         storage.write_bytes(path, buf.getvalue().to_pybytes())
 
 

@@ -278,7 +278,8 @@ class _WriteShard(beam.DoFn):
 
     def _write(self, where, rows, spec: Kind, final: str) -> None:
         step = self.row_group_rows
-        with pq.ParquetWriter(where, schemas.with_metadata(spec.schema, self.fingerprint), compression="zstd") as w:
+        with pq.ParquetWriter(where, schemas.with_metadata(spec.schema, self.fingerprint),
+                              **schemas.parquet_options(spec.schema)) as w:
             for start, group in _row_groups(rows, step):  # one row group at a time: no copy of the whole shard
                 try:
                     chunk = schemas.to_table(group, spec.schema, self.fingerprint)
