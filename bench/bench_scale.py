@@ -176,13 +176,16 @@ if __name__ == "__main__":
 def bare_img2dataset(urls: pathlib.Path, work: pathlib.Path, decode: bool = False) -> dict:
     """img2dataset as its users fetch originals: no resize, no re-encoding (`disable_all_reencoding`: the bytes
     are not even decoded), or with `decode` its checked variant (`skip_reencode`: every image decoded, by
-    OpenCV, to check it and read its size; a JPEG is kept as downloaded), the check `interleaved` also makes."""
+    OpenCV, to check it and read its size; a JPEG is kept as downloaded), the check `interleaved` also makes.
+    Four shards, so both processes work at any size (its default of 10,000 URLs a shard leaves one idle below
+    10,000 URLs)."""
     work.mkdir()
     reencoding = "skip_reencode=True" if decode else "disable_all_reencoding=True"
+    per_shard = max(1, -(-len(urls.read_text().split()) // 4))
     code = ("from img2dataset import download; download(url_list=%r, output_folder=%r, input_format='txt', "
             "output_format='parquet', processes_count=2, thread_count=16, resize_mode='no', "
-            "%s, compute_hash='sha256', enable_wandb=False, timeout=10)"
-            % (str(urls), str(work / "out"), reencoding))
+            "%s, compute_hash='sha256', enable_wandb=False, timeout=10, number_sample_per_shard=%d)"
+            % (str(urls), str(work / "out"), reencoding, per_shard))
     res = measured([sys.executable, "-c", code], str(work))
     stats = list((work / "out").glob("*_stats.json"))
     res["fetched"] = sum(json.loads(f.read_text()).get("successes", 0) for f in stats)

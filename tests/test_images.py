@@ -399,6 +399,11 @@ def test_downloader_gives_each_url_its_result(site, tmp_path):
     flaky = f"{base}/flaky/coco/000000018575.jpg"
     retried = list(ImageDownloader(DownloadConfig(timeout=TIMEOUT, retries=1), True, "").fetch([flaky]))
     assert retried[0].ok and hits["/flaky/coco/000000018575.jpg"] == 2
+    # a check runs in the download threads (several at once) and its result replaces the bytes
+    checked = list(ImageDownloader(cfg, False, str(tmp_path / "images")).fetch(
+        [photo, f"{base}/missing.jpg"], check=lambda r: (threading.current_thread().name, r.ok, len(r.data or b""))))
+    assert {r.url: r.checked[1:] for r in checked} == {photo: (True, len(data)), f"{base}/missing.jpg": (False, 0)}
+    assert all(r.checked[0].startswith("mmcorpus-images") and r.data is None for r in checked)
 
 
 def test_rerun_into_the_same_output_fetches_only_the_urls_that_failed(site, coco, tmp_path):

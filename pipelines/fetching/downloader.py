@@ -26,7 +26,9 @@ everything again (or to free its disk: it holds a copy of every downloaded image
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import io
 import threading
@@ -81,6 +83,7 @@ class Result:
     # the stored file back; None for a success taken from the record (read `path`). Never in the record.
     data: bytes | None = None
     reused: bool = False  # taken from the record of an earlier run, no request made
+    checked: object = None  # what the caller's `check` made of it, in the download thread (fetch_with_record)
 
     @property
     def ok(self) -> bool:
@@ -107,16 +110,21 @@ class ImageDownloader:
         self._slots = [threading.BoundedSemaphore(cfg.host_connections) for _ in range(HOST_SLOTS)]
         self._wanted = {d.lower() for d in cfg.disallowed_header_directives}
 
-    def fetch(self, urls: Iterable[str]) -> Iterator[Result]:
-        """A Result per URL, in the order downloads finish."""
+    def fetch(self, urls: Iterable[str], check=None) -> Iterator[Result]:
+        """A Result per URL, in the order downloads finish; with `check`, each carries `check(result)` (computed in
+        its download thread, so checks run in parallel: PIL decodes without the GIL) and no bytes."""
+        task = self.download if check is None else functools.partial(self._download_checked, check)
         todo = iter(urls)
         window = 2 * self.cfg.threads
-        pending = {self.pool.submit(self.download, u) for _, u in zip(range(window), todo)}
+        pending = {self.pool.submit(task, u) for _, u in zip(range(window), todo)}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
-            pending |= {self.pool.submit(self.download, u) for _, u in zip(range(len(done)), todo)}
+            pending |= {self.pool.submit(task, u) for _, u in zip(range(len(done)), todo)}
+
+    def _download_checked(self, check, url: str) -> Result:
+        return with_check(self.download(url), check)
 
     def _host_slot(self, host: str) -> threading.BoundedSemaphore:
         """The host's connection cap: one of HOST_SLOTS semaphores by hash of the host (fixed memory on a crawl
@@ -363,11 +371,17 @@ def _rows_for(table, urls: set[str]) -> dict[str, dict]:
     return {row["url"]: row for row in table.filter(pc.is_in(table["url"], value_set=wanted)).to_pylist()}
 
 
+def with_check(result: Result, check) -> Result:
+    """`result` carrying `check(result)`, without its bytes (the check had them; the stored file keeps them)."""
+    return dataclasses.replace(result, checked=check(result), data=None)
+
+
 def fetch_with_record(urls: Iterable[str], cfg: DownloadConfig, allow_private: bool, record: FetchRecord,
-                      checked: bool = False):
+                      checked: bool = False, check=None):
     """A Result per unique URL: refused by the URL rules (unless the caller `checked` them), an earlier success
     from the record, else a download by the worker's downloader. This run's results join the record as they
-    come."""
+    come. `check`: a function of a Result whose value each result carries (`Result.checked`), computed in the
+    download threads for downloads."""
     urls = sorted(set(urls))
     earlier = record.earlier(set(urls))
     downloader = shared_downloader(cfg, allow_private, record.images_dir)
@@ -377,15 +391,15 @@ def fetch_with_record(urls: Iterable[str], cfg: DownloadConfig, allow_private: b
         if why:
             refused = _failed(url, "url_not_allowed", why)
             rows.append(refused.record_row())
-            yield refused
+            yield refused if check is None else with_check(refused, check)
             continue
         reused = record.reusable(earlier.get(url))
         if reused is not None:
-            yield reused
+            yield reused if check is None else with_check(reused, check)
         else:
             todo.append(url)
     try:
-        for result in downloader.fetch(todo):
+        for result in downloader.fetch(todo, check):
             rows.append(result.record_row())
             if len(rows) >= record.flush_every:
                 record.write(rows)

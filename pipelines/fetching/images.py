@@ -1,19 +1,18 @@
 """Fetch the images of interleaved documents, check them, and fill them in where the documents are.
 
-Graph (stage `fetch_images` counts image positions): no shuffle. Each worker takes the documents it has
-just filtered in batches of up to about `batch_urls` image positions (`ImageFill`: in `interleaved` the last
-step of the page-to-document DoFn, a batch downloading in a background thread while the next pages are
-extracted); a batch's unique URLs that pass the URL policy
-(http(s) only, no private/loopback hosts) stream through the worker's one long-lived downloader
-(fetching/downloader.py: a thread pool and pooled HTTP connections built once per worker process, per-host
-connection cap, redirects checked, X-Robots-Tag honoured, timeouts); each outcome (decoded with
-`inspect_image`, sized with `check_decoded_image`) fills its positions: image_info (url, sha256, width,
-height, phash, bytes), or the position removed with a reject row while the text stays. So a worker's CPU
-extracts pages while the network brings the images of the pages before them, and documents never
-wait for the rest of the run (a GroupByKey of the URLs would). A URL in several documents is fetched once per
-worker: the worker remembers the outcomes of its newest MEMO_URLS URLs; a URL that succeeded in an earlier run
-into the same output comes from OUT/_image_fetch without a request. Image bytes never travel: an outcome
-carries the stored file's reference (sink.FileBytes) and the sink reads it.
+Graph (stage `fetch_images` counts image positions): no shuffle. Each worker takes the documents it has just
+filtered in batches of up to about `batch_urls` image positions (`ImageFill`: in `interleaved` the last step of the
+page-to-document DoFn, a batch downloading in a background thread while the next pages are extracted); a batch's
+unique URLs that pass the URL policy (http(s) only, no private/loopback hosts) stream through the worker's one
+long-lived downloader (fetching/downloader.py: a thread pool and pooled HTTP connections built once per worker
+process, per-host connection cap, redirects checked, X-Robots-Tag honoured, timeouts); each outcome (decoded with
+`inspect_image`, or with `decode` False checked with `header_info`; sized with `check_decoded_image`) fills its
+positions: image_info (url, sha256, width, height, phash, bytes), or the position removed with a reject row while
+the text stays. So a worker's CPU extracts pages while the network brings the images of the pages before them, and
+documents never wait for the rest of the run (a GroupByKey of the URLs would). A URL in several documents is
+fetched once per worker: the worker remembers the outcomes of its newest MEMO_URLS URLs; a URL that succeeded in an
+earlier run into the same output comes from OUT/_image_fetch without a request. Image bytes never travel: an
+outcome carries the stored file's reference (sink.FileBytes) and the sink reads it.
 With `fetched_dir` the outcomes come from img2dataset's files instead and meet the references in a join by URL.
 
 Separate, resumable fetching: `image_url_rows` writes the run's unique image URLs (schema "url", kind
@@ -26,6 +25,7 @@ Then `FetchConfig(fetched_dir=IMAGES)` joins that folder's Parquet back instead 
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import threading
@@ -128,8 +128,9 @@ def _rules(cfg: FetchConfig):
 def assess_bytes(url: str, data: bytes | None, cfg: FetchConfig, stored: FileBytes | None = None,
                  sha256: str | None = None) -> dict:
     """Outcome of one image's bytes: {"info": image_info} or {"reason", "detail"}. The decode rules apply to the
-    image as downloaded (decoded, or with `cfg.decode` False its header: `header_info`); with `cfg.image_size` the kept copy is a resized one. `stored`: where the bytes already
-    wait as a file (the fetch record), so they are not stored again; `sha256`: their digest, when known."""
+    image as downloaded (decoded, or with `cfg.decode` False its header: `header_info`); with `cfg.image_size`
+    the kept copy is a resized one. `stored`: where the bytes already wait as a file (the fetch record), so they
+    are not stored again; `sha256`: their digest, when known."""
     from mmcorpus.filters.documents import check_decoded_image
     from mmcorpus.filters.imageinfo import header_info, inspect_image, resize_image
 
@@ -211,8 +212,9 @@ class ImageFill:
     (`fill_image_info`) and the Count/ItemReject events of stage `fetch_images`, plus per URL urls_fetched /
     urls_failed (downloaded now and kept / not) or urls_reused (an earlier run's success from the record).
 
-    Pipelined: a batch's downloads (and their decode and pHash) run in one background thread while the caller
-    goes on with the next documents (in `interleaved`, extracting the next pages of the partition: see
+    Pipelined: a batch runs in one background thread (each image checked, decoded and hashed in its download
+    thread, so several decode at once: `fetch_with_record`'s `check`) while the caller goes on with the next
+    documents (in `interleaved`, extracting the next pages of the partition: see
     `Collector.chain`'s `tail`), so a worker's CPU does not wait on the network. A batch starts as soon as the
     previous one is done and at least `cfg.batch_urls` // MIN_BATCH_PART image positions wait; the caller waits
     only when `cfg.batch_urls` positions wait while one still runs. So batches grow while downloads are slower
@@ -277,8 +279,10 @@ class ImageFill:
         known = {url: outcomes.get(url) for url, why in refusals.items() if not why}
         todo = sorted(url for url, outcome in known.items() if outcome is None)
         events = {}
-        for result in fetch_with_record(todo, self.cfg.download, self.allow_private, self.record, checked=True):
-            known[result.url] = outcome = assess_download(result, self.cfg)
+        check = functools.partial(assess_download, cfg=self.cfg)  # decoded in the download threads, in parallel
+        for result in fetch_with_record(todo, self.cfg.download, self.allow_private, self.record, checked=True,
+                                        check=check):
+            known[result.url] = outcome = result.checked
             outcomes.put(result.url, outcome)
             metric = _counter(outcome, result.reused)
             events[metric] = events.get(metric, 0) + 1
