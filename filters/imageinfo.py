@@ -147,6 +147,13 @@ def _ends_whole(data: bytes, fmt: str) -> bool:
     return True
 
 
+def _cut_off(data: bytes, fmt: str, width: int, height: int) -> Reject | None:
+    """The reject of bytes that stop before the format's end marker (`_ends_whole`), else None."""
+    if _ends_whole(data, fmt):
+        return None
+    return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
+
+
 _JPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman frames: what every decoder reads
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type -> depths
 
@@ -217,17 +224,13 @@ def check_image(data, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False
             if width * height > max_pixels:
                 return Reject("image_too_large",
                               f"decompression bomb: {width}x{height} = {width * height} pixels > {max_pixels}")
-            if not _ends_whole(data, fmt):
-                return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
-            return found
+            return _cut_off(data, fmt, width, height) or found
     img, problem = _open_checked(data, max_pixels)
     if problem is not None:
         return problem
     fmt, width, height = img.format or "", img.width, img.height
     if not decode:
-        if not _ends_whole(bytes(data), fmt):
-            return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
-        return fmt, width, height
+        return _cut_off(bytes(data), fmt, width, height) or (fmt, width, height)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -351,8 +354,9 @@ def header_info(data, max_pixels: int = DEFAULT_MAX_PIXELS, sha256: str | None =
         return problem
     fmt, (width, height) = img.format or "unknown", img.size
     data = bytes(data)
-    if not _ends_whole(data, fmt):
-        return Reject("image_decode_failed", f"{fmt} {width}x{height}: cut off (no end marker)")
+    cut = _cut_off(data, fmt, width, height)
+    if cut is not None:
+        return cut
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -275,10 +275,10 @@ def test_chained_stages_write_what_the_stages_one_by_one_write(tmp_path, coco):
     runs = {}
     for chained in (False, True):
         out = tmp_path / f"chained-{chained}"
+        stages = (lambda c, src: c.chain(src, "Chain", STEPS, image_id)) if chained else stages_one_by_one
         stats = execute(RunSpec(command="test-sink", out_dir=str(out), config={}, inputs=[],
                                 kinds={"data": Kind("pair", "data", 4)}, stages=["read"] + [s[0] for s in STEPS]),
-                        run_args("dask", 2),
-                        build_for(rows, (lambda c, src: c.chain(src, "Chain", STEPS, image_id)) if chained else stages_one_by_one))
+                        run_args("dask", 2), build_for(rows, stages))
         runs[chained] = ({f: [r for r in rs if r.get("metric") != CPU_METRIC] for f, rs in shard_bytes(out).items()},
                          stats)
     (one_by_one, stats_a), (chained, stats_b) = runs[False], runs[True]

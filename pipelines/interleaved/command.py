@@ -27,8 +27,8 @@ DESCRIPTION = (
     "safety_images; e-mails, IPs and phone numbers masked, or rejected with --pii reject) -> language -> "
     "paragraphs (OBELICS node rules, removes paragraphs) "
     "-> quality (Gopher/OBELICS document rules) -> image_rules (URL patterns, declared sizes, max per "
-    "document; per-image rejects under image_rules_images) -> fetch_images (one downloader per worker, in the background while the next pages are extracted; the "
-    "image's X-Robots-Tag noai/noimageai refuses it; decoded size rules; a rerun into the same output fetches only "
+    "document; per-image rejects under image_rules_images) -> fetch_images (one downloader per worker, in the "
+    "background while the next pages are extracted; the image's X-Robots-Tag noai/noimageai refuses it; decoded size rules; a rerun into the same output fetches only "
     "the images that failed, OUT/_image_fetch; skipped with --no-images, then images stay URL references) -> nsfw "
     "(with --nsfw-head: every fetched image embedded once with CLIP (--clip-model), scored by the head, "
     "image_info.nsfw_score; images above --nsfw-threshold dropped under nsfw_images, the document rejected when "
@@ -37,7 +37,9 @@ DESCRIPTION = (
     "whose images were all boilerplate). Thresholds come from --config "
     "FILE (YAML): sections extract (trafilatura's options: fast, favor_precision, favor_recall, include_tables, "
     "include_comments), language, paragraphs, quality, images (filters/documents.py), dedup "
-    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image download: batch_urls, threads, host_connections, timeout, retries, decode (false: check headers only, no pHash, as img2dataset's disable_all_reencoding), ...) and pages "
+    "(pipelines/interleaved/dedup.py DedupConfig), fetch (pipelines/fetching/images.py FetchConfig: image "
+    "download: batch_urls, threads, host_connections, timeout, retries, decode (false: check headers only, no "
+    "pHash, as img2dataset's disable_all_reencoding), ...) and pages "
     "(pipelines/fetching/pages.py PageFetchConfig: timeout, retries, backoff, host_delay, max_redirects, obey_robots, groups, threads). Output: OUT/data/*.parquet "
     "(schema 'interleaved'), OUT/rejects/*.parquet, OUT/stats.json; --emit-m3w-text also writes "
     "OUT/m3w/part-*.txt next to each data shard, one JSON object {doc_id, text} a line, text being the M3W "
@@ -483,7 +485,8 @@ def run(args) -> int:
     page_cfg = dataclasses.replace(page_cfg, groups=max(page_cfg.groups, -(-url_lines // PAGES_PER_PARTITION)))
     opts = {"doc": doc_cfg, "dedup": dedup_cfg, "fetch": fetch_cfg, "pages": page_cfg, "no_images": args.no_images,
             "safety": safety, "allow_private": args.allow_private_network, "max_bytes": args.max_page_bytes,
-            "urls": urls, "read_parts": parts, "read_batches": batches, "nsfw": nsfw, "park_dir": park_folder(args.output),
+            "urls": urls, "read_parts": parts, "read_batches": batches, "nsfw": nsfw,
+            "park_dir": park_folder(args.output),
             "spread_tasks": chosen_runner(args) != "dask"}
     args.dask_partitions = dask_partitions(len(batches), url_lines, workers)
     shards = args.num_shards or auto_shards(items, sizes, url_lines)

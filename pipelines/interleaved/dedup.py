@@ -5,12 +5,12 @@ Every decision is a shuffle on a key (text hash, LSH band key, doc_id, image URL
 - exact (`dedup_exact`): group by the hash of the normalised text; the smallest doc_id survives.
 - near (`dedup_near`): each document's MinHash signature is emitted under its `bands` band keys (as its low
   bytes: b-bit minwise hashing); documents sharing a band key are candidates and a candidate pair only counts
-  when the Jaccard estimate from those bytes is >= threshold. Rule (deterministic, order-free, one pass): a document is dropped iff it has a verified near
-  duplicate with a smaller doc_id; the reject names the smallest such doc_id and the estimate. The kept set
-  then holds no verified pair. With A~B, B~C and A!~C (A<B<C) both B and C go (C is named a duplicate of B,
-  B of A): following the named ids always ends at a kept document. Greedy "keep unless similar to a kept
-  document" would keep C, but needs sequential rounds; on near duplicates at Jaccard >= 0.8 such chains are
-  rare and the rule errs towards dropping.
+  when the Jaccard estimate from those bytes is >= threshold. Rule (deterministic, order-free, one pass): a
+  document is dropped iff it has a verified near duplicate with a smaller doc_id; the reject names the smallest
+  such doc_id and the estimate. The kept set then holds no verified pair. With A~B, B~C and A!~C (A<B<C) both B
+  and C go (C is named a duplicate of B, B of A): following the named ids always ends at a kept document. Greedy
+  "keep unless similar to a kept document" would keep C, but needs sequential rounds; on near duplicates at
+  Jaccard >= 0.8 such chains are rare and the rule errs towards dropping.
 - images (`dedup_images`, an image-level sub-stage): an image URL found in more than `max_image_repeats`
   documents (after the document dedups) is boilerplate; its positions are removed, the documents stay (the
   command then counts each document's images again: one left with too few is rejected there, even if it was
